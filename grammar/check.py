@@ -1,0 +1,239 @@
+"""Semantic checks of a parsed rule set, before any model is seen.
+
+Every ``apply`` is checked against the method registry (unknown methods,
+unknown, duplicate, missing or positional arguments, wrong types, values out of
+range); every selector and predicate against the language (bad regexes and
+globs, unknown fields and module types, empty ranges); every adapter block for
+a valid, unique name and at least one rule. All findings are collected, none
+stops the others.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import replace
+from typing import Mapping
+
+from . import rules as ir
+from .diagnostics import Diagnostic, Span, closest
+from .glob import GlobError, compile_glob
+from .signature import MethodSignature
+from .vocabulary import MODULE_TYPES, PREDICATE_FIELDS
+
+__all__ = ["check_rules", "default_methods"]
+
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_KNOWN_TYPES = tuple(name for names in MODULE_TYPES.values() for name in names)
+
+
+def _suggest(word: str, choices, listing: str, quote: str = "'") -> str:
+    """'did you mean 'x'? (listing)', or just the listing when nothing is close."""
+    near = closest(word, choices)
+    return f"did you mean {quote}{near[0]}{quote}? ({listing})" if near else listing
+
+
+def default_methods() -> dict[str, MethodSignature]:
+    """The registry of surgeon's methods (imported lazily: it is plain data, no torch)."""
+    from surgeon.methods import signatures
+
+    return signatures()
+
+
+def check_rules(
+    rule_set: ir.RuleSet, methods: Mapping[str, MethodSignature] | None = None
+) -> tuple[ir.RuleSet, list[Diagnostic]]:
+    """The rule set with each method call's ``config`` filled in, and the findings."""
+    checker = _Checker(default_methods() if methods is None else dict(methods))
+    adapters = tuple(checker.adapter(a) for a in rule_set.adapters)
+    return ir.RuleSet(adapters, path=rule_set.path), checker.diagnostics
+
+
+class _Checker:
+    def __init__(self, methods: dict[str, MethodSignature]):
+        self.methods = methods
+        self.diagnostics: list[Diagnostic] = []
+        self.seen_adapters: dict[str, Span | None] = {}
+
+    def error(self, code: str, message: str, span: Span | None, hint: str | None = None) -> None:
+        self.diagnostics.append(Diagnostic(code, message, span, hint))
+
+    # adapters and rules
+    def adapter(self, adapter: ir.Adapter) -> ir.Adapter:
+        name, span = adapter.name, adapter.span
+        if name in self.seen_adapters:
+            first = self.seen_adapters[name]
+            at = f" at {first.line}:{first.column}" if first else ""
+            self.error(
+                "duplicate-adapter", f"adapter '{name}' is already declared{at}", span, "merge the two blocks into one"
+            )
+        else:
+            self.seen_adapters[name] = span
+        if not _ADAPTER_NAME.fullmatch(name):
+            self.error(
+                "bad-adapter-name",
+                f"adapter name {ir.format_value(name)} is not valid",
+                span,
+                "use letters, digits, '_', '.' and '-' (the name becomes a folder name when saved)",
+            )
+        if not adapter.rules:
+            self.error(
+                "empty-adapter",
+                f"adapter '{name}' has no rules",
+                span,
+                'give it at least one rule, e.g. match "*.q_proj" apply lora(r=8), or remove the block',
+            )
+        return replace(adapter, rules=tuple(self.rule(r) for r in adapter.rules))
+
+    def rule(self, rule: ir.Rule) -> ir.Rule:
+        for selector in rule.selectors:
+            self.selector(selector)
+        if rule.where is not None:
+            self.predicate(rule.where)
+        if isinstance(rule.action, ir.Apply):
+            return replace(rule, action=replace(rule.action, method=self.call(rule.action.method)))
+        return rule
+
+    # selectors and predicates
+    def selector(self, selector: ir.Selector) -> None:
+        if isinstance(selector, ir.GlobSelector):
+            self.glob(selector.pattern, selector.span, opening=1)
+        elif isinstance(selector, ir.RegexSelector):
+            try:
+                re.compile(selector.pattern)
+            except re.error as exc:
+                span = selector.span.sub(3 + exc.pos, 1) if exc.pos is not None and selector.span else selector.span
+                self.error("bad-regex", f"invalid regex: {exc.msg}", span, "the regex must match the whole module path")
+        else:
+            self.type_name(selector.name, selector.quoted, selector.span)
+
+    def glob(self, pattern: str, span: Span | None, opening: int) -> None:
+        try:
+            compile_glob(pattern)
+        except GlobError as exc:
+            exact = span is not None and span.end - span.start == len(pattern) + 2 * opening
+            where = span.sub(opening + exc.offset, exc.length) if exact else span
+            self.error("bad-glob", exc.message, where, "globs support * ? [0-9] {a,b}; write \\{ for a literal brace")
+
+    def type_name(self, name: str, quoted: bool, span: Span | None) -> None:
+        if quoted or name in _KNOWN_TYPES:
+            return
+        listing = f'to match a class of your own, quote it: type("{name}")'
+        self.error("unknown-type", f"unknown module type '{name}'", span, _suggest(name, _KNOWN_TYPES, listing, quote=""))
+
+    def predicate(self, predicate: ir.Predicate) -> None:
+        if isinstance(predicate, (ir.And, ir.Or)):
+            for operand in predicate.operands:
+                self.predicate(operand)
+        elif isinstance(predicate, ir.Not):
+            self.predicate(predicate.operand)
+        elif isinstance(predicate, ir.NameTest):
+            self.glob(predicate.pattern, predicate.span, opening=1)
+        elif isinstance(predicate, ir.TypeTest):
+            self.type_name(predicate.name, predicate.quoted, predicate.span)
+        else:
+            self.field(predicate)
+
+    def field(self, predicate: ir.Comparison | ir.InRange | ir.InList) -> None:
+        span = predicate.span
+        name_span = span.sub(0, len(predicate.field)) if span else None
+        if predicate.field not in PREDICATE_FIELDS:
+            listing = f"fields: {', '.join(PREDICATE_FIELDS)}; name(\"glob\") and type(Name) test paths and classes"
+            self.error(
+                "unknown-field",
+                f"unknown field '{predicate.field}'",
+                name_span,
+                _suggest(predicate.field, PREDICATE_FIELDS, listing),
+            )
+            return
+        if isinstance(predicate, ir.InRange):
+            if predicate.start >= predicate.stop:
+                self.error(
+                    "empty-range",
+                    f"the range {predicate.start}..{predicate.stop} is empty",
+                    span,
+                    f"ranges are half-open, as Python's range: {predicate.start}..{predicate.start + 1} "
+                    f"holds only {predicate.start}",
+                )
+            return
+        values = predicate.values if isinstance(predicate, ir.InList) else (predicate.value,)
+        for value in values:
+            if isinstance(value, float) and not math.isfinite(value):
+                self.error("out-of-range", f"a number in the comparison of '{predicate.field}' is too large", span)
+                return
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                self.error(
+                    "bad-type",
+                    f"'{predicate.field}' is a number; it cannot be compared with {ir.format_value(value)}",
+                    span,
+                    "to test a module's path use name(\"glob\"), to test its class type(Name)",
+                )
+                return
+
+    # method calls
+    def call(self, call: ir.MethodCall) -> ir.MethodCall:
+        signature = self.methods.get(call.name)
+        if signature is None:
+            names = sorted(self.methods)
+            listing = f"methods: {', '.join(names)}"
+            self.error("unknown-method", f"unknown method '{call.name}'", call.span, _suggest(call.name, names, listing))
+            return call
+        values: dict = {}
+        first_seen: dict[str, Span | None] = {}
+        ok = True
+        for index, arg in enumerate(call.arguments):
+            ok &= self.argument(signature, arg, index, values, first_seen)
+        positional = any(arg.name is None for arg in call.arguments)
+        for p in signature.params:
+            if p.required and p.name not in first_seen and not positional:
+                ok = False
+                self.error(
+                    "missing-argument",
+                    f"{call.name} needs the argument '{p.name}'",
+                    call.span,
+                    f"{p.describe()}; write {call.name}({p.name}=...)",
+                )
+        if not ok:
+            return call
+        try:
+            config = signature.build(values)
+        except (TypeError, ValueError) as exc:
+            self.error("bad-argument", f"{call.name}: {exc}", call.span)
+            return call
+        return replace(call, config=config)
+
+    def argument(self, signature: MethodSignature, arg: ir.Argument, index: int, values: dict, first_seen: dict) -> bool:
+        valid = ", ".join(signature.param_names)
+        if arg.name is None:
+            guess = signature.params[min(index, len(signature.params) - 1)].name if signature.params else "NAME"
+            self.error(
+                "positional-argument",
+                f"arguments of {signature.name} must be named",
+                arg.value_span,
+                f"write NAME=VALUE, e.g. {guess}={ir.format_value(arg.value)} ({signature.name} takes: {valid})",
+            )
+            return False
+        param = signature.get(arg.name)
+        if param is None:
+            listing = f"{signature.name} takes: {valid}"
+            self.error(
+                "unknown-argument",
+                f"{signature.name} has no argument '{arg.name}'",
+                arg.span,
+                _suggest(arg.name, signature.param_names, listing),
+            )
+            return False
+        if arg.name in first_seen:
+            first = first_seen[arg.name]
+            at = f" (first given at {first.line}:{first.column})" if first else ""
+            self.error("duplicate-argument", f"argument '{arg.name}' is given twice{at}", arg.span, "remove one of them")
+            return False
+        first_seen[arg.name] = arg.span
+        converted, problem = param.check(arg.value)
+        if problem is not None:
+            self.error(
+                problem.code, f"argument '{arg.name}' of {signature.name} {problem.message}", arg.value_span, param.describe()
+            )
+            return False
+        values[arg.name] = converted
+        return True

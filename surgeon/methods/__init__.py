@@ -1,0 +1,10 @@
+"""Adapter methods: one module each, all registered in one registry.
+
+Importing this package registers every built-in method. It never imports
+torch at import time, so the language checker can read the signatures.
+"""
+
+from ._registry import SITE_KINDS, get_method, method_names, register_method, signatures
+from .lora import LoraConfig
+
+__all__ = ["SITE_KINDS", "register_method", "get_method", "method_names", "signatures", "LoraConfig"]

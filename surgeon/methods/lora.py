@@ -1,0 +1,41 @@
+"""LoRA: a low-rank update added to a frozen linear map.
+
+For a site computing ``y = x W^T + b`` with ``W`` of shape (out, in), LoRA adds
+trainable ``A`` (r, in) and ``B`` (out, r)::
+
+    y = x W^T + b + s * dropout(x) A^T B^T,    s = alpha / r   (alpha / sqrt(r) with rslora)
+
+``B`` starts at zero, so the adapted model starts equal to the base model.
+Folding gives ``W' = W + s * B A`` (transposed for GPT-2's ``Conv1D``, whose
+weight is stored as (in, out)).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from surgeon.grammar.signature import param
+
+from ._registry import register_method
+
+__all__ = ["LoraConfig"]
+
+
+@register_method("lora", sites=("linear", "conv1d"))
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adaptation (Hu et al., 2021), with PEFT's defaults."""
+
+    r: int = param(gt=0, doc="rank of the update")
+    alpha: float | None = param(None, gt=0, doc="scale numerator; defaults to r")
+    dropout: float = param(0.0, ge=0, lt=1, doc="dropout probability on the adapter's input")
+    rslora: bool = param(False, doc="scale by alpha / sqrt(r) instead of alpha / r")
+    init: str = param("kaiming", choices=("kaiming", "gaussian", "zeros"), doc="initialisation of A (B starts at zero)")
+    bias: bool = param(False, doc="give B a trainable bias (PEFT's lora_bias)")
+
+    @property
+    def scale(self) -> float:
+        """s = alpha / r, or alpha / sqrt(r) with rslora."""
+        alpha = self.r if self.alpha is None else self.alpha
+        return alpha / math.sqrt(self.r) if self.rslora else alpha / self.r

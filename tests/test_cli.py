@@ -1,0 +1,81 @@
+"""surgeon's command line: exit codes, human and JSON output."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from surgeon.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted(str(p) for p in (ROOT / "examples" / "rules").glob("*.surgery"))
+BAD = ROOT / "tests" / "grammar" / "golden" / "bad"
+
+
+def test_check_passes_on_every_example(capsys):
+    assert main(["check", *EXAMPLES]) == 0
+    out = capsys.readouterr().out
+    assert all(f"{path}: ok (" in out for path in EXAMPLES)
+    assert "llama-lora.surgery: ok (6 rules; adapters: default, math)" in out
+
+
+def test_check_fails_with_the_diagnostics_on_stderr(capsys):
+    assert main(["check", EXAMPLES[0], str(BAD / "unknown-method.surgery")]) == 1
+    captured = capsys.readouterr()
+    assert "unknown-method.surgery:2:24: error: unknown method 'lroa'" in captured.err
+    assert "hint: did you mean 'lora'?" in captured.err
+    assert "unknown-method.surgery: 1 error" in captured.err
+    assert f"{EXAMPLES[0]}: ok" in captured.out
+
+
+def test_check_json_lists_every_diagnostic_with_the_stable_schema(capsys):
+    assert main(["check", "--format", "json", str(BAD / "many-errors.surgery")]) == 1
+    records = json.loads(capsys.readouterr().out)
+    assert len(records) == 7
+    assert set(records[0]) == {"file", "line", "column", "end_column", "severity", "code", "message", "hint"}
+    assert records[0] == {
+        "file": str(BAD / "many-errors.surgery"),
+        "line": 1,
+        "column": 24,
+        "end_column": 28,
+        "severity": "error",
+        "code": "unknown-method",
+        "message": "unknown method 'lroa'",
+        "hint": "did you mean 'lora'? (methods: lora)",
+    }
+
+
+def test_check_json_is_an_empty_list_for_valid_files(capsys):
+    assert main(["check", "--format", "json", *EXAMPLES]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+def test_check_missing_file(capsys, tmp_path):
+    assert main(["check", str(tmp_path / "nope.surgery")]) == 1
+    assert "no such rules file" in capsys.readouterr().err
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["check"])
+    assert caught.value.code == 2
+    with pytest.raises(SystemExit) as caught:
+        main(["frobnicate"])
+    assert caught.value.code == 2
+
+
+def test_console_script_runs_without_importing_torch():
+    # The installed `surgeon` script; `check` must never import torch (it stays instant).
+    code = (
+        "import sys; from surgeon.cli import main; rc = main(['check', *sys.argv[1:]]); "
+        "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)"
+    )
+    done = subprocess.run([sys.executable, "-c", code, *EXAMPLES], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    script = Path(sys.executable).with_name("surgeon")
+    done = subprocess.run([str(script), "check", str(BAD / "bad-choice.surgery")], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "error: argument 'init' of lora must be one of" in done.stderr
+    assert "Traceback" not in done.stderr
