@@ -5,7 +5,7 @@ text into the rule IR of ``rules``, ``check`` validates it against the method
 registry, and ``diagnostics`` says what is wrong and where.
 """
 
-from .diagnostics import Diagnostic, RulesError, Span, SurgeryError
+from .diagnostics import Diagnostic, ModelError, PlanError, RulesError, Span, SurgeryError
 from .parse import load_rules, parse
 from .rules import (
     DEFAULT_ADAPTER,
@@ -37,6 +37,8 @@ __all__ = [
     "Span",
     "SurgeryError",
     "RulesError",
+    "ModelError",
+    "PlanError",
     "RuleSet",
     "Adapter",
     "Rule",

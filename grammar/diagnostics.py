@@ -24,6 +24,8 @@ __all__ = [
     "Diagnostic",
     "SurgeryError",
     "RulesError",
+    "ModelError",
+    "PlanError",
     "closest",
     "render",
 ]
@@ -88,10 +90,10 @@ class Diagnostic:
 
     def render(self) -> str:
         """The compiler-style text: location, message, source line, caret, hint."""
-        where = self.file or "<rules>"
+        where = self.file
         if self.span is not None:
-            where = f"{where}:{self.span.line}:{self.span.column}"
-        lines = [f"{where}: {self.severity}: {self.message}"]
+            where = f"{where or '<rules>'}:{self.span.line}:{self.span.column}"
+        lines = [f"{where + ': ' if where else ''}{self.severity}: {self.message}"]
         if self.span is not None and self.source_line is not None:
             source = self.source_line.rstrip("\r\n")
             lines.append("  " + source)
@@ -124,9 +126,9 @@ def render(diagnostics: Iterable[Diagnostic]) -> str:
 class SurgeryError(Exception):
     """The one error type users see. ``diagnostics`` lists every finding."""
 
-    def __init__(self, diagnostics: Sequence[Diagnostic] | Diagnostic | str):
+    def __init__(self, diagnostics: Sequence[Diagnostic] | Diagnostic | str, hint: str | None = None):
         if isinstance(diagnostics, str):
-            diagnostics = [Diagnostic("error", diagnostics)]
+            diagnostics = [Diagnostic("error", diagnostics, hint=hint)]
         elif isinstance(diagnostics, Diagnostic):
             diagnostics = [diagnostics]
         self.diagnostics: list[Diagnostic] = list(diagnostics)
@@ -139,6 +141,14 @@ class SurgeryError(Exception):
 
 class RulesError(SurgeryError):
     """A rules file (or text) that is not valid surgery."""
+
+
+class ModelError(SurgeryError):
+    """A model that cannot be opened or captured."""
+
+
+class PlanError(SurgeryError):
+    """Rules that do not fit the model they are applied to."""
 
 
 def closest(word: str, choices: Iterable[str], n: int = 3) -> list[str]:

@@ -107,7 +107,7 @@ def parse(text: str, path: str | None = None, methods: Mapping[str, MethodSignat
     errors = [d for d in diagnostics if d.is_error]
     if errors:
         raise RulesError(diagnostics)
-    return ir.RuleSet(checked.adapters, path=path, warnings=tuple(diagnostics))
+    return ir.RuleSet(checked.adapters, path=path, warnings=tuple(diagnostics), source=text)
 
 
 def load_rules(path: str | Path, methods: Mapping[str, MethodSignature] | None = None) -> ir.RuleSet:

@@ -350,6 +350,14 @@ class RuleSet:
     adapters: tuple = ()
     path: str | None = field(default=None, compare=False)
     warnings: tuple = field(default=(), compare=False, repr=False)
+    source: str | None = field(default=None, compare=False, repr=False)  # the text it was parsed from
+
+    def source_line(self, line: int) -> str | None:
+        """Line ``line`` (1-based) of the text this rule set was parsed from."""
+        if self.source is None:
+            return None
+        lines = self.source.split("\n")
+        return lines[line - 1] if 0 < line <= len(lines) else None
 
     @property
     def rules(self) -> tuple:

@@ -22,8 +22,14 @@ _EXPORTS = {
     "Diagnostic": "surgeon.grammar",
     "SurgeryError": "surgeon.grammar",
     "RulesError": "surgeon.grammar",
+    "ModelError": "surgeon.grammar",
+    "PlanError": "surgeon.grammar",
     "register_method": "surgeon.methods",
     "method_names": "surgeon.methods",
+    "plan": "surgeon.api",
+    "capture_model": "surgeon.api",
+    "open_model": "surgeon.models",
+    "Plan": "surgeon.plan",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -1,6 +1,11 @@
 """The ``surgeon`` command line. The only module of surgeon that prints.
 
     surgeon check FILE... [--format human|json]
+    surgeon inspect MODEL [--match GLOB] [--format human|json]
+    surgeon plan MODEL RULES [--format human|json]
+
+MODEL is a local Hugging Face folder, a Hub id (org/name[@revision]),
+package.module:factory, or demo:NAME (llama, qwen2, gpt2, bert).
 
 Exit codes: 0 when every file is valid, 1 when any has an error, 2 for a
 command line that is itself wrong.
@@ -33,7 +38,142 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("files", nargs="+", metavar="FILE", help="a .surgery rules file")
     check.add_argument("--format", choices=("human", "json"), default="human", help="output format (default: human)")
     check.set_defaults(run=_check)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="list a model's modules: what rules can match",
+        description="Capture MODEL (no weights needed) and list its modules: path, type, site kind, weight shape, "
+        "parameters, layer.",
+    )
+    inspect.add_argument("model", metavar="MODEL", help="folder, org/name[@rev], package.module:factory or demo:NAME")
+    inspect.add_argument("--match", metavar="GLOB", help='only modules whose path matches GLOB (e.g. "*.self_attn.*")')
+    inspect.add_argument("--format", choices=("human", "json"), default="human", help="output format (default: human)")
+    inspect.set_defaults(run=_inspect)
+
+    plan = commands.add_parser(
+        "plan",
+        help="show what RULES will do to MODEL, before any weight is touched",
+        description="Resolve RULES against MODEL: every site, its adapter and shapes, the trainable parameters, "
+        "per-layer coverage and the warnings.",
+    )
+    plan.add_argument("model", metavar="MODEL", help="folder, org/name[@rev], package.module:factory or demo:NAME")
+    plan.add_argument("rules", metavar="RULES", help="a .surgery rules file")
+    plan.add_argument("--format", choices=("human", "json"), default="human", help="output format (default: human)")
+    plan.set_defaults(run=_plan)
     return parser
+
+
+def _print_errors(error, fmt: str) -> int:
+    if fmt == "json":
+        print(json.dumps([d.to_json() for d in error.diagnostics], indent=2))
+    else:
+        for d in error.diagnostics:
+            print(d.render(), file=sys.stderr)
+    return 1
+
+
+def _capturing(name: str):
+    """A spinner on a terminal while the model is captured; nothing otherwise."""
+    import contextlib
+
+    if not sys.stderr.isatty():
+        return contextlib.nullcontext()
+    from rich.console import Console
+
+    return Console(stderr=True).status(f"capturing {name} ...")
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from surgeon.api import capture_model
+    from surgeon.grammar import SurgeryError
+    from surgeon.grammar.glob import GlobError, compile_glob
+
+    try:
+        pattern = compile_glob(args.match) if args.match else None
+    except GlobError as exc:
+        print(f"error: bad --match glob: {exc.message}", file=sys.stderr)
+        return 1
+    try:
+        with _capturing(args.model):
+            captured = capture_model(args.model)
+    except SurgeryError as error:
+        return _print_errors(error, args.format)
+    paths = [p for p in captured.modules if pattern is None or pattern.fullmatch(p)]
+    if args.format == "json":
+        print(json.dumps(_inspect_json(captured, paths), indent=2))
+        return 0
+    from rich.console import Console
+
+    from surgeon._render import module_table
+
+    console = Console(width=160)
+    console.print(module_table(captured, paths))
+    kinds: dict = {}
+    for site in captured.sites.values():
+        kinds[site.kind] = kinds.get(site.kind, 0) + 1
+    summary = ", ".join(f"{k}: {n}" for k, n in kinds.items())
+    console.print(
+        f"{len(paths)} of {len(captured.modules)} modules shown; {len(captured.sites)} adaptable sites ({summary}); "
+        f"{captured.total_params:,} parameters; captured in {captured.seconds:.1f} s"
+    )
+    for group in captured.ties:
+        console.print(f"tied: {' = '.join(group)}")
+    return 0
+
+
+def _inspect_json(captured, paths) -> dict:
+    modules = []
+    for path in paths:
+        info = captured.modules[path]
+        site = captured.sites.get(path)
+        modules.append(
+            {
+                "path": path,
+                "type": info.type_name,
+                "site": site.kind if site else None,
+                "weight_shape": list(info.weight_shape) if info.weight_shape else None,
+                "params": info.params,
+                "layer": info.layer,
+                "in_features": info.in_features,
+                "out_features": info.out_features,
+                "tied_with": list(site.tied_with) if site else [],
+            }
+        )
+    return {
+        "model": {"name": captured.model.name, "class": type(captured.model.module).__name__},
+        "modules": modules,
+        "ties": [list(g) for g in captured.ties],
+        "total_params": captured.total_params,
+        "capture_seconds": round(captured.seconds, 3),
+    }
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from surgeon.api import capture_model
+    from surgeon.grammar import SurgeryError, load_rules
+    from surgeon.plan import build_plan
+
+    try:
+        rule_set = load_rules(args.rules)  # all rule errors before any capture
+        with _capturing(args.model):
+            captured = capture_model(args.model)
+        plan = build_plan(rule_set, captured)
+    except SurgeryError as error:
+        return _print_errors(error, args.format)
+    if args.format == "json":
+        print(json.dumps(plan.to_json(), indent=2))
+        return 0
+    from rich.console import Console
+
+    from surgeon._render import plan_tables
+
+    console = Console(width=160)
+    for renderable in plan_tables(plan):
+        console.print(renderable)
+        console.print()
+    for warning in plan.warnings:
+        print(warning.render(), file=sys.stderr)
+    return 0
 
 
 def _check(args: argparse.Namespace) -> int:

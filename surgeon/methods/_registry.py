@@ -14,8 +14,10 @@ from surgeon.grammar.signature import MethodSignature, signature_of
 
 __all__ = ["SITE_KINDS", "register_method", "get_method", "method_names", "signatures"]
 
-# The kinds of module a method can adapt (capture classifies graph sites into these).
-SITE_KINDS = ("linear", "conv1d", "embedding", "conv2d")
+# The kinds of site a method can adapt (capture classifies graph nodes into these):
+# linear (aten.linear), hf_conv1d (transformers' GPT-2 Conv1D: aten.addmm on an
+# (in, out) weight), embedding (aten.embedding), conv1d/conv2d/conv3d (aten.convNd).
+SITE_KINDS = ("linear", "hf_conv1d", "embedding", "conv1d", "conv2d", "conv3d")
 
 _METHODS: dict[str, MethodSignature] = {}
 

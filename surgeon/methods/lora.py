@@ -22,7 +22,7 @@ from ._registry import register_method
 __all__ = ["LoraConfig"]
 
 
-@register_method("lora", sites=("linear", "conv1d"))
+@register_method("lora", sites=("linear", "hf_conv1d"))
 @dataclass(frozen=True)
 class LoraConfig:
     """Low-rank adaptation (Hu et al., 2021), with PEFT's defaults."""
@@ -33,6 +33,10 @@ class LoraConfig:
     rslora: bool = param(False, doc="scale by alpha / sqrt(r) instead of alpha / r")
     init: str = param("kaiming", choices=("kaiming", "gaussian", "zeros"), doc="initialisation of A (B starts at zero)")
     bias: bool = param(False, doc="give B a trainable bias (PEFT's lora_bias)")
+
+    def trainable_params(self, in_features: int, out_features: int) -> int:
+        """A (r x in) and B (out x r), plus B's bias (out) with ``bias``."""
+        return self.r * (in_features + out_features) + (out_features if self.bias else 0)
 
     @property
     def scale(self) -> float:

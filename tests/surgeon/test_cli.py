@@ -9,7 +9,7 @@ import pytest
 
 from surgeon.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted(str(p) for p in (ROOT / "examples" / "rules").glob("*.surgery"))
 BAD = ROOT / "tests" / "grammar" / "golden" / "bad"
 
@@ -79,3 +79,61 @@ def test_console_script_runs_without_importing_torch():
     assert done.returncode == 1
     assert "error: argument 'init' of lora must be one of" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_inspect_json_lists_modules_with_sites(capsys):
+    assert main(["inspect", "demo:gpt2", "--match", "*.h.0.attn.*", "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    paths = [m["path"] for m in data["modules"]]
+    assert paths == [
+        "transformer.h.0.attn.c_attn",
+        "transformer.h.0.attn.c_proj",
+        "transformer.h.0.attn.attn_dropout",
+        "transformer.h.0.attn.resid_dropout",
+    ]
+    c_attn = data["modules"][0]
+    assert (c_attn["type"], c_attn["site"], c_attn["weight_shape"], c_attn["layer"]) == ("Conv1D", "hf_conv1d", [64, 192], 0)
+    assert data["ties"] == [["transformer.wte.weight", "lm_head.weight"]]
+
+
+def test_inspect_human_table(capsys):
+    assert main(["inspect", "demo:bert", "--match", "classifier"]) == 0
+    out = capsys.readouterr().out
+    assert "classifier" in out and "Linear" in out and "64x2" not in out and "2x64" in out
+    assert "1 of 86 modules shown; 29 adaptable sites (embedding: 3, linear: 26)" in out
+
+
+def test_plan_on_the_demo_with_the_example_rules(capsys):
+    assert main(["plan", "demo:llama", str(ROOT / "examples/rules/llama-lora.surgery")]) == 0
+    out = capsys.readouterr().out
+    assert "plan: demo:llama (LlamaForCausalLM)" in out
+    assert "model.layers.1.mlp.down_proj" in out and "17,408" in out
+    assert "trainable parameters" in out and "152,064" in out
+    assert "per-layer coverage" in out
+
+
+def test_plan_json(capsys):
+    assert main(["plan", "demo:bert", str(ROOT / "examples/rules/bert-classifier.surgery"), "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["adapters"] == ["default", "upper"]
+    assert data["totals"]["trained_modules"] == 1
+    assert {s["adapter"] for s in data["sites"]} == {"default", "upper"}
+
+
+def test_plan_errors_exit_1_before_capture_for_bad_rules(capsys):
+    assert main(["plan", "demo:llama", str(BAD / "unknown-method.surgery")]) == 1
+    assert "unknown method 'lroa'" in capsys.readouterr().err
+
+
+def test_plan_errors_for_rules_that_do_not_fit_the_model(capsys, tmp_path):
+    rules = tmp_path / "gpt.surgery"
+    rules.write_text('match "*.q_proj" apply lora(r=8)\n')
+    assert main(["plan", "demo:gpt2", str(rules), "--format", "json"]) == 1
+    (record,) = json.loads(capsys.readouterr().out)
+    assert (record["code"], record["line"], record["column"]) == ("no-match", 1, 1)
+    assert record["hint"] == "this model has no 'q_proj'; it has c_attn (e.g. transformer.h.0.attn.c_attn)"
+
+
+def test_inspect_bad_model(capsys):
+    assert main(["inspect", "demo:nope"]) == 1
+    assert "error: unknown demo model 'nope'" in capsys.readouterr().err

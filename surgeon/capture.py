@@ -1,0 +1,303 @@
+"""Capture a model as a graph, and find the sites an adapter can go.
+
+``capture(opened)`` runs ``torch.export.export(..., strict=False)`` with dynamic
+batch (and, for token inputs, sequence) dimensions, then reads the training IR
+before any decomposition, where linears are still ``aten.linear``:
+
+==============  ===========================================  ==================
+site kind        graph node                                   weight layout
+==============  ===========================================  ==================
+linear           ``aten.linear(x, W[, b])``                   W: (out, in)
+hf_conv1d        ``aten.addmm(b, x, W)`` in transformers'     W: (in, out)
+                 ``Conv1D`` (GPT-2)
+embedding        ``aten.embedding(W, ids)``                   W: (vocab, dim)
+conv1d/2d/3d     ``aten.convNd(x, W, ...)``                   W: (out, in/groups, *k)
+==============  ===========================================  ==================
+
+Every node knows the module it ran in (``node.meta["nn_module_stack"]``); a
+site is a module path with its kind, weight and shapes. Parameters shared
+between modules (GPT-2's ``wte`` and ``lm_head``) are reported as tied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from surgeon.grammar.diagnostics import ModelError
+
+from .models import OpenedModel
+
+__all__ = ["ModuleInfo", "Site", "Captured", "capture", "module_table"]
+
+_TOKEN_INPUTS = ("input_ids", "attention_mask", "labels", "token_type_ids", "position_ids", "decoder_input_ids")
+_LAYER = re.compile(r"\.(\d+)(?:\.|$)")
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """What the rules language can ask of a module (see grammar/vocabulary.py)."""
+
+    path: str
+    type_name: str
+    type_names: tuple  # the class and its bases, so type(Linear) matches subclasses too
+    params: int  # its parameters and its children's, each shared tensor counted once
+    layer: int | None
+    depth: int
+    in_features: int | None = None
+    out_features: int | None = None
+    weight_shape: tuple | None = None
+    dtype: str | None = None
+
+    def field(self, name: str):
+        return getattr(self, name)
+
+
+@dataclass(frozen=True)
+class Site:
+    """A place in the graph where an adapter can go."""
+
+    path: str
+    kind: str  # one of surgeon.methods.SITE_KINDS
+    weight: str  # the weight parameter's name
+    weight_shape: tuple
+    in_features: int
+    out_features: int
+    nodes: tuple  # names of the graph nodes that compute it (a module called twice has two)
+    tied_with: tuple = ()  # other names of the same weight tensor
+
+
+@dataclass
+class Captured:
+    """A captured model: its exported program, modules and adaptable sites."""
+
+    model: OpenedModel
+    program: Any  # torch.export.ExportedProgram
+    modules: dict = field(default_factory=dict)  # path -> ModuleInfo, in module order
+    sites: dict = field(default_factory=dict)  # path -> Site
+    ties: tuple = ()  # groups of parameter names that share one tensor
+    total_params: int = 0
+    seconds: float = 0.0
+
+
+def capture(opened: OpenedModel) -> Captured:
+    """Export ``opened`` and classify its sites. Raises ModelError saying where capture failed."""
+    import torch
+
+    model = opened.module
+    if not opened.example_args and not opened.example_kwargs:
+        raise ModelError(
+            f"cannot capture {opened.name}: no example inputs",
+            hint="pass example_inputs= (a tuple of arguments or a dict of keyword arguments), "
+            "or return (module, example_inputs) from your factory",
+        )
+    started = time.perf_counter()
+    dynamic = _dynamic_shapes(opened)
+    # Which modules are running, so that a failure can name the innermost one.
+    running: list = []
+    paths = {id(m): p for p, m in model.named_modules()}
+
+    def enter(module, args):
+        running.append(module)
+
+    def leave(module, args, output):
+        if running and running[-1] is module:
+            running.pop()
+
+    push = torch.nn.modules.module.register_module_forward_pre_hook(enter)
+    pop = torch.nn.modules.module.register_module_forward_hook(leave)
+    try:
+        with _quiet_torch_logs():
+            program = torch.export.export(
+                model, opened.example_args, opened.example_kwargs, dynamic_shapes=dynamic, strict=False
+            )
+    except Exception as exc:  # torch.export raises many types; the user needs where and why
+        raise _capture_error(opened, exc, [paths.get(id(m), "?") for m in running]) from None
+    finally:
+        push.remove()
+        pop.remove()
+    captured = Captured(opened, program)
+    captured.ties = _ties(model)
+    captured.modules = module_table(model)
+    captured.sites = _sites(program, captured.modules, captured.ties)
+    captured.total_params = _count(model.parameters())
+    captured.seconds = time.perf_counter() - started
+    return captured
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """torch.export prints the partial graph to stderr when it fails; surgeon reports
+    the failure itself, so that text is dropped (and passed on when export succeeds)."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buffer):
+            yield
+    except BaseException:
+        raise
+    else:
+        sys.stderr.write(buffer.getvalue())
+
+
+def _dynamic_shapes(opened: OpenedModel):
+    """Batch is dynamic for every tensor input; sequence too for token inputs."""
+    import torch
+    from torch.export import Dim
+
+    def spec(name, value):
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            return None
+        if opened.is_hugging_face and name in _TOKEN_INPUTS and value.dim() >= 2:
+            return {0: Dim.AUTO, 1: Dim.AUTO}
+        return {0: Dim.AUTO}
+
+    if opened.example_kwargs and not opened.example_args:
+        return {k: spec(k, v) for k, v in opened.example_kwargs.items()}
+    if opened.example_args and not opened.example_kwargs:
+        return tuple(spec(str(i), v) for i, v in enumerate(opened.example_args))
+    return None  # mixed positional and keyword inputs: let export keep the shapes it sees
+
+
+def _capture_error(opened: OpenedModel, exc: Exception, stack: list) -> ModelError:
+    where = ""
+    module = opened.module
+    inner = next((p for p in reversed(stack) if p), None)
+    if inner is not None:
+        where = f" in module '{inner}' ({type(module.get_submodule(inner)).__name__})"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    kind = type(exc).__name__
+    if "data-dependent" in str(exc) or "DataDependent" in kind or "GuardOnDataDependent" in kind:
+        hint = (
+            "the module branches on tensor values, which torch.export cannot follow; "
+            "rewrite the branch with torch.where or torch.cond, or give it inputs that avoid it"
+        )
+    else:
+        hint = "surgeon captures with torch.export(strict=False); the model's forward must run on the example inputs"
+    return ModelError(f"cannot capture {opened.name}{where}: {kind}: {text}", hint=hint)
+
+
+def _layer(path: str) -> int | None:
+    match = _LAYER.search("." + path)
+    return int(match.group(1)) if match else None
+
+
+def _count(parameters) -> int:
+    seen, total = set(), 0
+    for p in parameters:
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def _features(module) -> tuple:
+    """(in_features, out_features, weight shape) as the language defines them."""
+    weight = getattr(module, "weight", None)
+    shape = tuple(weight.shape) if weight is not None and hasattr(weight, "shape") else None
+    names = {c.__name__ for c in type(module).__mro__}
+    if "Linear" in names and hasattr(module, "in_features"):
+        return module.in_features, module.out_features, shape
+    if "Conv1D" in names and shape is not None and len(shape) == 2:  # transformers' Conv1D: (in, out)
+        return shape[0], shape[1], shape
+    if hasattr(module, "in_channels") and hasattr(module, "out_channels"):
+        return module.in_channels, module.out_channels, shape
+    if hasattr(module, "num_embeddings") and hasattr(module, "embedding_dim"):
+        return module.num_embeddings, module.embedding_dim, shape
+    return None, None, shape
+
+
+def module_table(model) -> dict:
+    """path -> ModuleInfo for every module but the root, in ``named_modules`` order."""
+    table = {}
+    for path, module in model.named_modules():
+        if not path:
+            continue
+        in_features, out_features, shape = _features(module)
+        weight = getattr(module, "weight", None)
+        table[path] = ModuleInfo(
+            path=path,
+            type_name=type(module).__name__,
+            type_names=tuple(c.__name__ for c in type(module).__mro__ if c.__name__ not in ("Module", "object")),
+            params=_count(module.parameters()),
+            layer=_layer(path),
+            depth=path.count(".") + 1,
+            in_features=in_features,
+            out_features=out_features,
+            weight_shape=shape,
+            dtype=str(weight.dtype).replace("torch.", "") if hasattr(weight, "dtype") else None,
+        )
+    return table
+
+
+def _ties(model) -> tuple:
+    names: dict = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return tuple(tuple(group) for group in names.values() if len(group) > 1)
+
+
+def _module_path(node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return path or None
+
+
+def _sites(program, modules: dict, ties: tuple) -> dict:
+    import torch
+
+    aten = torch.ops.aten
+    conv = {aten.conv1d.default: "conv1d", aten.conv2d.default: "conv2d", aten.conv3d.default: "conv3d"}
+    parameters = program.graph_signature.inputs_to_parameters
+    tied = {name: group for group in ties for name in group}
+    found: dict = {}
+    for node in program.graph.nodes:
+        if node.op != "call_function":
+            continue
+        path = _module_path(node)
+        if path is None or path not in modules:
+            continue
+        info = modules[path]
+        if node.target is aten.linear.default:
+            kind, weight = "linear", node.args[1]
+        elif node.target is aten.addmm.default and "Conv1D" in info.type_names:
+            kind, weight = "hf_conv1d", node.args[2]
+        elif node.target is aten.embedding.default:
+            kind, weight = "embedding", node.args[0]
+        elif node.target in conv:
+            kind, weight = conv[node.target], node.args[1]
+        else:
+            continue
+        name = parameters.get(getattr(weight, "name", None))
+        if name is None:  # a computed weight, not a parameter: nothing to adapt
+            continue
+        if path in found:
+            found[path] = _add_node(found[path], node.name)
+            continue
+        own = f"{path}.weight"
+        if name != own and own in tied.get(name, ()):
+            name = own  # export names a tied tensor once; call it by this module's name
+        shape = tuple(weight.meta["val"].shape)
+        found[path] = Site(
+            path=path,
+            kind=kind,
+            weight=name,
+            weight_shape=shape,
+            in_features=info.in_features if info.in_features is not None else shape[-1],
+            out_features=info.out_features if info.out_features is not None else shape[0],
+            nodes=(node.name,),
+            tied_with=tuple(n for n in tied.get(name, ()) if n != name),
+        )
+    return found
+
+
+def _add_node(site: Site, node: str) -> Site:
+    from dataclasses import replace
+
+    return replace(site, nodes=site.nodes + (node,))

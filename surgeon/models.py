@@ -1,0 +1,253 @@
+"""Open a model: a local Hugging Face folder, a Hub id, ``module:factory``, a demo, or an nn.Module.
+
+``open_model(spec)`` gives an :class:`OpenedModel`: the module and the example
+inputs that capture will trace it with. For Hugging Face models surgeon builds
+those inputs from the config (input_ids, attention_mask, and labels when the
+model has a language-model head). ``weights=False`` builds the model from its
+config under a fake-tensor mode: shapes without storage, so a 7B-shaped model
+is planned in a few hundred MB and no weight file is read.
+
+Only safetensors are read, never pickles; remote code is never run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from surgeon.grammar.diagnostics import ModelError
+
+from .demos import DEMOS, build_demo, demo_config
+
+__all__ = ["OpenedModel", "open_model", "MODEL_FORMS"]
+
+MODEL_FORMS = (
+    "a local Hugging Face folder (config.json + *.safetensors), a Hub id (org/name or org/name@revision), "
+    f"package.module:factory, or a demo ({', '.join('demo:' + n for n in DEMOS)})"
+)
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+_FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+# Language-model heads whose forward takes labels and returns a loss.
+_LM_HEAD_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForMaskedLM")
+
+
+@dataclass
+class OpenedModel:
+    """A model ready to capture: the module, how to call it, and where it came from."""
+
+    module: Any
+    name: str
+    source: str  # "demo" | "folder" | "hub" | "factory" | "module"
+    example_args: tuple = ()
+    example_kwargs: dict = field(default_factory=dict)
+    config: Any = None  # a transformers PretrainedConfig, for Hugging Face models
+    fake: bool = False  # parameters are fake tensors: shapes only, nothing to run
+    fake_mode: Any = field(default=None, repr=False)
+
+    @property
+    def is_hugging_face(self) -> bool:
+        return self.config is not None
+
+
+def open_model(spec: Any, *, weights: bool = True, example_inputs: Any = None) -> OpenedModel:
+    """Open ``spec`` (see MODEL_FORMS, or pass an nn.Module) for capture."""
+    import torch
+
+    if isinstance(spec, torch.nn.Module):
+        opened = OpenedModel(spec, type(spec).__name__, "module", config=getattr(spec, "config", None))
+    elif not isinstance(spec, (str, os.PathLike)):
+        raise ModelError(f"cannot open a model from {type(spec).__name__}", hint=f"give {MODEL_FORMS}")
+    else:
+        text = os.fspath(spec)
+        if text.startswith("demo:"):
+            opened = _open_demo(text[5:], weights)
+        elif Path(text).exists():
+            opened = _open_folder(Path(text), weights)
+        elif _FACTORY.fullmatch(text):
+            opened = _open_factory(text)
+        elif _HUB_ID.fullmatch(text):
+            opened = _open_hub(text, weights)
+        else:
+            raise ModelError(f"cannot open model '{text}': no such folder, and not a model name", hint=f"give {MODEL_FORMS}")
+    if example_inputs is not None:
+        opened.example_args, opened.example_kwargs = _split_inputs(example_inputs, opened.name)
+    elif not opened.example_args and not opened.example_kwargs and opened.is_hugging_face:
+        with opened.fake_mode or contextlib.nullcontext():
+            opened.example_kwargs = hugging_face_inputs(opened.module, opened.config)
+    return opened
+
+
+# --- the forms ------------------------------------------------------------------------
+
+
+def _open_demo(name: str, weights: bool) -> OpenedModel:
+    if name not in DEMOS:
+        raise ModelError(f"unknown demo model '{name}'", hint=f"demos: {', '.join('demo:' + n for n in DEMOS)}")
+    if weights:
+        model = build_demo(name)
+        return OpenedModel(model, f"demo:{name}", "demo", config=model.config)
+    config, model_class = demo_config(name)
+    return _fake_from_config(config, model_class, f"demo:{name}", "demo")
+
+
+def _open_folder(folder: Path, weights: bool) -> OpenedModel:
+    config_file = folder / "config.json"
+    if not folder.is_dir() or not config_file.is_file():
+        raise ModelError(
+            f"{folder} is not a Hugging Face model folder: it has no config.json",
+            hint="a model folder holds config.json and *.safetensors, as save_pretrained writes them",
+        )
+    config = _read_config(folder)
+    model_class = _model_class(config, str(folder))
+    if not weights:
+        return _fake_from_config(config, model_class, str(folder), "folder")
+    if not any(folder.glob("*.safetensors")):
+        raise ModelError(
+            f"{folder} has no *.safetensors weights",
+            hint="surgeon reads only safetensors, never pickled .bin files; "
+            "convert with save_pretrained(..., safe_serialization=True)",
+        )
+    try:
+        model = model_class.from_pretrained(folder, config=config, use_safetensors=True)
+    except Exception as exc:  # transformers raises many types; all mean the same to the user
+        raise ModelError(f"cannot load the weights in {folder}: {exc}", hint="check that the folder is complete") from None
+    return OpenedModel(model.eval(), str(folder), "folder", config=config)
+
+
+def _open_hub(spec: str, weights: bool) -> OpenedModel:
+    repo, _, revision = spec.partition("@")
+    try:
+        from huggingface_hub import hf_hub_download, snapshot_download
+
+        if weights:
+            folder = snapshot_download(repo, revision=revision or None, allow_patterns=["*.json", "*.safetensors"])
+        else:
+            folder = str(Path(hf_hub_download(repo, "config.json", revision=revision or None)).parent)
+    except Exception as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        hint = (
+            "HF_HUB_OFFLINE is set and this model is not in the local Hugging Face cache; "
+            "download it once with network access, or pass a local folder"
+            if offline
+            else "no network? set HF_HUB_OFFLINE=1 to use the local Hugging Face cache, or pass a local folder"
+        )
+        raise ModelError(f"cannot fetch '{spec}' from the Hugging Face Hub: {type(exc).__name__}", hint=hint) from None
+    opened = _open_folder(Path(folder), weights)
+    opened.name, opened.source = spec, "hub"
+    return opened
+
+
+def _open_factory(spec: str) -> OpenedModel:
+    import torch
+
+    module_name, _, attribute = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelError(f"cannot import '{module_name}': {exc}", hint="is the package installed, or on PYTHONPATH?") from None
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise ModelError(f"'{module_name}' has no function '{attribute}'", hint="give package.module:function")
+    try:
+        made = factory()
+    except Exception as exc:
+        raise ModelError(f"{spec}() failed: {type(exc).__name__}: {exc}") from None
+    inputs = None
+    if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module):
+        made, inputs = made
+    if not isinstance(made, torch.nn.Module):
+        raise ModelError(
+            f"{spec}() returned {type(made).__name__}, not a torch.nn.Module",
+            hint="return the module, or (module, example_inputs)",
+        )
+    opened = OpenedModel(made, spec, "factory", config=getattr(made, "config", None))
+    if inputs is not None:
+        opened.example_args, opened.example_kwargs = _split_inputs(inputs, spec)
+    return opened
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def _read_config(folder: Path):
+    from transformers import AutoConfig
+
+    try:
+        json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        return AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except Exception as exc:
+        raise ModelError(f"cannot read {folder / 'config.json'}: {exc}") from None
+
+
+def _model_class(config, where: str):
+    import transformers
+
+    for name in getattr(config, "architectures", None) or ():
+        model_class = getattr(transformers, name, None)
+        if model_class is not None:
+            return model_class
+    if getattr(config, "architectures", None):
+        raise ModelError(
+            f"{where}: transformers has no class {config.architectures[0]}",
+            hint="surgeon never runs remote code; upgrade transformers or use a supported architecture",
+        )
+    return transformers.AutoModel._model_mapping[type(config)]
+
+
+def _fake_from_config(config, model_class, name: str, source: str) -> OpenedModel:
+    """The model built under a fake-tensor mode: real shapes, no storage, no weights read."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        model = model_class(config)
+    return OpenedModel(model.eval(), name, source, config=config, fake=True, fake_mode=mode)
+
+
+def hugging_face_inputs(model, config, batch: int = 2, seq: int = 8) -> dict:
+    """Example inputs for a Hugging Face model, from its config (deterministic)."""
+    import torch
+
+    parameters = inspect.signature(model.forward).parameters
+    main = getattr(model, "main_input_name", "input_ids")
+    kwargs: dict = {}
+    if main == "pixel_values":
+        vision = getattr(config, "vision_config", config)
+        size = getattr(vision, "image_size", 32)
+        size = size if isinstance(size, int) else size[0]
+        channels = getattr(vision, "num_channels", 3)
+        kwargs["pixel_values"] = torch.linspace(-1, 1, batch * channels * size * size).reshape(batch, channels, size, size)
+    else:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        vocab = getattr(text, "vocab_size", None) or 100
+        ids = torch.arange(batch * seq).reshape(batch, seq) % vocab
+        kwargs["input_ids"] = ids
+        if "attention_mask" in parameters:
+            kwargs["attention_mask"] = torch.ones_like(ids)
+        if "labels" in parameters and type(model).__name__.endswith(_LM_HEAD_SUFFIXES):
+            kwargs["labels"] = ids.clone()
+    if "use_cache" in parameters:
+        kwargs["use_cache"] = False
+    return kwargs
+
+
+def _split_inputs(inputs, name: str) -> tuple[tuple, dict]:
+    if isinstance(inputs, dict):
+        return (), dict(inputs)
+    if isinstance(inputs, tuple):
+        return inputs, {}
+    import torch
+
+    if isinstance(inputs, torch.Tensor):
+        return (inputs,), {}
+    raise ModelError(
+        f"example inputs of {name} must be a tuple of arguments or a dict of keyword arguments, "
+        f"not {type(inputs).__name__}"
+    )

@@ -1,0 +1,277 @@
+"""The plan: exactly what a rule set will do to a model, computed without touching weights.
+
+``build_plan(rule_set, captured)`` resolves the rules against the captured
+model (surgeon.select) and records, for each site, the adapter, method,
+arguments, shapes and the trainable parameters it adds; for each rule, the
+modules it matched and won; totals; per-layer coverage. ``Plan.to_json()`` has
+a stable schema (``PLAN_SCHEMA_VERSION``).
+
+Counting: a LoRA site adds r * (in + out) parameters (plus out with ``bias``);
+a ``train`` module makes all its own parameters trainable (each adapter that
+trains it keeps its own copy, as PEFT's modules_to_save does). ``total_params``
+is the base model's parameters (a tied tensor counted once) plus every adapter
+parameter, so ``trainable_percent`` reads as PEFT's ``print_trainable_parameters``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from surgeon.grammar import rules as ir
+from surgeon.grammar.diagnostics import PlanError
+
+from .capture import Captured
+from .select import resolve
+
+__all__ = ["PlannedSite", "TrainedModule", "RuleReport", "Plan", "build_plan", "PLAN_SCHEMA_VERSION"]
+
+PLAN_SCHEMA_VERSION = 1
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+
+
+@dataclass(frozen=True)
+class PlannedSite:
+    """One adapter on one module."""
+
+    path: str
+    adapter: str
+    method: str
+    params: dict  # the method's arguments, defaults filled in
+    config: Any  # the method's config object
+    module_type: str
+    kind: str
+    in_features: int
+    out_features: int
+    weight_shape: tuple
+    trainable_params: int
+    layer: int | None
+    rule_line: int | None
+    tied_with: tuple = ()
+
+    def to_json(self) -> dict:
+        return {
+            "path": self.path,
+            "adapter": self.adapter,
+            "method": self.method,
+            "params": dict(self.params),
+            "module_type": self.module_type,
+            "kind": self.kind,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "weight_shape": list(self.weight_shape),
+            "trainable_params": self.trainable_params,
+            "layer": self.layer,
+            "rule_line": self.rule_line,
+            "tied_with": list(self.tied_with),
+        }
+
+
+@dataclass(frozen=True)
+class TrainedModule:
+    """A module whose own parameters train in full (a ``train`` rule won it)."""
+
+    path: str
+    adapter: str
+    module_type: str
+    trainable_params: int
+    bytes: int
+    rule_line: int | None
+
+    def to_json(self) -> dict:
+        return {
+            "path": self.path,
+            "adapter": self.adapter,
+            "module_type": self.module_type,
+            "trainable_params": self.trainable_params,
+            "rule_line": self.rule_line,
+        }
+
+
+@dataclass(frozen=True)
+class RuleReport:
+    adapter: str
+    index: int
+    line: int | None
+    text: str
+    action: str
+    matched: tuple
+    won: tuple
+    unsupported: tuple  # (path, module type) of won modules the method cannot adapt
+
+    def to_json(self) -> dict:
+        return {
+            "adapter": self.adapter,
+            "index": self.index,
+            "line": self.line,
+            "text": self.text,
+            "action": self.action,
+            "matched": list(self.matched),
+            "won": list(self.won),
+            "unsupported": [{"path": p, "module_type": t} for p, t in self.unsupported],
+        }
+
+
+@dataclass
+class Plan:
+    """What will change: sites, trained modules, per-rule outcomes, totals, warnings."""
+
+    model: str
+    model_class: str
+    rules_path: str | None
+    adapters: tuple
+    sites: tuple
+    trained: tuple
+    rules: tuple
+    warnings: tuple
+    base_params: int
+    checkpoint_dtype: str = "float32"
+    capture_seconds: float = 0.0
+    layer_count: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def adapter_params(self) -> int:
+        return sum(s.trainable_params for s in self.sites)
+
+    @property
+    def trainable_params(self) -> int:
+        return self.adapter_params + sum(t.trainable_params for t in self.trained)
+
+    @property
+    def total_params(self) -> int:
+        return self.base_params + self.adapter_params
+
+    @property
+    def adapter_bytes(self) -> int:
+        """Bytes of everything a checkpoint of the adapters holds (adapters at checkpoint_dtype)."""
+        width = _DTYPE_BYTES.get(self.checkpoint_dtype, 4)
+        return self.adapter_params * width + sum(t.bytes for t in self.trained)
+
+    def totals(self) -> dict:
+        total = self.total_params
+        return {
+            "trainable_params": self.trainable_params,
+            "adapter_params": self.adapter_params,
+            "total_params": total,
+            "trainable_percent": round(100.0 * self.trainable_params / total, 6) if total else 0.0,
+            "adapter_bytes": self.adapter_bytes,
+            "checkpoint_dtype": self.checkpoint_dtype,
+            "sites": len(self.sites),
+            "trained_modules": len(self.trained),
+        }
+
+    def layers(self) -> list:
+        """Per-layer coverage: how many sites each adapter has in each numbered layer."""
+        rows: dict = {}
+        for site in self.sites:
+            if site.layer is None:
+                continue
+            row = rows.setdefault(site.layer, {"layer": site.layer, "sites": 0, "adapters": {}, "modules": []})
+            row["sites"] += 1
+            row["adapters"][site.adapter] = row["adapters"].get(site.adapter, 0) + 1
+            leaf = site.path.rsplit(".", 1)[-1]
+            if leaf not in row["modules"]:
+                row["modules"].append(leaf)
+        return [rows[k] for k in sorted(rows)]
+
+    def to_json(self) -> dict:
+        return {
+            "schema_version": PLAN_SCHEMA_VERSION,
+            "model": {"name": self.model, "class": self.model_class, "capture_seconds": round(self.capture_seconds, 3)},
+            "rules_file": self.rules_path,
+            "adapters": list(self.adapters),
+            "sites": [s.to_json() for s in self.sites],
+            "trained_modules": [t.to_json() for t in self.trained],
+            "rules": [r.to_json() for r in self.rules],
+            "totals": self.totals(),
+            "layers": self.layers(),
+            "warnings": [w.to_json() for w in self.warnings],
+        }
+
+
+def build_plan(rule_set: ir.RuleSet, captured: Captured, methods: dict | None = None, checkpoint_dtype: str = "float32") -> Plan:
+    """Resolve ``rule_set`` on ``captured``; raise PlanError listing every error."""
+    from surgeon.methods import signatures
+
+    methods = signatures() if methods is None else methods
+    resolution = resolve(rule_set, captured.modules, captured.sites, methods)
+    if resolution.errors:
+        raise PlanError(resolution.diagnostics)
+    model = captured.model.module
+    sites, trained, reports = [], [], []
+    for match in resolution.matches:
+        rule = match.rule
+        line = rule.span.line if rule.span else None
+        for path in match.won:
+            info = captured.modules[path]
+            if match.action == "apply" and path not in match.unsupported:
+                site = captured.sites[path]
+                config = rule.action.method.config
+                sites.append(
+                    PlannedSite(
+                        path=path,
+                        adapter=match.adapter,
+                        method=rule.action.method.name,
+                        params=_arguments(config),
+                        config=config,
+                        module_type=info.type_name,
+                        kind=site.kind,
+                        in_features=site.in_features,
+                        out_features=site.out_features,
+                        weight_shape=site.weight_shape,
+                        trainable_params=config.trainable_params(site.in_features, site.out_features),
+                        layer=info.layer,
+                        rule_line=line,
+                        tied_with=site.tied_with,
+                    )
+                )
+            elif match.action == "train":
+                module = model.get_submodule(path)
+                own = {id(p): p for p in module.parameters()}.values()
+                trained.append(
+                    TrainedModule(
+                        path=path,
+                        adapter=match.adapter,
+                        module_type=info.type_name,
+                        trainable_params=sum(p.numel() for p in own),
+                        bytes=sum(p.numel() * p.element_size() for p in own),
+                        rule_line=line,
+                    )
+                )
+        reports.append(
+            RuleReport(
+                adapter=match.adapter,
+                index=match.index,
+                line=line,
+                text=str(rule),
+                action=match.action,
+                matched=tuple(match.matched),
+                won=tuple(match.won),
+                unsupported=tuple((p, captured.modules[p].type_name) for p in match.unsupported),
+            )
+        )
+    order = {path: i for i, path in enumerate(captured.modules)}
+    sites.sort(key=lambda s: (rule_set.adapter_names.index(s.adapter), order[s.path]))
+    layers = {info.layer for info in captured.modules.values() if info.layer is not None}
+    return Plan(
+        model=captured.model.name,
+        model_class=type(model).__name__,
+        rules_path=rule_set.path,
+        adapters=rule_set.adapter_names,
+        sites=tuple(sites),
+        trained=tuple(trained),
+        rules=tuple(reports),
+        warnings=tuple(resolution.diagnostics),
+        base_params=captured.total_params,
+        checkpoint_dtype=checkpoint_dtype,
+        capture_seconds=captured.seconds,
+        layer_count=len(layers),
+    )
+
+
+def _arguments(config) -> dict:
+    import dataclasses
+
+    values = dataclasses.asdict(config)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}

@@ -1,0 +1,271 @@
+"""Rules x modules -> who gets what: the language's semantics applied to a captured model.
+
+For each adapter, every module is matched against that adapter's rules; the
+last matching rule in the file wins (``apply``, ``skip`` or ``train`` alike).
+A rule matches a module when any of its selectors matches and its ``where``
+clause holds. Nothing here touches a weight.
+
+Errors (all reported at once, at the rule's line and column): a rule that
+matches no module, and an ``apply`` rule whose modules are all of kinds its
+method cannot adapt. Warnings: a rule that never wins, because later rules
+take over every module it matches.
+"""
+
+from __future__ import annotations
+
+import difflib
+import operator
+import re
+from dataclasses import dataclass, field
+
+from surgeon.grammar import rules as ir
+from surgeon.grammar.diagnostics import Diagnostic
+from surgeon.grammar.glob import compile_glob
+
+__all__ = ["RuleMatch", "Resolution", "resolve", "matches"]
+
+_COMPARE = {"==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
+
+# What other architectures call the same projection (for "matches nothing" hints).
+_SYNONYMS = (
+    ("q_proj", "k_proj", "v_proj", "query", "key", "value", "c_attn", "query_key_value", "qkv_proj", "W_pack", "Wqkv", "qkv"),
+    ("o_proj", "out_proj", "dense", "c_proj", "wo", "proj"),
+    ("gate_proj", "up_proj", "c_fc", "fc1", "gate_up_proj", "w1", "w3", "dense_h_to_4h", "intermediate"),
+    ("down_proj", "c_proj", "fc2", "w2", "dense_4h_to_h", "output"),
+    ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings", "shared"),
+    ("lm_head", "embed_out", "output", "classifier", "score"),
+)
+
+
+@dataclass
+class RuleMatch:
+    """One rule's outcome: the modules it matched, won, and could not adapt."""
+
+    adapter: str
+    index: int  # position within its adapter
+    rule: ir.Rule
+    matched: list = field(default_factory=list)
+    won: list = field(default_factory=list)
+    unsupported: list = field(default_factory=list)  # won modules its method cannot adapt
+
+    @property
+    def action(self) -> str:
+        return {ir.Apply: "apply", ir.Skip: "skip", ir.Train: "train"}[type(self.rule.action)]
+
+
+@dataclass
+class Resolution:
+    matches: list  # RuleMatch, in rule order
+    diagnostics: list  # errors and warnings
+
+    @property
+    def errors(self) -> list:
+        return [d for d in self.diagnostics if d.is_error]
+
+
+def matches(rule: ir.Rule, info) -> bool:
+    """Does ``rule`` match the module described by ``info`` (a capture.ModuleInfo)?"""
+    if not any(_selects(s, info) for s in rule.selectors):
+        return False
+    return rule.where is None or _holds(rule.where, info)
+
+
+def _selects(selector, info) -> bool:
+    if isinstance(selector, ir.GlobSelector):
+        return compile_glob(selector.pattern).fullmatch(info.path) is not None
+    if isinstance(selector, ir.RegexSelector):
+        return re.fullmatch(selector.pattern, info.path) is not None
+    return selector.name in info.type_names
+
+
+def _holds(predicate, info) -> bool:
+    if isinstance(predicate, ir.And):
+        return all(_holds(p, info) for p in predicate.operands)
+    if isinstance(predicate, ir.Or):
+        return any(_holds(p, info) for p in predicate.operands)
+    if isinstance(predicate, ir.Not):
+        return not _holds(predicate.operand, info)
+    if isinstance(predicate, ir.NameTest):
+        return compile_glob(predicate.pattern).fullmatch(info.path) is not None
+    if isinstance(predicate, ir.TypeTest):
+        return predicate.name in info.type_names
+    value = info.field(predicate.field)
+    if value is None:  # a module without this property (no layer index, no features)
+        return False
+    if isinstance(predicate, ir.InRange):
+        return predicate.start <= value < predicate.stop
+    if isinstance(predicate, ir.InList):
+        return value in predicate.values
+    return _COMPARE[predicate.op](value, predicate.value)
+
+
+def resolve(rule_set: ir.RuleSet, modules: dict, sites: dict, methods: dict) -> Resolution:
+    """Apply ``rule_set`` to ``modules`` (path -> ModuleInfo) with ``sites`` (path -> Site)."""
+    results: list[RuleMatch] = []
+    for adapter in rule_set.adapters:
+        rule_matches = [RuleMatch(adapter.name, i, rule) for i, rule in enumerate(adapter.rules)]
+        for path, info in modules.items():
+            winner = None
+            for match in rule_matches:
+                if matches(match.rule, info):
+                    match.matched.append(path)
+                    winner = match
+            if winner is not None:
+                winner.won.append(path)
+                if winner.action == "apply" and not _adaptable(winner.rule, sites.get(path), methods):
+                    winner.unsupported.append(path)
+        results.extend(rule_matches)
+    diagnostics = []
+    for match in results:
+        diagnostics.extend(_findings(match, results, modules, sites, methods, rule_set))
+    return Resolution(results, diagnostics)
+
+
+def _adaptable(rule: ir.Rule, site, methods: dict) -> bool:
+    method = methods.get(rule.action.method.name)
+    return site is not None and method is not None and site.kind in method.sites
+
+
+def _findings(match: RuleMatch, results, modules, sites, methods, rule_set) -> list:
+    rule = match.rule
+    where = _where(rule, rule_set)
+    if not match.matched:
+        return [_no_match(rule, modules, sites, where)]
+    found = []
+    if match.action == "apply":
+        method = methods[rule.action.method.name]
+        adaptable = [p for p in match.matched if _adaptable(rule, sites.get(p), methods)]
+        if not adaptable:
+            types = _type_counts(match.matched, modules)
+            found.append(
+                where(
+                    "nothing-adaptable",
+                    f"{method.name} cannot adapt any module this rule matches ({types})",
+                    f"{method.name} adapts {_kinds(method.sites)} sites; "
+                    f"try type(Linear) or a glob that ends at a projection",
+                )
+            )
+            return found
+    if not match.won:
+        later = [m for m in results if m.adapter == match.adapter and m.index > match.index and set(m.won) & set(match.matched)]
+        lines = ", ".join(str(m.rule.span.line) for m in later if m.rule.span) or "later"
+        found.append(
+            where(
+                "never-wins",
+                f"this rule never wins: every module it matches is taken by a later rule (line {lines})",
+                "within an adapter the last matching rule wins; move this rule after the others, or narrow them",
+                severity="warning",
+            )
+        )
+    return found
+
+
+def _where(rule: ir.Rule, rule_set: ir.RuleSet):
+    def make(code, message, hint=None, severity="error"):
+        span = rule.span
+        source = rule_set.source_line(span.line) if span else None
+        return Diagnostic(code, message, span, hint, severity, rule_set.path, source)
+
+    return make
+
+
+def _kinds(kinds) -> str:
+    kinds = list(kinds)
+    return kinds[0] if len(kinds) == 1 else ", ".join(kinds[:-1]) + " and " + kinds[-1]
+
+
+def _type_counts(paths, modules) -> str:
+    counts: dict = {}
+    for p in paths:
+        counts[modules[p].type_name] = counts.get(modules[p].type_name, 0) + 1
+    return ", ".join(f"{n} x{c}" if c > 1 else n for n, c in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _no_match(rule: ir.Rule, modules: dict, sites: dict, where) -> Diagnostic:
+    selected = [info for info in modules.values() if any(_selects(s, info) for s in rule.selectors)]
+    selectors = ", ".join(str(s) for s in rule.selectors)
+    if selected:  # the selector found modules; the where clause removed them all
+        ranges = _field_ranges(rule.where, selected)
+        return where(
+            "no-match",
+            f"no module matched by {selectors} satisfies 'where {rule.where}' ({len(selected)} modules were tested)",
+            f"among those modules {ranges}" if ranges else "check the where clause",
+        )
+    words = _words(rule)
+    closest = _closest_paths(words, list(modules))
+    message = f"this rule matches no module of the model: {selectors}"
+    if closest:
+        message += f"; closest module paths: {', '.join(closest)}"
+    return where("no-match", message, _synonym_hint(words, sites, modules))
+
+
+def _field_ranges(predicate, infos) -> str:
+    fields = sorted(_fields_of(predicate))
+    parts = []
+    for name in fields:
+        values = sorted({v for v in (getattr(i, name) for i in infos) if v is not None})
+        if values:
+            parts.append(f"{name} is {values[0]}" if len(values) == 1 else f"{name} runs from {values[0]} to {values[-1]}")
+        else:
+            parts.append(f"none has a {name}")
+    return "; ".join(parts)
+
+
+def _fields_of(predicate) -> set:
+    if isinstance(predicate, (ir.And, ir.Or)):
+        return set().union(*(_fields_of(p) for p in predicate.operands))
+    if isinstance(predicate, ir.Not):
+        return _fields_of(predicate.operand)
+    return {predicate.field} if hasattr(predicate, "field") else set()
+
+
+def _words(rule: ir.Rule) -> list:
+    """The literal names a rule's selectors mention (q_proj, v_proj, lm_head, ...)."""
+    words = []
+    for s in rule.selectors:
+        text = getattr(s, "pattern", None) or getattr(s, "name", "")
+        expanded = [text]
+        while any("{" in t for t in expanded):  # expand {a,b} alternatives
+            nxt = []
+            for t in expanded:
+                m = re.search(r"\{([^{}]*)\}", t)
+                nxt += [t[: m.start()] + alt + t[m.end() :] for alt in m.group(1).split(",")] if m else [t]
+            if nxt == expanded:
+                break
+            expanded = nxt
+        for t in expanded:
+            leaf = re.split(r"\\?\.", t)[-1]
+            words.extend(w for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", leaf) if w != "re")
+    return words
+
+
+def _closest_paths(words: list, paths: list) -> list:
+    leaves = {}
+    for p in paths:
+        leaves.setdefault(p.rsplit(".", 1)[-1], p)
+    close = []
+    for w in words:
+        for leaf in difflib.get_close_matches(w, list(leaves), n=2, cutoff=0.6):
+            if leaves[leaf] not in close:
+                close.append(leaves[leaf])
+    return close[:3]
+
+
+def _synonym_hint(words: list, sites: dict, modules: dict) -> str:
+    leaves = {}
+    for path in sites:
+        leaves.setdefault(path.rsplit(".", 1)[-1], path)
+    present = [w for w in words if w in leaves]
+    if present:  # the names exist: the rest of the pattern (prefix, layer numbers) is off
+        layers = sorted({i.layer for i in modules.values() if i.layer is not None})
+        span = f"; its layers are numbered {layers[0]} to {layers[-1]}" if layers else ""
+        return f"this model does have '{present[0]}' (e.g. {leaves[present[0]]}); check the rest of the pattern{span}"
+    for word in words:
+        for group in _SYNONYMS:
+            if word in group:
+                others = [leaf for leaf in group if leaf in leaves and leaf != word]
+                if others:
+                    examples = ", ".join(f"{leaf} (e.g. {leaves[leaf]})" for leaf in others[:3])
+                    return f"this model has no '{word}'; it has {examples}"
+    names = sorted(leaves)
+    return f"the adaptable modules of this model end in: {', '.join(names[:12])}{', ...' if len(names) > 12 else ''}"
