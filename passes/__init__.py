@@ -1,7 +1,30 @@
-"""surgeon.passes: graph rewrites over captured models (insert, lower, fold, verify).
+"""surgeon.passes: graph rewrites over captured models.
 
-The pass contract (a function from a GraphModule to a result record) and the
-pipeline arrive with the LoRA end-to-end work; this package holds them.
+A pass is a function from a ``torch.fx.GraphModule`` to a :class:`PassResult`
+(the module, and whether it changed); :class:`Pipeline` runs named stages,
+lints after each pass and names the one that failed. The built-in passes:
+``insert_lora`` (add adapter branches) and ``fold_lora`` (merge them into the
+base weights, giving back the base graph).
 """
 
-__all__: list[str] = []
+from ._graph import adapter_nodes, module_path
+from .fold import FoldError, copy_graph_module, fold_lora, unfold_inplace, verify_fold
+from .insert import LoraInsertion, insert_lora
+from .pipeline import POINTS, PassError, PassResult, Pipeline, run_passes
+
+__all__ = [
+    "PassResult",
+    "PassError",
+    "Pipeline",
+    "POINTS",
+    "run_passes",
+    "insert_lora",
+    "LoraInsertion",
+    "fold_lora",
+    "unfold_inplace",
+    "verify_fold",
+    "FoldError",
+    "copy_graph_module",
+    "adapter_nodes",
+    "module_path",
+]

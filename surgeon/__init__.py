@@ -27,6 +27,7 @@ _EXPORTS = {
     "register_method": "surgeon.methods",
     "method_names": "surgeon.methods",
     "plan": "surgeon.api",
+    "compile": "surgeon.api",
     "capture_model": "surgeon.api",
     "open_model": "surgeon.models",
     "Plan": "surgeon.plan",

@@ -22,7 +22,7 @@ from .capture import Captured, capture
 from .models import open_model
 from .plan import Plan, build_plan
 
-__all__ = ["capture_model", "plan"]
+__all__ = ["capture_model", "plan", "compile"]
 
 
 def capture_model(model: Any, *, example_inputs: Any = None, weights: bool = False) -> Captured:
@@ -49,3 +49,37 @@ def _rules(rules) -> RuleSet:
     if isinstance(rules, str) and not Path(rules).exists() and ("\n" in rules or rules.lstrip().startswith(("match", "adapter", "#"))):
         return parse(rules)
     return load_rules(rules)
+
+
+def compile(
+    model: Any,
+    rules: RuleSet | str | os.PathLike | None = None,
+    *,
+    adapter: str | os.PathLike | None = None,
+    example_inputs: Any = None,
+    passes: dict | None = None,
+    adapter_dtype: Any = None,
+    lint: bool = True,
+):
+    """Adapt ``model`` as ``rules`` say, or as the PEFT adapter folder ``adapter`` says (and load its weights).
+
+    ``passes`` adds graph passes of your own at named points (surgeon.passes.POINTS),
+    e.g. ``{"after_insert": [my_pass]}``. Returns a :class:`surgeon.compiled.Compiled`.
+    """
+    from surgeon.grammar import SurgeryError
+
+    from .checkpoints.peft import load_adapter, read_peft_config, rules_from_peft
+    from .compiled import Compiled
+
+    if rules is None and adapter is None:
+        raise SurgeryError("compile needs rules, or an adapter folder to derive them from", hint="surgeon.compile(model, rules)")
+    if rules is not None:
+        rule_set = _rules(rules)
+    else:
+        rule_set = parse(rules_from_peft(read_peft_config(adapter)), path=f"{adapter}/adapter_config.json (as rules)")
+    opened = model if hasattr(model, "example_kwargs") else open_model(model, weights=True, example_inputs=example_inputs)
+    captured = capture(opened)
+    compiled = Compiled(captured, rule_set, build_plan(rule_set, captured), passes=passes, lint=lint, adapter_dtype=adapter_dtype)
+    if adapter is not None:
+        load_adapter(compiled, adapter, rule_set.adapter_names[0] if rule_set.adapter_names else None)
+    return compiled

@@ -33,7 +33,7 @@ from surgeon.grammar.diagnostics import ModelError
 
 from .models import OpenedModel
 
-__all__ = ["ModuleInfo", "Site", "Captured", "capture", "module_table"]
+__all__ = ["ModuleInfo", "Site", "Captured", "capture", "export_program", "dynamic_shapes", "widen_inputs", "module_table"]
 
 _TOKEN_INPUTS = ("input_ids", "attention_mask", "labels", "token_type_ids", "position_ids", "decoder_input_ids")
 _LAYER = re.compile(r"\.(\d+)(?:\.|$)")
@@ -83,12 +83,11 @@ class Captured:
     ties: tuple = ()  # groups of parameter names that share one tensor
     total_params: int = 0
     seconds: float = 0.0
+    training: bool = False  # the model's mode when it was captured (export fixes it in the graph)
 
 
 def capture(opened: OpenedModel) -> Captured:
     """Export ``opened`` and classify its sites. Raises ModelError saying where capture failed."""
-    import torch
-
     model = opened.module
     if not opened.example_args and not opened.example_kwargs:
         raise ModelError(
@@ -97,7 +96,24 @@ def capture(opened: OpenedModel) -> Captured:
             "or return (module, example_inputs) from your factory",
         )
     started = time.perf_counter()
-    dynamic = _dynamic_shapes(opened)
+    program = export_program(model, opened.example_args, opened.example_kwargs, opened.is_hugging_face, opened.name)
+    captured = Captured(opened, program, training=model.training)
+    captured.ties = _ties(model)
+    captured.modules = module_table(model)
+    captured.sites = _sites(program, captured.modules, captured.ties)
+    captured.total_params = _count(model.parameters())
+    captured.seconds = time.perf_counter() - started
+    return captured
+
+
+def export_program(model, args: tuple, kwargs: dict, hugging_face: bool, name: str):
+    """``torch.export.export(strict=False)`` with dynamic batch (and sequence for token inputs).
+
+    Failures become a ModelError naming the innermost module that was running.
+    """
+    import torch
+
+    dynamic = dynamic_shapes(args, kwargs, hugging_face)
     # Which modules are running, so that a failure can name the innermost one.
     running: list = []
     paths = {id(m): p for p, m in model.named_modules()}
@@ -113,21 +129,12 @@ def capture(opened: OpenedModel) -> Captured:
     pop = torch.nn.modules.module.register_module_forward_hook(leave)
     try:
         with _quiet_torch_logs():
-            program = torch.export.export(
-                model, opened.example_args, opened.example_kwargs, dynamic_shapes=dynamic, strict=False
-            )
+            return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
     except Exception as exc:  # torch.export raises many types; the user needs where and why
-        raise _capture_error(opened, exc, [paths.get(id(m), "?") for m in running]) from None
+        raise _capture_error(model, name, exc, [paths.get(id(m), "?") for m in running]) from None
     finally:
         push.remove()
         pop.remove()
-    captured = Captured(opened, program)
-    captured.ties = _ties(model)
-    captured.modules = module_table(model)
-    captured.sites = _sites(program, captured.modules, captured.ties)
-    captured.total_params = _count(model.parameters())
-    captured.seconds = time.perf_counter() - started
-    return captured
 
 
 @contextlib.contextmanager
@@ -144,28 +151,47 @@ def _quiet_torch_logs():
         sys.stderr.write(buffer.getvalue())
 
 
-def _dynamic_shapes(opened: OpenedModel):
-    """Batch is dynamic for every tensor input; sequence too for token inputs."""
+def dynamic_shapes(args: tuple, kwargs: dict, hugging_face: bool):
+    """Batch is dynamic for every tensor input; sequence too for a Hugging Face model's token inputs."""
     import torch
     from torch.export import Dim
 
     def spec(name, value):
         if not isinstance(value, torch.Tensor) or value.dim() == 0:
             return None
-        if opened.is_hugging_face and name in _TOKEN_INPUTS and value.dim() >= 2:
+        if hugging_face and name in _TOKEN_INPUTS and value.dim() >= 2:
             return {0: Dim.AUTO, 1: Dim.AUTO}
         return {0: Dim.AUTO}
 
-    if opened.example_kwargs and not opened.example_args:
-        return {k: spec(k, v) for k, v in opened.example_kwargs.items()}
-    if opened.example_args and not opened.example_kwargs:
-        return tuple(spec(str(i), v) for i, v in enumerate(opened.example_args))
+    if kwargs and not args:
+        return {k: spec(k, v) for k, v in kwargs.items()}
+    if args and not kwargs:
+        return tuple(spec(str(i), v) for i, v in enumerate(args))
     return None  # mixed positional and keyword inputs: let export keep the shapes it sees
 
 
-def _capture_error(opened: OpenedModel, exc: Exception, stack: list) -> ModelError:
+def widen_inputs(args: tuple, kwargs: dict, hugging_face: bool) -> tuple[tuple, dict]:
+    """Copies of the inputs whose dynamic dimensions are at least 2 long.
+
+    export specialises a dimension of size 0 or 1 to a constant; tiling the
+    example keeps the captured graph valid for every batch and sequence length.
+    """
+    import torch
+
+    def widen(name, value):
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            return value
+        dims = (0, 1) if hugging_face and name in _TOKEN_INPUTS and value.dim() >= 2 else (0,)
+        for d in dims:
+            if value.shape[d] < 2:
+                value = torch.cat([value] * (2 if value.shape[d] == 1 else 1), dim=d) if value.shape[d] else value
+        return value
+
+    return tuple(widen(str(i), v) for i, v in enumerate(args)), {k: widen(k, v) for k, v in kwargs.items()}
+
+
+def _capture_error(module, name: str, exc: Exception, stack: list) -> ModelError:
     where = ""
-    module = opened.module
     inner = next((p for p in reversed(stack) if p), None)
     if inner is not None:
         where = f" in module '{inner}' ({type(module.get_submodule(inner)).__name__})"
@@ -178,7 +204,7 @@ def _capture_error(opened: OpenedModel, exc: Exception, stack: list) -> ModelErr
         )
     else:
         hint = "surgeon captures with torch.export(strict=False); the model's forward must run on the example inputs"
-    return ModelError(f"cannot capture {opened.name}{where}: {kind}: {text}", hint=hint)
+    return ModelError(f"cannot capture {name}{where}: {kind}: {text}", hint=hint)
 
 
 def _layer(path: str) -> int | None:

@@ -1,0 +1,67 @@
+"""Small helpers over torch.fx graphs shared by the passes."""
+
+from __future__ import annotations
+
+__all__ = ["module_path", "site_nodes", "adapter_nodes", "Inserter", "SITE_OPS"]
+
+
+def module_path(node) -> str | None:
+    """The path of the innermost module a node ran in (from ``nn_module_stack``)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    return list(stack.values())[-1][0] or None
+
+
+def _site_ops():
+    import torch
+
+    aten = torch.ops.aten
+    return {"linear": aten.linear.default, "hf_conv1d": aten.addmm.default}
+
+
+SITE_OPS = _site_ops
+
+
+def site_nodes(gm, path: str, kind: str) -> list:
+    """The graph nodes computing site ``path`` of ``kind`` (a module called twice has two)."""
+    op = _site_ops().get(kind)
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is op and module_path(n) == path]
+
+
+def adapter_nodes(gm, *, role: str | None = None, site: str | None = None, adapter: str | None = None) -> list:
+    """Nodes the insert pass added, filtered by their ``meta["surgeon"]`` record."""
+    found = []
+    for n in gm.graph.nodes:
+        record = n.meta.get("surgeon")
+        if record is None:
+            continue
+        if role is not None and record.get("role") != role:
+            continue
+        if site is not None and record.get("site") != site:
+            continue
+        if adapter is not None and record.get("adapter") != adapter:
+            continue
+        found.append(n)
+    return found
+
+
+class Inserter:
+    """Inserts nodes one after another, in order, each tagged with the same metadata."""
+
+    def __init__(self, graph, after, meta: dict):
+        self.graph, self.cursor, self.meta = graph, after, meta
+
+    def _tag(self, node, role: str):
+        node.meta.update({k: v for k, v in self.meta.items() if k != "surgeon"})
+        node.meta["surgeon"] = {**self.meta.get("surgeon", {}), "role": role}
+        self.cursor = node
+        return node
+
+    def get_attr(self, target: str, role: str):
+        with self.graph.inserting_after(self.cursor):
+            return self._tag(self.graph.get_attr(target), role)
+
+    def call(self, op, args: tuple, role: str, kwargs: dict | None = None):
+        with self.graph.inserting_after(self.cursor):
+            return self._tag(self.graph.call_function(op, args, kwargs or {}), role)

@@ -1,0 +1,1 @@
+"""Artifacts: PEFT-format adapters, merged Hugging Face checkpoints, .pt2 programs; all written atomically."""

@@ -1,0 +1,50 @@
+"""One way to write files: atomically, so a crash mid-write leaves the previous file intact.
+
+Each file is written to a temporary name in the same folder, flushed to disk,
+then renamed over the target (``os.replace`` is atomic on POSIX and Windows).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from surgeon.grammar.diagnostics import SurgeryError
+
+__all__ = ["atomic_path", "write_text", "output_folder"]
+
+
+def output_folder(directory) -> Path:
+    """``directory`` ready to receive files; a clear error if it is a file or cannot be made."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise SurgeryError(f"cannot write into {directory}: it is a file, not a folder", hint="choose another output path")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SurgeryError(f"cannot create the folder {directory}: {exc.strerror}") from None
+    return directory
+
+
+@contextlib.contextmanager
+def atomic_path(target):
+    """Yield a temporary path next to ``target``; on success it replaces ``target``."""
+    target = Path(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(target, text: str) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")

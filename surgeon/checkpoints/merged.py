@@ -1,0 +1,47 @@
+"""A merged Hugging Face checkpoint: every adapter folded into the base weights.
+
+``save_merged(compiled, dir)`` writes what ``save_pretrained`` writes (config,
+``model.safetensors``) with the folded weights; ``from_pretrained`` loads it
+and gives the folded model's outputs. Files are written into a temporary
+folder beside ``dir`` and moved into place one by one, each atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from surgeon.grammar.diagnostics import SurgeryError
+
+from .atomic import output_folder
+
+__all__ = ["save_merged"]
+
+
+def save_merged(compiled, directory) -> None:
+    model = compiled.base_model
+    if not hasattr(model, "save_pretrained"):
+        raise SurgeryError(
+            f"{type(model).__name__} is not a Hugging Face model: it has no save_pretrained",
+            hint="use compiled.export(path) for a .pt2 program, or compiled.merged_state_dict()",
+        )
+    folded = {f"{path}.weight" for _, path, _ in compiled.sites()}
+    for group in compiled.captured.ties:
+        touched = folded & set(group)
+        if touched and getattr(model.config, "tie_word_embeddings", False):
+            raise SurgeryError(
+                f"cannot save a merged checkpoint: {', '.join(sorted(touched))} is tied to "
+                f"{', '.join(sorted(set(group) - touched))} and folding would untie them",
+                hint="do not adapt a tied weight, or set config.tie_word_embeddings = False first",
+            )
+    state = compiled.merged_state_dict()
+    directory = output_folder(directory)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        model.save_pretrained(staging, state_dict=state, safe_serialization=True)
+        for item in staging.iterdir():
+            os.replace(item, directory / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,232 @@
+"""Adapters in PEFT's file format, both directions.
+
+A folder holds ``adapter_config.json`` and ``adapter_model.safetensors``; an
+adapter not named "default" goes in a subfolder of its name, as PEFT does.
+Keys are ``base_model.model.<module path>.lora_A.weight`` (r, in),
+``.lora_B.weight`` (out, r), ``.lora_B.bias`` with ``lora_bias``, and
+``base_model.model.<module path>.<param>`` for ``modules_to_save``.
+
+PEFT has one rank, alpha and rslora flag per adapter plus regex patterns; a
+surgeon adapter may give every site its own. The writer takes the most common
+rank and alpha as the defaults and lists the others in ``rank_pattern`` and
+``alpha_pattern`` (keyed by the escaped module path), so PEFT computes the same
+scale for every site. The reader turns a config back into rules
+(:func:`rules_from_peft`), so a loaded adapter is planned and checked like any
+other. Only safetensors are read; a config or tensor that does not fit the
+model is an error, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+from surgeon.grammar import DEFAULT_ADAPTER, parse
+from surgeon.grammar.diagnostics import SurgeryError
+
+from .atomic import atomic_path, output_folder, write_text
+
+__all__ = ["save_adapter", "load_adapter", "peft_config", "rules_from_peft", "read_peft_config", "AdapterError"]
+
+PREFIX = "base_model.model."
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+_REQUIRED = ("peft_type", "r", "lora_alpha", "target_modules")
+
+
+class AdapterError(SurgeryError):
+    """An adapter folder that cannot be read, or that does not fit the model."""
+
+
+def _folder(directory: Path, adapter: str) -> Path:
+    return directory if adapter == DEFAULT_ADAPTER else directory / adapter
+
+
+def fingerprint(shapes: dict) -> str:
+    """A short hash of the adapted sites' weight shapes: which base model an adapter was made for."""
+    text = json.dumps(sorted((k, list(v)) for k, v in shapes.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def peft_config(compiled, adapter: str) -> dict:
+    """PEFT's adapter_config.json for one adapter of a compiled model."""
+    sites = [s for s in compiled.plan.sites if s.adapter == adapter]
+    trained = [t.path for t in compiled.plan.trained if t.adapter == adapter]
+    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": compiled.name, "inference_mode": True}
+    if not sites:
+        config.update(r=8, lora_alpha=8, target_modules=[], modules_to_save=trained or None)
+        return config
+    rslora = Counter(s.config.rslora for s in sites).most_common(1)[0][0]
+    rank = Counter(s.config.r for s in sites).most_common(1)[0][0]
+
+    def alpha_for(s):  # the alpha that gives this site its scale under the adapter-wide rslora flag
+        value = s.config.scale * (math.sqrt(s.config.r) if rslora else s.config.r)
+        return int(value) if float(value).is_integer() else value
+
+    alpha = Counter(alpha_for(s) for s in sites).most_common(1)[0][0]
+    init = sites[0].config.init
+    config.update(
+        r=rank,
+        lora_alpha=alpha,
+        use_rslora=rslora,
+        target_modules=[s.path for s in sites],
+        rank_pattern={re.escape(s.path): s.config.r for s in sites if s.config.r != rank},
+        alpha_pattern={re.escape(s.path): alpha_for(s) for s in sites if alpha_for(s) != alpha},
+        lora_dropout=Counter(s.config.dropout for s in sites).most_common(1)[0][0],
+        lora_bias=any(s.config.bias for s in sites),
+        fan_in_fan_out=any(s.kind == "hf_conv1d" for s in sites),
+        modules_to_save=trained or None,
+        init_lora_weights={"kaiming": True, "gaussian": "gaussian", "zeros": False}[init],
+        bias="none",
+        use_dora=False,
+    )
+    return config
+
+
+def save_adapter(compiled, directory, adapters=None) -> None:
+    """Write adapters in PEFT's format (every adapter of the model by default)."""
+    from safetensors.torch import save_file
+
+    directory = output_folder(directory)
+    for adapter in adapters or compiled.rules.adapter_names:
+        folder = output_folder(_folder(directory, adapter))
+        tensors, shapes = {}, {}
+        for name, path, weights in compiled.sites():
+            if name != adapter:
+                continue
+            tensors[f"{PREFIX}{path}.lora_A.weight"] = weights.lora_A.detach()
+            tensors[f"{PREFIX}{path}.lora_B.weight"] = weights.lora_B.detach()
+            if weights.lora_B_bias is not None:
+                tensors[f"{PREFIX}{path}.lora_B.bias"] = weights.lora_B_bias.detach()
+            shapes[path] = compiled.base_model.get_submodule(path).weight.shape
+        for t in compiled.plan.trained:
+            if t.adapter == adapter:
+                module = compiled.trained[t.path.replace(".", "__")]
+                for pname, param in module.named_parameters():
+                    tensors[f"{PREFIX}{t.path}.{pname}"] = param.detach()
+        tensors = {k: v.to("cpu").contiguous().clone() for k, v in tensors.items()}
+        rules = "".join(f"{rule}\n" for rule in compiled.rules.adapter(adapter).rules)
+        metadata = {"format": "pt", "surgeon_rules": rules, "surgeon_fingerprint": fingerprint(shapes)}
+        with atomic_path(folder / WEIGHTS) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+        write_text(folder / CONFIG, json.dumps(peft_config(compiled, adapter), indent=2, sort_keys=True) + "\n")
+
+
+def read_peft_config(folder) -> dict:
+    folder = Path(folder)
+    path = folder / CONFIG
+    if not path.is_file():
+        raise AdapterError(f"{folder} holds no {CONFIG}", hint="an adapter folder is what PEFT's save_pretrained writes")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{path} is not valid JSON: {exc}") from None
+    missing = [k for k in _REQUIRED if k not in config]
+    if missing:
+        raise AdapterError(f"{path} lacks {', '.join(missing)}", hint="it must say at least: " + ", ".join(_REQUIRED))
+    if config["peft_type"] != "LORA":
+        raise AdapterError(f"{path}: surgeon loads LoRA adapters; this one is {config['peft_type']}")
+    for unsupported in ("use_dora", "layer_replication", "alora_invocation_tokens", "target_parameters"):
+        if config.get(unsupported):
+            raise AdapterError(f"{path}: {unsupported} is not supported yet")
+    return config
+
+
+def _selector(name: str) -> str:
+    return f'"{name}", "*.{name}"'
+
+
+def rules_from_peft(config: dict) -> str:
+    """Surgery text that targets what a PEFT LoRA config targets, with the same ranks and scales."""
+    r, alpha = config["r"], config["lora_alpha"]
+    rslora = bool(config.get("use_rslora"))
+    extra = (", rslora=true" if rslora else "") + (", bias=true" if config.get("lora_bias") else "")
+    dropout = config.get("lora_dropout") or 0
+    if dropout:
+        extra += f", dropout={dropout}"
+    targets = config["target_modules"]
+    lines = [f"# from a PEFT adapter_config.json (base model: {config.get('base_model_name_or_path')})"]
+    if targets == "all-linear":
+        selector, target_regex = 'type(Linear), type(Conv1D) where not name("*lm_head")', None
+    elif isinstance(targets, str):
+        selector, target_regex = f're"{targets}"', targets
+    else:
+        selector = ", ".join(_selector(t) for t in targets) if targets else None
+        target_regex = r"(?:.*\.)?(?:" + "|".join(re.escape(t) for t in targets) + ")" if targets else None
+    where = []
+    if config.get("layers_to_transform") is not None:
+        layers = config["layers_to_transform"]
+        where.append(f"layer in {list(layers) if isinstance(layers, list) else [layers]}")
+    if selector is not None:
+        clause = f" where {' and '.join(where)}" if where and "where" not in selector else ""
+        lines.append(f"match {selector}{clause} apply lora(r={r}, alpha={alpha}{extra})")
+    keys = list(dict.fromkeys([*(config.get("rank_pattern") or {}), *(config.get("alpha_pattern") or {})]))
+    for key in keys:
+        rank = (config.get("rank_pattern") or {}).get(key, r)
+        key_alpha = (config.get("alpha_pattern") or {}).get(key, alpha)
+        pattern = rf"(?=(?:.*\.)?(?:{key})$){target_regex}" if target_regex else rf"(?:.*\.)?(?:{key})"
+        lines.append(f'match re"{pattern}" apply lora(r={rank}, alpha={key_alpha}{extra})')
+    for name in config.get("exclude_modules") or ():
+        lines.append(f"match {_selector(name)} skip")
+    for name in config.get("modules_to_save") or ():
+        lines.append(f"match {_selector(name)} train")
+    return "\n".join(lines) + "\n"
+
+
+def load_adapter(compiled, directory, name: str | None = None) -> str:
+    """Load a PEFT-format LoRA adapter (surgeon's or PEFT's) as adapter ``name``; returns the name."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(directory)
+    config = read_peft_config(folder)
+    name = name or DEFAULT_ADAPTER
+    weights_path = folder / WEIGHTS
+    if not weights_path.is_file():
+        hint = "surgeon reads only safetensors, never pickles" if (folder / "adapter_model.bin").exists() else None
+        raise AdapterError(f"{folder} holds no {WEIGHTS}", hint=hint)
+    try:
+        with safe_open(str(weights_path), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterError(f"cannot read {weights_path}: {exc}", hint="the file is truncated or not safetensors") from None
+    text = rules_from_peft(config)
+    rules = parse(text, path=f"{folder / CONFIG} (as rules)")
+    compiled.add_adapter(name, rules)
+    _fill(compiled, name, tensors, weights_path)
+    return name
+
+
+def _fill(compiled, adapter: str, tensors: dict, source: Path) -> None:
+    import torch
+
+    expected = {}
+    for name, path, weights in compiled.sites():
+        if name == adapter:
+            expected[f"{PREFIX}{path}.lora_A.weight"] = weights.lora_A
+            expected[f"{PREFIX}{path}.lora_B.weight"] = weights.lora_B
+            if weights.lora_B_bias is not None:
+                expected[f"{PREFIX}{path}.lora_B.bias"] = weights.lora_B_bias
+    for t in compiled.plan.trained:
+        if t.adapter == adapter:
+            for pname, param in compiled.trained[t.path.replace(".", "__")].named_parameters():
+                expected[f"{PREFIX}{t.path}.{pname}"] = param
+    unknown = sorted(set(tensors) - set(expected))
+    missing = sorted(set(expected) - set(tensors))
+    if unknown or missing:
+        what = f"weights for modules this model does not adapt: {', '.join(unknown[:3])}" if unknown else ""
+        what += ("; " if what else "") + (f"no weights for {', '.join(missing[:3])}" if missing else "")
+        raise AdapterError(f"{source} does not fit this model: {what}", hint="was it saved from another base model?")
+    for key, param in expected.items():
+        tensor = tensors[key]
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise AdapterError(
+                f"{source}: {key} has shape {tuple(tensor.shape)}, this model needs {tuple(param.shape)}",
+                hint="the adapter was made for another base model, or another rank",
+            )
+    with torch.no_grad():
+        for key, param in expected.items():
+            param.copy_(tensors[key].to(param.dtype))

@@ -1,0 +1,44 @@
+"""Deployable programs: ``torch.export.save`` of the compiled model's evaluation graph.
+
+``fold=True`` (the default) saves the merged graph, the base model's op
+sequence with folded weights; ``fold=False`` keeps the adapter branches. Both
+keep dynamic batch and sequence dimensions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from surgeon.grammar.diagnostics import SurgeryError
+
+from .atomic import atomic_path, output_folder
+
+__all__ = ["export_program_file", "load_program"]
+
+
+def export_program_file(compiled, path, *, fold: bool = True, args: tuple = (), kwargs: dict | None = None) -> None:
+    import torch
+
+    from surgeon.capture import dynamic_shapes, widen_inputs
+
+    path = Path(path)
+    if path.is_dir():
+        raise SurgeryError(f"cannot write the program to {path}: it is a folder", hint="give a file name ending in .pt2")
+    output_folder(path.parent)
+    args = args or compiled.example_args
+    kwargs = compiled._with_defaults(dict(kwargs) if kwargs is not None else dict(compiled.example_kwargs))
+    graph = compiled.fold(args=args, kwargs=kwargs) if fold else compiled.graph(*args, training=False, **kwargs)
+    args, kwargs = widen_inputs(args, kwargs, compiled.hugging_face)
+    with torch.no_grad():
+        program = torch.export.export(
+            graph, args, kwargs, dynamic_shapes=dynamic_shapes(args, kwargs, compiled.hugging_face), strict=False
+        )
+    with atomic_path(path) as tmp:
+        torch.export.save(program, str(tmp))
+
+
+def load_program(path):
+    """The saved program, ready to call (``.module()(**inputs)``)."""
+    import torch
+
+    return torch.export.load(str(path))

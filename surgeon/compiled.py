@@ -1,0 +1,330 @@
+"""Compiled: a model with its adapters inserted into captured graphs.
+
+A :class:`Compiled` is an ``nn.Module``: optimizers, ``.to()``,
+``state_dict()`` and training loops use it like the model it came from, and it
+is called with the same keyword arguments, returning the same output class.
+
+Inside, the adapter parameters (``adapters.<name>.<site>.lora_A`` ...) and the
+trainable copies of ``train`` modules are the source of truth. Graphs are made
+on demand, one per (training mode, call signature), by capturing the base model
+with ``torch.export`` and running the pass pipeline on the result; every graph
+references the very same parameters, so ``.train()`` and ``.eval()`` switch
+between a graph with dropout and one without, and training either updates the
+same weights. A graph is captured the first time a call needs it (a few
+seconds), and again after ``.to()`` or a change of adapters.
+
+Base parameters are frozen (``requires_grad=False``), as PEFT does; their
+values are never changed unless ``fold(inplace=True)`` is asked for.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from surgeon.grammar import rules as ir
+from surgeon.passes import Pipeline, copy_graph_module, fold_lora, insert_lora, unfold_inplace, verify_fold
+from surgeon.passes.insert import LoraInsertion
+
+from .capture import export_program, widen_inputs
+from .methods.lora_weights import LoraWeights
+from .plan import Plan
+
+__all__ = ["Compiled"]
+
+
+def site_key(path: str) -> str:
+    """A module path as a ModuleDict key (dots are not allowed there)."""
+    return path.replace(".", "__")
+
+
+class Compiled(nn.Module):
+    """The adapted model. Build it with :func:`surgeon.compile`."""
+
+    def __init__(self, captured, rule_set: ir.RuleSet, plan: Plan, *, passes: dict | None = None, lint: bool = True,
+                 adapter_dtype: torch.dtype | None = None):
+        super().__init__()
+        opened = captured.model
+        self.base_model = opened.module
+        self.adapters = nn.ModuleDict()
+        self.trained = nn.ModuleDict()
+        # Plain attributes (not submodules): graphs share the parameters above.
+        self.__dict__["_graphs"] = {}
+        self.__dict__["_inplace_originals"] = {}
+        self.__dict__["captured"] = captured  # the planning capture: modules and sites
+        self.adapter_dtype = adapter_dtype
+        self.name = opened.name
+        self.rules = rule_set
+        self.plan = plan
+        self.user_passes = dict(passes or {})
+        self.lint = lint
+        self.hugging_face = opened.is_hugging_face
+        self.example_args, self.example_kwargs = opened.example_args, opened.example_kwargs
+        for p in self.base_model.parameters():
+            p.requires_grad_(False)
+        self._build(plan, adapter_dtype)
+        Pipeline.with_points({}, self.user_passes)  # refuse unknown pass points now, not at the first call
+
+    # --- parameters ---------------------------------------------------------------------
+
+    def _build(self, plan: Plan, adapter_dtype=None) -> None:
+        """Create the parameters of every site and trained module of ``plan`` not made yet."""
+        for site in plan.sites:
+            if site.adapter in self.adapters and site_key(site.path) in self.adapters[site.adapter]:
+                continue
+            weight = self.base_model.get_submodule(site.path).weight
+            dtype = adapter_dtype or (weight.dtype if weight.dtype == torch.float64 else torch.float32)
+            group = self.adapters[site.adapter] if site.adapter in self.adapters else nn.ModuleDict()
+            group[site_key(site.path)] = LoraWeights(
+                site.config, site.in_features, site.out_features, dtype=dtype, device=weight.device
+            )
+            self.adapters[site.adapter] = group
+        for t in plan.trained:
+            if site_key(t.path) in self.trained:
+                continue  # one trainable copy per module (several adapters training it share it)
+            module = copy.deepcopy(self.base_model.get_submodule(t.path))
+            for p in module.parameters():
+                p.requires_grad_(True)
+            self.trained[site_key(t.path)] = module
+
+    def add_adapter(self, name: str, rules: ir.RuleSet) -> None:
+        """Add (or replace) adapter ``name`` with the rules of ``rules`` (all its adapters' rules, merged)."""
+        from .plan import build_plan
+
+        merged_rules = tuple(rule for adapter in rules.adapters for rule in adapter.rules)
+        kept = tuple(a for a in self.rules.adapters if a.name != name)
+        new_rules = ir.RuleSet(kept + (ir.Adapter(name, merged_rules),), path=rules.path, source=rules.source)
+        plan = build_plan(new_rules, self.captured)
+        if name in self.adapters:
+            del self.adapters[name]
+        self.rules, self.plan = new_rules, plan
+        self._build(plan, self.adapter_dtype)
+        self.invalidate()
+
+    @property
+    def adapter_names(self) -> tuple:
+        return tuple(self.adapters)
+
+    @property
+    def config(self):
+        return getattr(self.base_model, "config", None)
+
+    def lora(self, adapter: str, path: str) -> LoraWeights:
+        return self.adapters[adapter][site_key(path)]
+
+    def sites(self):
+        """(adapter, path, LoraWeights) for every adapter site, in plan order."""
+        for site in self.plan.sites:
+            yield site.adapter, site.path, self.lora(site.adapter, site.path)
+
+    def trainable_parameters(self) -> list:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def print_trainable_parameters(self) -> None:
+        trainable = sum(p.numel() for _, p in self.trainable_parameters())
+        total = sum(p.numel() for p in self.base_model.parameters()) + sum(p.numel() for p in self.adapters.parameters())
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+    # --- graphs -------------------------------------------------------------------------
+
+    def _insertions(self) -> list:
+        return [
+            LoraInsertion(path, site.kind, adapter, weights, weights.scale, weights.config.dropout)
+            for (adapter, path, weights), site in zip(self.sites(), self.plan.sites)
+        ]
+
+    def _key(self, args: tuple, kwargs: dict) -> tuple:
+        def static(v):
+            if isinstance(v, torch.Tensor):
+                return ("tensor", v.dim(), v.dtype)
+            return repr(v)
+
+        return (self.training, tuple(static(a) for a in args), tuple(sorted((k, static(v)) for k, v in kwargs.items())))
+
+    def _with_defaults(self, kwargs: dict) -> dict:
+        # Hugging Face models return a KV cache unless told not to; a graph has none.
+        if self.hugging_face and "use_cache" not in kwargs and "use_cache" in self.example_kwargs:
+            kwargs = {**kwargs, "use_cache": False}
+        return kwargs
+
+    def graph(self, *args, training: bool | None = None, **kwargs):
+        """The adapted graph module for this call signature (captured on first use)."""
+        kwargs = self._with_defaults(kwargs)
+        training = self.training if training is None else training
+        key = (training,) + self._key(args, kwargs)[1:]
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(args, kwargs, training)
+        return self._graphs[key]
+
+    def base_graph(self, *args, training: bool = False, **kwargs):
+        """The base model's graph, without adapters, for this call signature."""
+        kwargs = self._with_defaults(kwargs or dict(self.example_kwargs))
+        return self._export(args or self.example_args, kwargs, training).module()
+
+    def _export(self, args, kwargs, training: bool):
+        args, kwargs = widen_inputs(args, kwargs, self.hugging_face)
+        model, was = self.base_model, self.base_model.training
+        model.train(training)
+        try:
+            return export_program(model, args, kwargs, self.hugging_face, self.name)
+        finally:
+            model.train(was)
+
+    def _capture(self, args, kwargs, training: bool):
+        planning = self.captured
+        reuse = (
+            planning.program is not None
+            and not planning.model.fake
+            and training == planning.training
+            and self._key(args, kwargs)[1:] == self._key(self.example_args, self._with_defaults(self.example_kwargs))[1:]
+        )
+        # The planning capture already traced this signature: reuse it once instead of exporting again.
+        program = planning.program if reuse else self._export(args, kwargs, training)
+        if reuse:
+            planning.program = None
+        gm = program.module()
+        for key, module in self.trained.items():  # the graph trains the copies, not the user's module
+            path = key.replace("__", ".")
+            for name, param in module.named_parameters():
+                owner_path, _, leaf = f"{path}.{name}".rpartition(".")
+                setattr(gm.get_submodule(owner_path), leaf, param)
+        pipeline = Pipeline.with_points({"insert": [insert_lora(self._insertions(), training=training)]}, self.user_passes)
+        return pipeline.run(gm, lint=self.lint).graph_module
+
+    def forward(self, *args, **kwargs):
+        kwargs = self._with_defaults(kwargs)
+        return self.graph(*args, **kwargs)(*args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        self._graphs.clear()  # graphs hold constants of the old device or dtype: capture again
+        return result
+
+    def invalidate(self) -> None:
+        """Forget every captured graph (after adapters were added, removed or replaced)."""
+        self._graphs.clear()
+
+    # --- fold ---------------------------------------------------------------------------
+
+    def fold(self, *, inplace: bool = False, verify: bool = True, args: tuple = (), kwargs: dict | None = None):
+        """The merged evaluation graph: every adapter folded into its base weight.
+
+        The compiled model keeps its adapters. With ``inplace=True`` the merged
+        weights are written into the base model's own tensors (as PEFT's
+        ``merge_and_unload``); :meth:`unfold` restores them bit for bit.
+        """
+        args = args or self.example_args
+        kwargs = self._with_defaults(dict(kwargs) if kwargs is not None else dict(self.example_kwargs))
+        unfolded = self.graph(*args, training=False, **kwargs)
+        folded = copy_graph_module(unfolded)
+        fold_pass = fold_lora(inplace=inplace, originals=self._inplace_originals)
+        stages = Pipeline.with_points({"fold": [fold_pass]}, self.user_passes)
+        if inplace:
+            reference = _outputs(unfolded, args, kwargs) if verify else None
+            stages.run(folded, lint=self.lint)
+            if verify:
+                verify_fold(lambda *a, **k: reference, folded, args, kwargs)
+            self._graphs.clear()
+            return folded
+        stages.run(folded, lint=self.lint)
+        if verify:
+            verify_fold(unfolded, folded, args, kwargs)
+        return folded
+
+    def unfold(self) -> None:
+        """Undo ``fold(inplace=True)``: the base weights come back bit for bit."""
+        unfold_inplace(self._inplace_originals)
+        self._graphs.clear()
+
+    def merged_state_dict(self) -> dict:
+        """The base model's state dict with every adapter folded in (new tensors; nothing changes in place)."""
+        state = dict(self.base_model.state_dict())
+        with torch.no_grad():
+            for adapter, path, weights in self.sites():
+                site = next(s for s in self.plan.sites if s.path == path and s.adapter == adapter)
+                name = f"{path}.weight"
+                delta = weights.delta(torch.float32)
+                base = state[name]
+                merged = base.float() + (delta.T if site.kind == "hf_conv1d" else delta)
+                if weights.lora_B_bias is not None:
+                    state[f"{path}.bias"] = (state[f"{path}.bias"].float() + weights.lora_B_bias.float() * weights.scale).to(base.dtype)
+                state[name] = merged.to(base.dtype)
+            for key, module in self.trained.items():
+                path = key.replace("__", ".")
+                for name, param in module.state_dict().items():
+                    state[f"{path}.{name}"] = param.detach()
+        return state
+
+    # --- hooks for eager use ---------------------------------------------------------------
+
+    def attach(self, model: nn.Module | None = None) -> list:
+        """Make an eager model (default: the base model) run with these adapters.
+
+        Each site module gets a forward hook adding ``scale * B(A(dropout(x)))``
+        with the compiled model's own parameters, so ``generate()`` with its KV
+        cache uses the adapters. Returns the hook handles (``.remove()`` detaches).
+        """
+        from surgeon.methods.lora_weights import attach_hook
+
+        model = self.base_model if model is None else model
+        handles = []
+        for adapter, path, weights in self.sites():
+            handles.append(model.get_submodule(path).register_forward_hook(attach_hook(weights)))
+        for key, trained in self.trained.items():
+            handles.append(_swap_module_params(model.get_submodule(key.replace("__", ".")), trained))
+        return handles
+
+    # --- checkpoints ---------------------------------------------------------------------
+
+    def save_adapter(self, directory, adapters=None) -> None:
+        from .checkpoints.peft import save_adapter
+
+        save_adapter(self, directory, adapters)
+
+    def load_adapter(self, directory, name: str | None = None) -> str:
+        from .checkpoints.peft import load_adapter
+
+        return load_adapter(self, directory, name)
+
+    def save_pretrained(self, directory) -> None:
+        from .checkpoints.merged import save_merged
+
+        save_merged(self, directory)
+
+    def export(self, path, *, fold: bool = True, args: tuple = (), kwargs: dict | None = None) -> None:
+        from .checkpoints.program import export_program_file
+
+        export_program_file(self, path, fold=fold, args=args, kwargs=kwargs)
+
+
+def _outputs(gm, args, kwargs):
+    with torch.no_grad():
+        out = gm(*args, **kwargs)
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
+
+
+class _Handles:
+    def __init__(self, restore):
+        self.restore = restore
+
+    def remove(self):
+        self.restore()
+
+
+def _swap_module_params(target: nn.Module, source: nn.Module):
+    saved = {n: p for n, p in target.named_parameters()}
+    for name, param in source.named_parameters():
+        owner_path, _, leaf = name.rpartition(".")
+        setattr(target.get_submodule(owner_path) if owner_path else target, leaf, param)
+
+    def restore():
+        for name, param in saved.items():
+            owner_path, _, leaf = name.rpartition(".")
+            setattr(target.get_submodule(owner_path) if owner_path else target, leaf, param)
+
+    return _Handles(restore)

@@ -1,0 +1,40 @@
+"""Helpers to run the same adapter through PEFT (the reference) and surgeon."""
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from surgeon.demos import build_demo
+
+
+def randomize_adapters(compiled, seed: int = 0) -> None:
+    """Give every adapter non-zero weights, so that it changes the outputs."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, _, weights in compiled.sites():
+            weights.lora_A.copy_(torch.randn(weights.lora_A.shape, generator=generator) * 0.1)
+            weights.lora_B.copy_(torch.randn(weights.lora_B.shape, generator=generator) * 0.1)
+            if weights.lora_B_bias is not None:
+                weights.lora_B_bias.copy_(torch.randn(weights.lora_B_bias.shape, generator=generator) * 0.1)
+
+
+def peft_twin(compiled, demo: str, **lora_kwargs):
+    """A PEFT model on a fresh copy of the same base weights, with the compiled model's adapter weights copied in."""
+    model = get_peft_model(build_demo(demo), LoraConfig(**lora_kwargs))
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for _, path, weights in compiled.sites():
+            layer = modules[f"base_model.model.{path}"]
+            layer.lora_A["default"].weight.copy_(weights.lora_A)
+            layer.lora_B["default"].weight.copy_(weights.lora_B)
+            if weights.lora_B_bias is not None:
+                layer.lora_B["default"].bias.copy_(weights.lora_B_bias)
+            assert layer.scaling["default"] == weights.scale, (path, layer.scaling["default"], weights.scale)
+    return model
+
+
+def inputs(batch: int = 2, seq: int = 7, labels: bool = True):
+    ids = (torch.arange(batch * seq).reshape(batch, seq) * 7 + 3) % 1000
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if labels:
+        kwargs["labels"] = ids
+    return kwargs
