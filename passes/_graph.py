@@ -26,7 +26,11 @@ SITE_OPS = _site_ops
 def site_nodes(gm, path: str, kind: str) -> list:
     """The graph nodes computing site ``path`` of ``kind`` (a module called twice has two)."""
     op = _site_ops().get(kind)
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is op and module_path(n) == path]
+    return [
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_function" and n.target is op and "surgeon" not in n.meta and module_path(n) == path
+    ]
 
 
 def adapter_nodes(gm, *, role: str | None = None, site: str | None = None, adapter: str | None = None) -> list:

@@ -35,11 +35,14 @@ class FoldError(SurgeryError):
 def copy_graph_module(gm):
     """A new graph module with its own graph and module tree, sharing gm's tensors."""
     import copy
+    import warnings
 
     import torch
 
-    new = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
-    return new
+    with warnings.catch_warnings():  # torch's own pytree specs warn about their deprecated copy path
+        warnings.simplefilter("ignore", FutureWarning)
+        graph = copy.deepcopy(gm.graph)
+    return torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
 
 
 def _base_and_weight(out_node):

@@ -3,6 +3,8 @@
     surgeon check FILE... [--format human|json]
     surgeon inspect MODEL [--match GLOB] [--format human|json]
     surgeon plan MODEL RULES [--format human|json]
+    surgeon compile MODEL [RULES] -o OUT [--adapter DIR] [--fold] [--format human|json]
+    surgeon rules-from-peft DIR
 
 MODEL is a local Hugging Face folder, a Hub id (org/name[@revision]),
 package.module:factory, or demo:NAME (llama, qwen2, gpt2, bert).
@@ -60,6 +62,29 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("rules", metavar="RULES", help="a .surgery rules file")
     plan.add_argument("--format", choices=("human", "json"), default="human", help="output format (default: human)")
     plan.set_defaults(run=_plan)
+
+    compile_ = commands.add_parser(
+        "compile",
+        help="adapt MODEL as RULES say and write the artifacts to OUT",
+        description="Compile MODEL with RULES (or with the rules of a PEFT adapter, --adapter) and write "
+        "OUT/plan.json, OUT/adapter/ (PEFT format), OUT/program.pt2, and with --fold OUT/merged/ "
+        "(a Hugging Face checkpoint) and OUT/merged.pt2.",
+    )
+    compile_.add_argument("model", metavar="MODEL", help="folder, org/name[@rev], package.module:factory or demo:NAME")
+    compile_.add_argument("rules", metavar="RULES", nargs="?", help="a .surgery rules file (optional with --adapter)")
+    compile_.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder")
+    compile_.add_argument("--adapter", metavar="DIR", help="a PEFT-format adapter folder to load (its rules too, without RULES)")
+    compile_.add_argument("--fold", action="store_true", help="also write the merged model: OUT/merged/ and OUT/merged.pt2")
+    compile_.add_argument("--format", choices=("human", "json"), default="human", help="output format (default: human)")
+    compile_.set_defaults(run=_compile)
+
+    from_peft = commands.add_parser(
+        "rules-from-peft",
+        help="print the .surgery rules equivalent to a PEFT adapter_config.json",
+        description="Read DIR/adapter_config.json (PEFT LoRA) and print equivalent surgery rules.",
+    )
+    from_peft.add_argument("folder", metavar="DIR", help="a PEFT adapter folder")
+    from_peft.set_defaults(run=_rules_from_peft)
     return parser
 
 
@@ -205,6 +230,76 @@ def _check(args: argparse.Namespace) -> int:
             errors = sum(d.is_error for d in diagnostics)
             print(f"{name}: {errors} error{'s' if errors != 1 else ''}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _compile(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from surgeon.grammar import SurgeryError
+
+    if args.rules is None and args.adapter is None:
+        print("error: give RULES, or --adapter DIR to take the rules from a PEFT adapter", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    human = args.format == "human"
+    timings: dict = {}
+    written: list = []
+
+    def step(name: str, work):
+        started = time.perf_counter()
+        if human:
+            print(f"{name} ...", file=sys.stderr, flush=True)
+        result = work()
+        timings[name] = round(time.perf_counter() - started, 3)
+        return result
+
+    try:
+        import surgeon
+        from surgeon.checkpoints.atomic import output_folder, write_text
+        from surgeon.grammar import load_rules
+
+        output_folder(out)
+        rules = load_rules(args.rules) if args.rules else None  # every rule error before any capture
+        compiled = step(f"compile {args.model}", lambda: surgeon.compile(args.model, rules, adapter=args.adapter))
+        write_text(out / "plan.json", json.dumps(compiled.plan.to_json(), indent=2) + "\n")
+        written.append(out / "plan.json")
+        step("save adapter", lambda: compiled.save_adapter(out / "adapter"))
+        written.append(out / "adapter")
+        compiled.eval()
+        step("export program.pt2", lambda: compiled.export(out / "program.pt2", fold=False))
+        written.append(out / "program.pt2")
+        if args.fold:
+            if compiled.hugging_face:
+                step("save merged checkpoint", lambda: compiled.save_pretrained(out / "merged"))
+                written.append(out / "merged")
+            step("export merged.pt2", lambda: compiled.export(out / "merged.pt2", fold=True))
+            written.append(out / "merged.pt2")
+    except SurgeryError as error:
+        return _print_errors(error, args.format)
+    totals = compiled.plan.totals()
+    if not human:
+        print(json.dumps({"out": str(out), "files": [str(p) for p in written], "totals": totals, "seconds": timings}, indent=2))
+        return 0
+    for warning in compiled.plan.warnings:
+        print(warning.render(), file=sys.stderr)
+    print(f"compiled {args.model}: {totals['sites']} adapter sites, {totals['trainable_params']:,} trainable parameters")
+    for path in written:
+        print(f"  wrote {path}{'/' if path.is_dir() else ''}")
+    return 0
+
+
+def _rules_from_peft(args: argparse.Namespace) -> int:
+    from surgeon.checkpoints.peft import read_peft_config, rules_from_peft
+    from surgeon.grammar import SurgeryError, parse
+
+    try:
+        text = rules_from_peft(read_peft_config(args.folder))
+        parse(text)  # what we print must be valid surgery
+    except SurgeryError as error:
+        return _print_errors(error, "human")
+    print(text, end="")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

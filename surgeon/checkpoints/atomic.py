@@ -32,7 +32,8 @@ def output_folder(directory) -> Path:
 def atomic_path(target):
     """Yield a temporary path next to ``target``; on success it replaces ``target``."""
     target = Path(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    # Keep the target's suffix: some writers (torch.export.save) check it.
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
     os.close(fd)
     try:
         yield Path(tmp)

@@ -136,44 +136,69 @@ def read_peft_config(folder) -> dict:
     return config
 
 
-def _selector(name: str) -> str:
-    return f'"{name}", "*.{name}"'
+def _alternation(names) -> str:
+    names = list(names)
+    return names[0] if len(names) == 1 else "{" + ",".join(names) + "}"
+
+
+def _names(names) -> str:
+    """Selectors matching PEFT's rule for a list entry: the name itself, or a path ending in '.name'."""
+    body = _alternation(names)
+    return f'"{body}", "*.{body}"'
+
+
+def _literal(pattern: str) -> str | None:
+    """The plain text a PEFT pattern key stands for, if it has no regex syntax but escapes."""
+    if re.fullmatch(r"\w+", pattern):
+        return pattern
+    text = re.sub(r"\\(.)", r"\1", pattern)
+    return text if re.escape(text) == pattern else None
 
 
 def rules_from_peft(config: dict) -> str:
     """Surgery text that targets what a PEFT LoRA config targets, with the same ranks and scales."""
     r, alpha = config["r"], config["lora_alpha"]
-    rslora = bool(config.get("use_rslora"))
-    extra = (", rslora=true" if rslora else "") + (", bias=true" if config.get("lora_bias") else "")
-    dropout = config.get("lora_dropout") or 0
-    if dropout:
-        extra += f", dropout={dropout}"
+    extra = (", rslora=true" if config.get("use_rslora") else "") + (", bias=true" if config.get("lora_bias") else "")
+    if config.get("lora_dropout"):
+        extra += f", dropout={config['lora_dropout']}"
     targets = config["target_modules"]
     lines = [f"# from a PEFT adapter_config.json (base model: {config.get('base_model_name_or_path')})"]
-    if targets == "all-linear":
-        selector, target_regex = 'type(Linear), type(Conv1D) where not name("*lm_head")', None
-    elif isinstance(targets, str):
-        selector, target_regex = f're"{targets}"', targets
-    else:
-        selector = ", ".join(_selector(t) for t in targets) if targets else None
-        target_regex = r"(?:.*\.)?(?:" + "|".join(re.escape(t) for t in targets) + ")" if targets else None
-    where = []
+    where = ""
     if config.get("layers_to_transform") is not None:
         layers = config["layers_to_transform"]
-        where.append(f"layer in {list(layers) if isinstance(layers, list) else [layers]}")
+        where = f"layer in {list(layers) if isinstance(layers, list) else [layers]}"
+    if targets == "all-linear":
+        selector = "type(Linear), type(Conv1D)"
+        where = " and ".join(filter(None, ['not name("*lm_head")', where]))
+    elif isinstance(targets, str):
+        selector = f're"{targets}"'
+    else:
+        selector = _names(targets) if targets else None
     if selector is not None:
-        clause = f" where {' and '.join(where)}" if where and "where" not in selector else ""
-        lines.append(f"match {selector}{clause} apply lora(r={r}, alpha={alpha}{extra})")
-    keys = list(dict.fromkeys([*(config.get("rank_pattern") or {}), *(config.get("alpha_pattern") or {})]))
-    for key in keys:
-        rank = (config.get("rank_pattern") or {}).get(key, r)
-        key_alpha = (config.get("alpha_pattern") or {}).get(key, alpha)
-        pattern = rf"(?=(?:.*\.)?(?:{key})$){target_regex}" if target_regex else rf"(?:.*\.)?(?:{key})"
-        lines.append(f'match re"{pattern}" apply lora(r={rank}, alpha={key_alpha}{extra})')
+        lines.append(f"match {selector}{f' where {where}' if where else ''} apply lora(r={r}, alpha={alpha}{extra})")
+    # rank_pattern / alpha_pattern: later rules win, so each pattern's sites get their own rank and alpha.
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    groups: dict = {}
+    for key in dict.fromkeys([*ranks, *alphas]):
+        groups.setdefault((ranks.get(key, r), alphas.get(key, alpha)), []).append(key)
+    for (rank, key_alpha), keys in groups.items():
+        literals = [_literal(k) for k in keys]
+        listed = isinstance(targets, list)
+        if listed and all(lit is not None and lit in targets for lit in literals):
+            rule_selector, clause = _names(literals), where  # each key is itself a target
+        elif listed and all(lit is not None for lit in literals):
+            rule_selector = _names(literals)  # ... but only where a target matches too
+            body = _alternation(targets)
+            clause = " and ".join(filter(None, [f'(name("{body}") or name("*.{body}"))', where]))
+        else:
+            target = targets if isinstance(targets, str) else "(?:.*\\.)?(?:" + "|".join(map(re.escape, targets or [".*"])) + ")"
+            rule_selector = f're"(?=(?:.*\\.)?(?:{"|".join(keys)})$){target}"'
+            clause = where
+        lines.append(f"match {rule_selector}{f' where {clause}' if clause else ''} apply lora(r={rank}, alpha={key_alpha}{extra})")
     for name in config.get("exclude_modules") or ():
-        lines.append(f"match {_selector(name)} skip")
-    for name in config.get("modules_to_save") or ():
-        lines.append(f"match {_selector(name)} train")
+        lines.append(f"match {_names([name])} skip")
+    if config.get("modules_to_save"):
+        lines.append(f"match {_names(config['modules_to_save'])} train")
     return "\n".join(lines) + "\n"
 
 

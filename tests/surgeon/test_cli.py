@@ -137,3 +137,25 @@ def test_plan_errors_for_rules_that_do_not_fit_the_model(capsys, tmp_path):
 def test_inspect_bad_model(capsys):
     assert main(["inspect", "demo:nope"]) == 1
     assert "error: unknown demo model 'nope'" in capsys.readouterr().err
+
+
+def test_compile_writes_every_artifact(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["compile", "demo:gpt2", str(ROOT / "examples/rules/gpt2-lora.surgery"), "-o", str(out), "--fold", "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["totals"]["sites"] == 12
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["adapter", "merged", "merged.pt2", "plan.json", "program.pt2"]
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert json.loads((out / "plan.json").read_text())["totals"]["sites"] == 12
+    assert main(["rules-from-peft", str(out / "adapter")]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("# from a PEFT adapter_config.json (base model: demo:gpt2)\nmatch ")
+
+
+def test_compile_refuses_an_output_path_that_is_a_file(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("keep")
+    assert main(["compile", "demo:llama", str(ROOT / "examples/rules/llama-lora.surgery"), "-o", str(target)]) == 1
+    assert "it is a file, not a folder" in capsys.readouterr().err
+    assert target.read_text() == "keep"

@@ -119,3 +119,18 @@ def test_train_and_eval_graphs_share_parameters_and_switch_dropout():
     assert len(graphs) == 2
     a_params = [{id(p) for n, p in g.named_parameters() if "surgeon_lora_A" in n} for g in graphs]
     assert a_params[0] == a_params[1] == {id(w.lora_A) for _, _, w in compiled.sites()}
+
+
+def test_two_adapters_on_one_site_add_up():
+    compiled = surgeon.compile(
+        "demo:llama", 'match "*.mlp.gate_proj" apply lora(r=4, alpha=8)\nadapter "math" {\n  match type(Linear) where out_features >= 1024 apply lora(r=2)\n}\n'
+    ).eval()
+    randomize_adapters(compiled)
+    assert len(compiled.plan.sites) == 4 + 8
+    reference = build_demo("llama").eval()  # W + both deltas, computed in eager PyTorch
+    reference.load_state_dict(compiled.merged_state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**inputs()).logits, reference(**inputs()).logits, rtol=1e-5, atol=1e-5)
+    graph = next(iter(compiled._graphs.values()))
+    outs = [n for n in graph.graph.nodes if n.meta.get("surgeon", {}).get("role") == "out"]
+    assert len(outs) == 12

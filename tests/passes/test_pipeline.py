@@ -1,0 +1,101 @@
+"""The pass manager: order, linting, named failures, user passes at named points."""
+
+import pytest
+import torch
+
+import surgeon
+from surgeon.passes import PassError, PassResult, Pipeline, adapter_nodes, run_passes
+
+
+def _tiny_graph():
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return torch.relu(x) + 1
+
+    return torch.fx.symbolic_trace(M())
+
+
+def test_passes_run_in_order_and_report_changes():
+    seen = []
+
+    def first(gm):
+        seen.append("first")
+        return PassResult(gm, False)
+
+    def second(gm):
+        seen.append("second")
+        return PassResult(gm, True)
+
+    result = run_passes(_tiny_graph(), [first, second])
+    assert seen == ["first", "second"] and result.modified
+
+
+def test_a_failing_pass_is_named_with_the_passes_before_it():
+    def fine(gm):
+        return PassResult(gm, False)
+
+    def broken(gm):
+        raise RuntimeError("boom")
+
+    with pytest.raises(PassError, match=r"pass 'broken' failed \(after fine\): RuntimeError: boom"):
+        run_passes(_tiny_graph(), [fine, broken])
+
+
+def test_a_pass_that_breaks_the_graph_fails_the_lint():
+    def dangling(gm):
+        node = next(n for n in gm.graph.nodes if n.op == "call_function")
+        node.args = (node,)  # uses itself before it is defined
+        return PassResult(gm, True)
+
+    with pytest.raises(PassError, match="pass 'dangling' left an invalid graph"):
+        run_passes(_tiny_graph(), [dangling])
+
+
+def test_a_pass_must_return_a_pass_result():
+    with pytest.raises(PassError, match="returned int, not a PassResult"):
+        run_passes(_tiny_graph(), [lambda gm: 3])
+
+
+def test_unknown_pass_points_are_refused():
+    with pytest.raises(PassError, match="unknown pass point: after_everything"):
+        Pipeline.with_points({"insert": []}, {"after_everything": [lambda gm: None]})
+
+
+def test_user_passes_run_at_their_points_in_compile_and_fold():
+    calls = []
+
+    def after_insert(gm):
+        calls.append(("after_insert", len(adapter_nodes(gm, role="out"))))
+        return PassResult(gm, False)
+
+    def before_fold(gm):
+        calls.append(("before_fold", len(adapter_nodes(gm, role="out"))))
+        return PassResult(gm, False)
+
+    def after_fold(gm):
+        calls.append(("after_fold", len(adapter_nodes(gm, role="out"))))
+        return PassResult(gm, False)
+
+    compiled = surgeon.compile(
+        "demo:llama",
+        'match "*.q_proj" apply lora(r=2)',
+        passes={"after_insert": [after_insert], "before_fold": before_fold, "after_fold": [after_fold]},
+    ).eval()
+    compiled(**compiled.example_kwargs)
+    compiled.fold()
+    assert calls == [("after_insert", 4), ("before_fold", 4), ("after_fold", 0)]
+
+
+def test_the_example_user_pass_logs_every_site(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "passes" / "log_adapted_sites.py"
+    spec = importlib.util.spec_from_file_location("log_adapted_sites", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    compiled = surgeon.compile("demo:gpt2", 'match "*.c_attn" apply lora(r=3)', passes={"after_insert": [module.log_adapted_sites]})
+    compiled.eval()(**compiled.example_kwargs)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["default", "transformer.h.0.attn.c_attn", "A", "(3,", "64)", "B", "(192,", "3)"]
+    assert len(lines) == 4
