@@ -128,13 +128,43 @@ def export_program(model, args: tuple, kwargs: dict, hugging_face: bool, name: s
     push = torch.nn.modules.module.register_module_forward_pre_hook(enter)
     pop = torch.nn.modules.module.register_module_forward_hook(leave)
     try:
-        with _quiet_torch_logs():
+        with _quiet_torch_logs(), _named_keywords(model, kwargs):
             return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
     except Exception as exc:  # torch.export raises many types; the user needs where and why
         raise _capture_error(model, name, exc, [paths.get(id(m), "?") for m in running]) from None
     finally:
         push.remove()
         pop.remove()
+
+
+@contextlib.contextmanager
+def _named_keywords(model, kwargs: dict):
+    """Give keywords that the forward takes through ``**kwargs`` (Trainer's ``num_items_in_batch``)
+    a name of their own while exporting: export's dynamic shapes cannot address them otherwise.
+
+    Only the instance's ``forward`` is replaced, so module paths stay as they are.
+    """
+    import inspect
+
+    signature = inspect.signature(model.forward)
+    named = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    has_var_keyword = len(named) < len(signature.parameters)
+    extra = [k for k in kwargs if k not in {p.name for p in named}]
+    if not extra or not has_var_keyword:
+        yield
+        return
+    original = type(model).forward
+
+    def forward(*args, **kw):
+        return original(model, *args, **kw)
+
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    forward.__signature__ = signature.replace(parameters=named + [inspect.Parameter(k, keyword, default=None) for k in extra])
+    model.forward = forward
+    try:
+        yield
+    finally:
+        del model.forward
 
 
 @contextlib.contextmanager

@@ -67,6 +67,18 @@ class Compiled(nn.Module):
             p.requires_grad_(False)
         self._build(plan, adapter_dtype)
         Pipeline.with_points({}, self.user_passes)  # refuse unknown pass points now, not at the first call
+        self._advertise_signature()
+
+    def _advertise_signature(self) -> None:
+        """Show the base model's forward signature (transformers' Trainer reads it to pick input columns)."""
+        import inspect
+
+        def forward(*args, **kwargs):
+            return Compiled.forward(self, *args, **kwargs)
+
+        forward.__signature__ = inspect.signature(self.base_model.forward)
+        forward.__doc__ = Compiled.forward.__doc__
+        self.__dict__["forward"] = forward
 
     # --- parameters ---------------------------------------------------------------------
 
@@ -195,6 +207,7 @@ class Compiled(nn.Module):
         return pipeline.run(gm, lint=self.lint).graph_module
 
     def forward(self, *args, **kwargs):
+        """Call the adapted model like the base model (the graph for this signature is captured on first use)."""
         kwargs = self._with_defaults(kwargs)
         return self.graph(*args, **kwargs)(*args, **kwargs)
 

@@ -48,3 +48,16 @@ def test_the_grammar_ships_with_the_package():
     folder = Path(spec.origin).parent
     assert (folder / "surgery.lark").is_file()
     assert (folder / "surgery.tmLanguage.json").is_file()
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    mapping = setuptools["package-dir"]
+    found = set()
+    for package, folder in mapping.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            relative = init.parent.relative_to(ROOT / folder)
+            found.add(".".join([package, *relative.parts]))
+    assert found == set(setuptools["packages"])

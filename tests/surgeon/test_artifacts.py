@@ -94,7 +94,7 @@ def test_peft_saved_adapter_loads_in_surgeon_with_the_same_logits(tmp_path):
 def test_rules_from_peft_text():
     text = rules_from_peft({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"]})
     assert text.splitlines()[1:] == [
-        'match "q_proj", "*.q_proj", "v_proj", "*.v_proj" apply lora(r=8, alpha=16)',
+        'match "{q_proj,v_proj}", "*.{q_proj,v_proj}" apply lora(r=8, alpha=16)',
         'match "lm_head", "*.lm_head" train',
     ]
 

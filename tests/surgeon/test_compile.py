@@ -134,3 +134,28 @@ def test_two_adapters_on_one_site_add_up():
     graph = next(iter(compiled._graphs.values()))
     outs = [n for n in graph.graph.nodes if n.meta.get("surgeon", {}).get("role") == "out"]
     assert len(outs) == 12
+
+
+def test_transformers_trainer_trains_a_compiled_model(tmp_path):
+    import transformers
+
+    class Texts(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            ids = (torch.arange(12) * (i + 1) + 3) % 1000
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    torch.manual_seed(0)
+    model = surgeon.compile("demo:llama", 'match "*.{q,v}_proj" apply lora(r=8, alpha=16)')
+    before = {n: p.detach().clone() for n, p in model.trainable_parameters()}
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=6, learning_rate=1e-2,
+        report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Texts())
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert all(not torch.equal(p, before[n]) for n, p in model.trainable_parameters())
