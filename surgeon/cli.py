@@ -32,59 +32,67 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"surgeon {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    check = commands.add_parser(
+    def command(name: str, run, help: str, description: str, model: bool = True):
+        sub = commands.add_parser(name, help=help, description=description)
+        if model:
+            sub.add_argument("model", metavar="MODEL", help="folder, org/name[@rev], package.module:factory or demo:NAME")
+        sub.set_defaults(run=run)
+        return sub
+
+    def output_format(sub) -> None:
+        sub.add_argument("--format", choices=("human", "json"), default="human", help="output format (default: human)")
+
+    check = command(
         "check",
-        help="check rules files for errors (no model needed)",
-        description="Parse and check .surgery rules files; report every error with its location.",
+        _check,
+        "check rules files for errors (no model needed)",
+        "Parse and check .surgery rules files; report every error with its location.",
+        model=False,
     )
     check.add_argument("files", nargs="+", metavar="FILE", help="a .surgery rules file")
-    check.add_argument("--format", choices=("human", "json"), default="human", help="output format (default: human)")
-    check.set_defaults(run=_check)
+    output_format(check)
 
-    inspect = commands.add_parser(
+    inspect = command(
         "inspect",
-        help="list a model's modules: what rules can match",
-        description="Capture MODEL (no weights needed) and list its modules: path, type, site kind, weight shape, "
-        "parameters, layer.",
+        _inspect,
+        "list a model's modules: what rules can match",
+        "Capture MODEL (no weights needed) and list its modules: path, type, site kind, weight shape, parameters, layer.",
     )
-    inspect.add_argument("model", metavar="MODEL", help="folder, org/name[@rev], package.module:factory or demo:NAME")
     inspect.add_argument("--match", metavar="GLOB", help='only modules whose path matches GLOB (e.g. "*.self_attn.*")')
-    inspect.add_argument("--format", choices=("human", "json"), default="human", help="output format (default: human)")
-    inspect.set_defaults(run=_inspect)
+    output_format(inspect)
 
-    plan = commands.add_parser(
+    plan = command(
         "plan",
-        help="show what RULES will do to MODEL, before any weight is touched",
-        description="Resolve RULES against MODEL: every site, its adapter and shapes, the trainable parameters, "
+        _plan,
+        "show what RULES will do to MODEL, before any weight is touched",
+        "Resolve RULES against MODEL: every site, its adapter and shapes, the trainable parameters, "
         "per-layer coverage and the warnings.",
     )
-    plan.add_argument("model", metavar="MODEL", help="folder, org/name[@rev], package.module:factory or demo:NAME")
     plan.add_argument("rules", metavar="RULES", help="a .surgery rules file")
-    plan.add_argument("--format", choices=("human", "json"), default="human", help="output format (default: human)")
-    plan.set_defaults(run=_plan)
+    output_format(plan)
 
-    compile_ = commands.add_parser(
+    compile_ = command(
         "compile",
-        help="adapt MODEL as RULES say and write the artifacts to OUT",
-        description="Compile MODEL with RULES (or with the rules of a PEFT adapter, --adapter) and write "
-        "OUT/plan.json, OUT/adapter/ (PEFT format), OUT/program.pt2, and with --fold OUT/merged/ "
-        "(a Hugging Face checkpoint) and OUT/merged.pt2.",
+        _compile,
+        "adapt MODEL as RULES say and write the artifacts to OUT",
+        "Compile MODEL with RULES (or with the rules of a PEFT adapter, --adapter) and write OUT/plan.json, "
+        "OUT/adapter/ (PEFT format), OUT/program.pt2, and with --fold OUT/merged/ (a Hugging Face checkpoint) "
+        "and OUT/merged.pt2.",
     )
-    compile_.add_argument("model", metavar="MODEL", help="folder, org/name[@rev], package.module:factory or demo:NAME")
     compile_.add_argument("rules", metavar="RULES", nargs="?", help="a .surgery rules file (optional with --adapter)")
     compile_.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder")
     compile_.add_argument("--adapter", metavar="DIR", help="a PEFT-format adapter folder to load (its rules too, without RULES)")
     compile_.add_argument("--fold", action="store_true", help="also write the merged model: OUT/merged/ and OUT/merged.pt2")
-    compile_.add_argument("--format", choices=("human", "json"), default="human", help="output format (default: human)")
-    compile_.set_defaults(run=_compile)
+    output_format(compile_)
 
-    from_peft = commands.add_parser(
+    from_peft = command(
         "rules-from-peft",
-        help="print the .surgery rules equivalent to a PEFT adapter_config.json",
-        description="Read DIR/adapter_config.json (PEFT LoRA) and print equivalent surgery rules.",
+        _rules_from_peft,
+        "print the .surgery rules equivalent to a PEFT adapter_config.json",
+        "Read DIR/adapter_config.json (PEFT LoRA) and print equivalent surgery rules.",
+        model=False,
     )
     from_peft.add_argument("folder", metavar="DIR", help="a PEFT adapter folder")
-    from_peft.set_defaults(run=_rules_from_peft)
     return parser
 
 
