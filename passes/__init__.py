@@ -3,13 +3,13 @@
 A pass is a function from a ``torch.fx.GraphModule`` to a :class:`PassResult`
 (the module, and whether it changed); :class:`Pipeline` runs named stages,
 lints after each pass and names the one that failed. The built-in passes:
-``insert_lora`` (add adapter branches) and ``fold_lora`` (merge them into the
-base weights, giving back the base graph).
+``insert_adapters`` (add each adapter method's branch at its sites) and
+``fold_adapters`` (merge them into the base weights, giving back the base graph).
 """
 
 from ._graph import adapter_nodes, module_path
-from .fold import FoldError, copy_graph_module, fold_lora, unfold_inplace, verify_fold
-from .insert import LoraInsertion, insert_lora
+from .fold import FoldError, copy_graph_module, fold_adapters, unfold_inplace, verify_fold
+from .insert import GraphBuilder, Insertion, insert_adapters
 from .pipeline import POINTS, PassError, PassResult, Pipeline, run_passes
 
 __all__ = [
@@ -18,9 +18,10 @@ __all__ = [
     "Pipeline",
     "POINTS",
     "run_passes",
-    "insert_lora",
-    "LoraInsertion",
-    "fold_lora",
+    "insert_adapters",
+    "Insertion",
+    "GraphBuilder",
+    "fold_adapters",
     "unfold_inplace",
     "verify_fold",
     "FoldError",

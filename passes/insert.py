@@ -1,95 +1,162 @@
-"""The LoRA insert pass: add the adapter branch at every site.
+"""The insert pass: put every adapter's branch into the graph at its site.
 
-For a site computing ``y = base(x)`` (``aten.linear(x, W, b)``, or GPT-2's
-``aten.addmm(b, x, W)`` with W stored (in, out)), the pass inserts::
+For each site (a module path computing ``aten.linear`` or GPT-2's
+``aten.addmm``), the adapter's method rewrites the graph through a
+:class:`GraphBuilder` (see surgeon/methods/adapter.py); for LoRA::
 
     h = linear(dropout(x), A)        # (..., r)     A: (r, in)
     d = linear(h, B[, b_B])          # (..., out)   B: (out, r)
     y' = y + scale * d               # scale = alpha / r, or alpha / sqrt(r) with rslora
 
-and every user of ``y`` reads ``y'``. Several adapters on one site chain their
-additions. ``dropout`` appears only in a training graph with p > 0. When the
-adapter's dtype differs from the input's (float32 adapters on a bfloat16
-base), the branch runs in the adapter's dtype and is cast back.
-
-A and B are parameters registered on the graph module at the site's path
-(``<path>.surgeon_lora_A__<adapter>``), the very Parameter objects the
-compiled model owns, so every graph of one compiled model trains the same
-weights. Inserted nodes carry ``meta["surgeon"] = {adapter, site, role}``.
+Several adapters on one site apply in order, each wrapping the output of the
+one before. The adapter's parameters are registered on the graph module at
+the site's path (``<path>.surgeon_<adapter>__<name>``): the very Parameter
+objects the compiled model owns, so every graph of one compiled model trains
+the same weights. Inserted nodes carry ``meta["surgeon"] = {adapter, site,
+method, role}``.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ._graph import Inserter, site_nodes
 from .pipeline import PassResult
 
-__all__ = ["LoraInsertion", "insert_lora", "param_names"]
+__all__ = ["Insertion", "insert_adapters", "attribute_prefix", "GraphBuilder"]
 
 
 @dataclass(frozen=True)
-class LoraInsertion:
-    """One adapter on one site, as the insert pass needs it."""
+class Insertion:
+    """One adapter on one site, as the passes need it."""
 
     path: str
     kind: str  # "linear" | "hf_conv1d"
     adapter: str
-    weights: object  # surgeon.methods.lora_weights.LoraWeights (holds A, B, optional bias)
-    scale: float
-    dropout: float
+    module: object  # a surgeon.methods.adapter.SiteAdapter
 
 
-def param_names(adapter: str) -> tuple[str, str, str]:
-    return f"surgeon_lora_A__{adapter}", f"surgeon_lora_B__{adapter}", f"surgeon_lora_B_bias__{adapter}"
+def attribute_prefix(adapter: str) -> str:
+    """``surgeon_<adapter>__``, with characters that cannot be in an attribute name spelled out."""
+    return "surgeon_" + re.sub(r"\W", lambda m: f"_{ord(m.group()):x}_", adapter) + "__"
 
 
-def insert_lora(insertions, *, training: bool):
-    """A pass that inserts every LoRA branch of ``insertions`` into a graph module."""
+def outermost(node):
+    """The last node of the chain of adapter outputs wrapping ``node`` (``node`` itself if none)."""
+    current = node
+    while True:
+        wrapper = next(
+            (u for u in current.users if u.meta.get("surgeon", {}).get("role") == "out" and u.args[0] is current), None
+        )
+        if wrapper is None:
+            return current
+        current = wrapper
 
-    def insert_lora_adapters(gm) -> PassResult:
+
+class GraphBuilder:
+    """What a method's ``branch`` uses to rewrite one call of its site."""
+
+    def __init__(self, gm, node, spec: Insertion, training: bool):
         import torch
 
-        aten = torch.ops.aten
+        self.gm, self.node, self.spec, self.training = gm, node, spec, training
+        self.aten = torch.ops.aten
+        self.prefix = attribute_prefix(spec.adapter)
+        self.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")}
+        self.meta["surgeon"] = {"adapter": spec.adapter, "site": spec.path, "method": spec.module.method}
+        self.after = Inserter(gm.graph, outermost(node), self.meta)
+        self._params: dict = {}
+
+    @property
+    def base(self):
+        """The base op node (``aten.linear`` / ``aten.addmm``)."""
+        return self.node
+
+    def weight(self):
+        """The get_attr node of the base weight."""
+        return self.node.args[1] if self.spec.kind == "linear" else self.node.args[2]
+
+    def param(self, name: str):
+        """A get_attr node for the adapter's parameter ``name`` (placed before the base op)."""
+        if name not in self._params:
+            with self.gm.graph.inserting_before(self.node):
+                attr = self.gm.graph.get_attr(f"{self.spec.path}.{self.prefix}{name}")
+            attr.meta.update(self.meta)
+            attr.meta["surgeon"] = {**self.meta["surgeon"], "role": f"param:{name}"}
+            self._params[name] = attr
+        return self._params[name]
+
+    def call(self, op, args: tuple, role: str, kwargs: dict | None = None):
+        """Insert ``op(*args)`` after the site's current output."""
+        return self.after.call(op, args, role, kwargs)
+
+    def call_before(self, op, args: tuple, role: str, kwargs: dict | None = None):
+        """Insert ``op(*args)`` right before the base op (for input-side rewrites)."""
+        with self.gm.graph.inserting_before(self.node):
+            node = self.gm.graph.call_function(op, args, kwargs or {})
+        node.meta.update({k: v for k, v in self.meta.items() if k != "surgeon"})
+        node.meta["surgeon"] = {**self.meta["surgeon"], "role": role}
+        return node
+
+    @staticmethod
+    def dtype_of(node):
+        value = node.meta.get("val") if hasattr(node, "meta") else None
+        return None if value is None else value.dtype
+
+    def cast(self, node, dtype):
+        """``node`` converted to ``dtype`` (no node added when it already is)."""
+        if not self._needs_cast(node, dtype):
+            return node
+        return self.call(self.aten._to_copy.default, (node,), "cast", {"dtype": dtype})
+
+    def cast_before(self, node, dtype):
+        """:meth:`cast`, placed before the base op."""
+        if not self._needs_cast(node, dtype):
+            return node
+        return self.call_before(self.aten._to_copy.default, (node,), "cast", {"dtype": dtype})
+
+    def _needs_cast(self, node, dtype) -> bool:
+        current = self.dtype_of(node)
+        if node.op == "get_attr" and current is None:  # an adapter parameter: its dtype is known
+            current = _attr(self.gm, node.target).dtype
+        return dtype is not None and current is not None and current != dtype
+
+
+def _attr(gm, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def insert_adapters(insertions, *, training: bool):
+    """A pass that inserts every adapter branch of ``insertions`` into a graph module."""
+
+    def insert_adapter_branches(gm) -> PassResult:
         changed = False
         for spec in insertions:
             nodes = site_nodes(gm, spec.path, spec.kind)
             if not nodes:
                 raise ValueError(f"no {spec.kind} node computes site '{spec.path}' in this graph")
             owner = gm.get_submodule(spec.path)
-            a_name, b_name, bias_name = param_names(spec.adapter)
-            owner.register_parameter(a_name, spec.weights.lora_A)
-            owner.register_parameter(b_name, spec.weights.lora_B)
-            has_bias = spec.weights.lora_B_bias is not None
-            if has_bias:
-                owner.register_parameter(bias_name, spec.weights.lora_B_bias)
+            prefix = attribute_prefix(spec.adapter)
+            for name, param in spec.module.named_parameters(recurse=False):
+                owner.register_parameter(prefix + name, param)
+            for name, buffer in spec.module.named_buffers(recurse=False):
+                owner.register_buffer(prefix + name, buffer)
             for node in nodes:
+                builder = GraphBuilder(gm, node, spec, training)
                 x = node.args[0] if spec.kind == "linear" else node.args[1]
-                users = list(node.users)
-                meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")}
-                meta["surgeon"] = {"adapter": spec.adapter, "site": spec.path, "method": "lora"}
-                put = Inserter(gm.graph, node, meta)
-                a = put.get_attr(f"{spec.path}.{a_name}", "lora_A")
-                b = put.get_attr(f"{spec.path}.{b_name}", "lora_B")
-                bias = put.get_attr(f"{spec.path}.{bias_name}", "lora_B_bias") if has_bias else None
-                dtype = spec.weights.lora_A.dtype
-                x_in = put.call(aten._to_copy.default, (x,), "cast_in", {"dtype": dtype}) if _cast(x, dtype) else x
-                if training and spec.dropout > 0:
-                    x_in = put.call(aten.dropout.default, (x_in, spec.dropout, True), "dropout")
-                h = put.call(aten.linear.default, (x_in, a), "shrink")
-                d = put.call(aten.linear.default, (h, b, bias) if has_bias else (h, b), "expand")
-                s = put.call(aten.mul.Tensor, (d, spec.scale), "scale")
-                if _cast(x, dtype):
-                    s = put.call(aten._to_copy.default, (s,), "cast_out", {"dtype": x.meta["val"].dtype})
-                y = put.call(aten.add.Tensor, (node, s), "out")
-                for user in users:
-                    user.replace_input_with(node, y)
+                current = outermost(node)
+                users = [u for u in current.users]
+                new_x, new_y = spec.module.branch(builder, x, current)
+                if new_x is not None:
+                    node.replace_input_with(x, new_x)
+                if new_y is not None:
+                    for user in users:
+                        user.replace_input_with(current, new_y)
                 changed = True
         return PassResult(gm, changed)
 
-    return insert_lora_adapters
-
-
-def _cast(x, dtype) -> bool:
-    value = x.meta.get("val") if hasattr(x, "meta") else None
-    return value is not None and value.dtype != dtype
+    return insert_adapter_branches

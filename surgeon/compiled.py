@@ -26,11 +26,10 @@ import torch
 from torch import nn
 
 from surgeon.grammar import rules as ir
-from surgeon.passes import Pipeline, copy_graph_module, fold_lora, insert_lora, unfold_inplace, verify_fold
-from surgeon.passes.insert import LoraInsertion
+from surgeon.passes import Insertion, Pipeline, copy_graph_module, fold_adapters, insert_adapters, unfold_inplace, verify_fold
 
 from .capture import export_program, widen_inputs
-from .methods.lora_weights import LoraWeights
+from .methods.adapter import SiteAdapter, adapter_class
 from .plan import Plan
 
 __all__ = ["Compiled"]
@@ -90,8 +89,8 @@ class Compiled(nn.Module):
             weight = self.base_model.get_submodule(site.path).weight
             dtype = adapter_dtype or (weight.dtype if weight.dtype == torch.float64 else torch.float32)
             group = self.adapters[site.adapter] if site.adapter in self.adapters else nn.ModuleDict()
-            group[site_key(site.path)] = LoraWeights(
-                site.config, site.in_features, site.out_features, dtype=dtype, device=weight.device
+            group[site_key(site.path)] = adapter_class(site.method)(
+                site.config, site.kind, site.in_features, site.out_features, dtype=dtype, device=weight.device, weight=weight
             )
             self.adapters[site.adapter] = group
         for t in plan.trained:
@@ -124,13 +123,14 @@ class Compiled(nn.Module):
     def config(self):
         return getattr(self.base_model, "config", None)
 
-    def lora(self, adapter: str, path: str) -> LoraWeights:
+    def adapter_module(self, adapter: str, path: str) -> SiteAdapter:
+        """The parameters (and method) of adapter ``adapter`` on site ``path``."""
         return self.adapters[adapter][site_key(path)]
 
     def sites(self):
-        """(adapter, path, LoraWeights) for every adapter site, in plan order."""
+        """(adapter, path, SiteAdapter) for every adapter site, in plan order."""
         for site in self.plan.sites:
-            yield site.adapter, site.path, self.lora(site.adapter, site.path)
+            yield site.adapter, site.path, self.adapter_module(site.adapter, site.path)
 
     def trainable_parameters(self) -> list:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
@@ -143,10 +143,7 @@ class Compiled(nn.Module):
     # --- graphs -------------------------------------------------------------------------
 
     def _insertions(self) -> list:
-        return [
-            LoraInsertion(path, site.kind, adapter, weights, weights.scale, weights.config.dropout)
-            for (adapter, path, weights), site in zip(self.sites(), self.plan.sites)
-        ]
+        return [Insertion(s.path, s.kind, s.adapter, self.adapter_module(s.adapter, s.path)) for s in self.plan.sites]
 
     def _key(self, args: tuple, kwargs: dict) -> tuple:
         def static(v):
@@ -203,7 +200,7 @@ class Compiled(nn.Module):
             for name, param in module.named_parameters():
                 owner_path, _, leaf = f"{path}.{name}".rpartition(".")
                 setattr(gm.get_submodule(owner_path), leaf, param)
-        pipeline = Pipeline.with_points({"insert": [insert_lora(self._insertions(), training=training)]}, self.user_passes)
+        pipeline = Pipeline.with_points({"insert": [insert_adapters(self._insertions(), training=training)]}, self.user_passes)
         return pipeline.run(gm, lint=self.lint).graph_module
 
     def forward(self, *args, **kwargs):
@@ -233,7 +230,7 @@ class Compiled(nn.Module):
         kwargs = self._with_defaults(dict(kwargs) if kwargs is not None else dict(self.example_kwargs))
         unfolded = self.graph(*args, training=False, **kwargs)
         folded = copy_graph_module(unfolded)
-        fold_pass = fold_lora(inplace=inplace, originals=self._inplace_originals)
+        fold_pass = fold_adapters(self._insertions(), inplace=inplace, originals=self._inplace_originals)
         stages = Pipeline.with_points({"fold": [fold_pass]}, self.user_passes)
         if inplace:
             reference = _outputs(unfolded, args, kwargs) if verify else None
@@ -255,16 +252,17 @@ class Compiled(nn.Module):
     def merged_state_dict(self) -> dict:
         """The base model's state dict with every adapter folded in (new tensors; nothing changes in place)."""
         state = dict(self.base_model.state_dict())
+        merged: dict = {}  # weight name -> (weight, bias) in float32, folded adapter after adapter
         with torch.no_grad():
-            for adapter, path, weights in self.sites():
-                site = next(s for s in self.plan.sites if s.path == path and s.adapter == adapter)
-                name = f"{path}.weight"
-                delta = weights.delta(torch.float32)
-                base = state[name]
-                merged = base.float() + (delta.T if site.kind == "hf_conv1d" else delta)
-                if weights.lora_B_bias is not None:
-                    state[f"{path}.bias"] = (state[f"{path}.bias"].float() + weights.lora_B_bias.float() * weights.scale).to(base.dtype)
-                state[name] = merged.to(base.dtype)
+            for site in self.plan.sites:
+                name, bias_name = f"{site.path}.weight", f"{site.path}.bias"
+                weight, bias = merged.get(name) or (state[name].float(), state[bias_name].float() if bias_name in state else None)
+                merged[name] = self.adapter_module(site.adapter, site.path).fold(weight, bias, site.kind)
+            for name, (weight, bias) in merged.items():
+                state[name] = weight.to(state[name].dtype)
+                bias_name = name[: -len("weight")] + "bias"
+                if bias is not None and bias_name in state:
+                    state[bias_name] = bias.to(state[bias_name].dtype)
             for key, module in self.trained.items():
                 path = key.replace("__", ".")
                 for name, param in module.state_dict().items():
@@ -280,12 +278,15 @@ class Compiled(nn.Module):
         with the compiled model's own parameters, so ``generate()`` with its KV
         cache uses the adapters. Returns the hook handles (``.remove()`` detaches).
         """
-        from surgeon.methods.lora_weights import attach_hook
-
         model = self.base_model if model is None else model
         handles = []
-        for adapter, path, weights in self.sites():
-            handles.append(model.get_submodule(path).register_forward_hook(attach_hook(weights)))
+        for _, path, adapter in self.sites():
+            hook = adapter.hook()
+            module = model.get_submodule(path)
+            if getattr(hook, "is_pre_hook", False):  # an input-side method (IA3 on a feed-forward site)
+                handles.append(module.register_forward_pre_hook(hook))
+            else:
+                handles.append(module.register_forward_hook(hook))
         for key, trained in self.trained.items():
             handles.append(_swap_module_params(model.get_submodule(key.replace("__", ".")), trained))
         return handles

@@ -15,7 +15,8 @@ def log_adapted_sites(gm):
     for node in adapter_nodes(gm, role="shrink"):
         record = node.meta["surgeon"]
         a = gm.get_parameter(node.args[1].target)
-        b = gm.get_parameter(adapter_nodes(gm, role="lora_B", site=record["site"], adapter=record["adapter"])[0].target)
+        expand = adapter_nodes(gm, role="expand", site=record["site"], adapter=record["adapter"])[0]
+        b = gm.get_parameter(expand.args[1].target)
         print(f"{record['adapter']:>8}  {record['site']:<34} A {tuple(a.shape)}  B {tuple(b.shape)}")
     return PassResult(gm, modified=False)
 

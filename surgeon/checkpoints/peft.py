@@ -35,7 +35,8 @@ __all__ = ["save_adapter", "load_adapter", "peft_config", "rules_from_peft", "re
 PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
-_REQUIRED = ("peft_type", "r", "lora_alpha", "target_modules")
+# What a config must say, by peft_type.
+_REQUIRED = {"LORA": ("peft_type", "r", "lora_alpha", "target_modules"), "IA3": ("peft_type", "target_modules")}
 
 
 class AdapterError(SurgeryError):
@@ -60,6 +61,22 @@ def peft_config(compiled, adapter: str) -> dict:
     if not sites:
         config.update(r=8, lora_alpha=8, target_modules=[], modules_to_save=trained or None)
         return config
+    methods = sorted({s.method for s in sites})
+    if len(methods) > 1:
+        raise AdapterError(
+            f"adapter '{adapter}' uses {' and '.join(methods)}: a PEFT adapter holds one method, not a mixture",
+            hint="give each method its own adapter block to save them in PEFT's format",
+        )
+    if methods == ["ia3"]:
+        config.update(
+            peft_type="IA3",
+            target_modules=[s.path for s in sites],
+            feedforward_modules=[s.path for s in sites if s.config.feedforward],
+            fan_in_fan_out=any(s.kind == "hf_conv1d" for s in sites),
+            modules_to_save=trained or None,
+            init_ia3_weights=True,
+        )
+        return config
     rslora = Counter(s.config.rslora for s in sites).most_common(1)[0][0]
     rank = Counter(s.config.r for s in sites).most_common(1)[0][0]
 
@@ -82,7 +99,7 @@ def peft_config(compiled, adapter: str) -> dict:
         modules_to_save=trained or None,
         init_lora_weights={"kaiming": True, "gaussian": "gaussian", "zeros": False}[init],
         bias="none",
-        use_dora=False,
+        use_dora=methods == ["dora"],
     )
     return config
 
@@ -95,13 +112,11 @@ def save_adapter(compiled, directory, adapters=None) -> None:
     for adapter in adapters or compiled.rules.adapter_names:
         folder = output_folder(_folder(directory, adapter))
         tensors, shapes = {}, {}
-        for name, path, weights in compiled.sites():
+        for name, path, module in compiled.sites():
             if name != adapter:
                 continue
-            tensors[f"{PREFIX}{path}.lora_A.weight"] = weights.lora_A.detach()
-            tensors[f"{PREFIX}{path}.lora_B.weight"] = weights.lora_B.detach()
-            if weights.lora_B_bias is not None:
-                tensors[f"{PREFIX}{path}.lora_B.bias"] = weights.lora_B_bias.detach()
+            for suffix, tensor in module.peft_state().items():
+                tensors[f"{PREFIX}{path}.{suffix}"] = tensor.detach()
             shapes[path] = compiled.base_model.get_submodule(path).weight.shape
         for t in compiled.plan.trained:
             if t.adapter == adapter:
@@ -125,12 +140,15 @@ def read_peft_config(folder) -> dict:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise AdapterError(f"{path} is not valid JSON: {exc}") from None
-    missing = [k for k in _REQUIRED if k not in config]
+    required = _REQUIRED.get(config.get("peft_type"), _REQUIRED["LORA"])
+    missing = [k for k in required if k not in config]
     if missing:
-        raise AdapterError(f"{path} lacks {', '.join(missing)}", hint="it must say at least: " + ", ".join(_REQUIRED))
-    if config["peft_type"] != "LORA":
-        raise AdapterError(f"{path}: surgeon loads LoRA adapters; this one is {config['peft_type']}")
-    for unsupported in ("use_dora", "layer_replication", "alora_invocation_tokens", "target_parameters"):
+        raise AdapterError(f"{path} lacks {', '.join(missing)}", hint="it must say at least: " + ", ".join(required))
+    if config["peft_type"] not in _REQUIRED:
+        raise AdapterError(
+            f"{path}: surgeon loads {' and '.join(sorted(_REQUIRED))} adapters; this one is {config['peft_type']}"
+        )
+    for unsupported in ("layer_replication", "alora_invocation_tokens", "target_parameters"):
         if config.get(unsupported):
             raise AdapterError(f"{path}: {unsupported} is not supported yet")
     return config
@@ -155,9 +173,25 @@ def _literal(pattern: str) -> str | None:
     return text if re.escape(text) == pattern else None
 
 
+def _ia3_rules(config: dict) -> str:
+    lines = [f"# from a PEFT adapter_config.json (base model: {config.get('base_model_name_or_path')})"]
+    for key, arguments in (("target_modules", ""), ("feedforward_modules", "feedforward=true")):
+        names = config.get(key)
+        if not names:
+            continue
+        selector = f're"{names}"' if isinstance(names, str) else _names(names)
+        lines.append(f"match {selector} apply ia3({arguments})")  # feed-forward sites: the later rule wins
+    if config.get("modules_to_save"):
+        lines.append(f"match {_names(config['modules_to_save'])} train")
+    return "\n".join(lines) + "\n"
+
+
 def rules_from_peft(config: dict) -> str:
-    """Surgery text that targets what a PEFT LoRA config targets, with the same ranks and scales."""
+    """Surgery text that targets what a PEFT config targets, with the same ranks and scales."""
+    if config["peft_type"] == "IA3":
+        return _ia3_rules(config)
     r, alpha = config["r"], config["lora_alpha"]
+    method = "dora" if config.get("use_dora") else "lora"
     extra = (", rslora=true" if config.get("use_rslora") else "") + (", bias=true" if config.get("lora_bias") else "")
     if config.get("lora_dropout"):
         extra += f", dropout={config['lora_dropout']}"
@@ -175,7 +209,7 @@ def rules_from_peft(config: dict) -> str:
     else:
         selector = _names(targets) if targets else None
     if selector is not None:
-        lines.append(f"match {selector}{f' where {where}' if where else ''} apply lora(r={r}, alpha={alpha}{extra})")
+        lines.append(f"match {selector}{f' where {where}' if where else ''} apply {method}(r={r}, alpha={alpha}{extra})")
     # rank_pattern / alpha_pattern: later rules win, so each pattern's sites get their own rank and alpha.
     ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     groups: dict = {}
@@ -194,7 +228,7 @@ def rules_from_peft(config: dict) -> str:
             target = targets if isinstance(targets, str) else "(?:.*\\.)?(?:" + "|".join(map(re.escape, targets or [".*"])) + ")"
             rule_selector = f're"(?=(?:.*\\.)?(?:{"|".join(keys)})$){target}"'
             clause = where
-        lines.append(f"match {rule_selector}{f' where {clause}' if clause else ''} apply lora(r={rank}, alpha={key_alpha}{extra})")
+        lines.append(f"match {rule_selector}{f' where {clause}' if clause else ''} apply {method}(r={rank}, alpha={key_alpha}{extra})")
     for name in config.get("exclude_modules") or ():
         lines.append(f"match {_names([name])} skip")
     if config.get("modules_to_save"):
@@ -229,12 +263,10 @@ def _fill(compiled, adapter: str, tensors: dict, source: Path) -> None:
     import torch
 
     expected = {}
-    for name, path, weights in compiled.sites():
+    for name, path, module in compiled.sites():
         if name == adapter:
-            expected[f"{PREFIX}{path}.lora_A.weight"] = weights.lora_A
-            expected[f"{PREFIX}{path}.lora_B.weight"] = weights.lora_B
-            if weights.lora_B_bias is not None:
-                expected[f"{PREFIX}{path}.lora_B.bias"] = weights.lora_B_bias
+            for suffix, tensor in module.peft_state().items():
+                expected[f"{PREFIX}{path}.{suffix}"] = tensor
     for t in compiled.plan.trained:
         if t.adapter == adapter:
             for pname, param in compiled.trained[t.path.replace(".", "__")].named_parameters():

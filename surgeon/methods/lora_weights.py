@@ -1,6 +1,7 @@
-"""The parameters of one LoRA adapter on one site (torch; lora.py holds the torch-free config).
+"""LoRA on a site (torch; lora.py holds the torch-free config).
 
     A: (r, in_features)    B: (out_features, r)    optional bias of B: (out_features,)
+    y' = y + scale * (dropout(x) A^T B^T + b_B)
 
 Initialisation follows PEFT: ``kaiming`` gives A kaiming-uniform (a = sqrt(5),
 as ``nn.Linear``), ``gaussian`` gives A a normal with std 1/r, and B starts at
@@ -13,18 +14,18 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .lora import LoraConfig
+from .adapter import SiteAdapter, site_adapter
 
 __all__ = ["LoraWeights"]
 
 
-class LoraWeights(nn.Module):
-    def __init__(self, config: LoraConfig, in_features: int, out_features: int, *, dtype=torch.float32, device=None):
-        super().__init__()
-        self.config = config
-        self.in_features, self.out_features = in_features, out_features
+@site_adapter("lora")
+class LoraWeights(SiteAdapter):
+    def __init__(self, config, kind: str, in_features: int, out_features: int, *, dtype=torch.float32, device=None, weight=None):
+        super().__init__(config, kind, in_features, out_features)
         factory = {"dtype": dtype, "device": device}
         self.lora_A = nn.Parameter(torch.empty(config.r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(out_features, config.r, **factory))
@@ -51,19 +52,39 @@ class LoraWeights(nn.Module):
         """scale * B @ A, shape (out, in), computed in ``dtype``."""
         return (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scale
 
+    def branch(self, graph, x, y):
+        aten = torch.ops.aten
+        x_in = graph.cast(x, self.lora_A.dtype)
+        if graph.training and self.config.dropout > 0:
+            x_in = graph.call(aten.dropout.default, (x_in, self.config.dropout, True), "dropout")
+        h = graph.call(aten.linear.default, (x_in, graph.param("lora_A")), "shrink")
+        args = (h, graph.param("lora_B")) + ((graph.param("lora_B_bias"),) if self.lora_B_bias is not None else ())
+        d = graph.call(aten.linear.default, args, "expand")
+        s = graph.cast(graph.call(aten.mul.Tensor, (d, self.scale), "scale"), graph.dtype_of(graph.base))
+        return None, graph.call(aten.add.Tensor, (y, s), "out")
+
+    def fold(self, weight, bias, kind: str):
+        delta = self.delta(torch.float32)
+        weight = weight + (delta.T if kind == "hf_conv1d" else delta)
+        if self.lora_B_bias is not None:
+            if bias is None:
+                from surgeon.passes import FoldError
+
+                raise FoldError("cannot fold a LoRA bias into a module that has no bias")
+            bias = bias + self.lora_B_bias.float() * self.scale
+        return weight, bias
+
+    def eager(self, module, x, y):
+        x = x.to(self.lora_A.dtype)
+        if module.training and self.config.dropout > 0:
+            x = F.dropout(x, self.config.dropout, True)
+        return y + (F.linear(F.linear(x, self.lora_A), self.lora_B, self.lora_B_bias) * self.scale).to(y.dtype)
+
+    def peft_state(self) -> dict:
+        state = {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+        if self.lora_B_bias is not None:
+            state["lora_B.bias"] = self.lora_B_bias
+        return state
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.config.r}, scale={self.scale:g}"
-
-
-def attach_hook(weights: LoraWeights):
-    """A forward hook adding this adapter's output to a module's (eager use, e.g. generate())."""
-    import torch.nn.functional as F
-
-    def hook(module, args, output):
-        x = args[0].to(weights.lora_A.dtype)
-        if module.training and weights.config.dropout > 0:
-            x = F.dropout(x, weights.config.dropout, True)
-        delta = F.linear(F.linear(x, weights.lora_A), weights.lora_B, weights.lora_B_bias) * weights.scale
-        return output + delta.to(output.dtype)
-
-    return hook

@@ -117,7 +117,7 @@ def test_train_and_eval_graphs_share_parameters_and_switch_dropout():
     assert torch.equal(c, d)
     graphs = list(compiled._graphs.values())
     assert len(graphs) == 2
-    a_params = [{id(p) for n, p in g.named_parameters() if "surgeon_lora_A" in n} for g in graphs]
+    a_params = [{id(p) for n, p in g.named_parameters() if n.endswith("__lora_A")} for g in graphs]
     assert a_params[0] == a_params[1] == {id(w.lora_A) for _, _, w in compiled.sites()}
 
 

@@ -62,3 +62,17 @@ def test_every_known_module_type_exists_in_its_library():
         assert isinstance(getattr(torch.nn, name), type), name
     for name in MODULE_TYPES["transformers.pytorch_utils"]:
         assert isinstance(getattr(transformers.pytorch_utils, name), type), name
+
+
+def test_every_method_argument_is_checked_by_the_language():
+    from surgeon.grammar import parse
+
+    for text, code in (
+        ('match "x" apply dora(r=0)', "out-of-range"),
+        ('match "x" apply dora(r=4, bias=true)', "unknown-argument"),
+        ('match "x" apply ia3(feedforward=1)', "bad-type"),
+        ('match "x" apply ia3(r=4)', "unknown-argument"),
+    ):
+        with pytest.raises(SurgeryError) as caught:
+            parse(text)
+        assert [d.code for d in caught.value.diagnostics] == [code], text

@@ -1,0 +1,101 @@
+"""What every adapter method implements on a site (torch side; the configs stay torch-free).
+
+A :class:`SiteAdapter` holds one method's parameters on one site and says
+what the method does there, four ways:
+
+- ``branch(graph, x, y)``: rewrite the captured graph at one call of the site.
+  ``graph`` is a small builder (see passes/insert.py) with ``param(name)``,
+  ``call(op, args, role)`` after the current output, ``call_before(...)`` before
+  the base op, and ``training``. Return ``(new_input, new_output)``; either may
+  be None (unchanged). The node that replaces the output must have role "out",
+  and one that replaces the input role "in", each with the value it replaces
+  as its first argument, so that folding can take the branch out again.
+- ``fold(weight, bias, kind)``: the merged (weight, bias), in float32, for the
+  weight as stored (``hf_conv1d`` stores (in, out)).
+- ``eager(module, x, y)``: the same computation in eager PyTorch (a forward
+  hook, for ``generate()`` with a KV cache).
+- ``peft_state()``: the tensors PEFT saves for this site, by key suffix.
+
+A method ``NAME`` has its config in ``surgeon/methods/NAME.py`` (torch-free,
+for the language) and its SiteAdapter in ``surgeon/methods/NAME_weights.py``,
+registered with :func:`site_adapter`; the passes, the compiled model and the
+checkpoint code find it with :func:`adapter_class`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from torch import nn
+
+__all__ = ["SiteAdapter", "site_adapter", "adapter_class"]
+
+_CLASSES: dict = {}
+
+
+class SiteAdapter(nn.Module):
+    method: str = ""
+
+    def __init__(self, config, kind: str, in_features: int, out_features: int):
+        super().__init__()
+        self.config = config
+        self.kind = kind
+        self.in_features, self.out_features = in_features, out_features
+
+    def branch(self, graph, x, y):  # pragma: no cover - every method overrides it
+        raise NotImplementedError
+
+    def fold(self, weight, bias, kind: str):  # pragma: no cover
+        raise NotImplementedError
+
+    def eager(self, module, x, y):  # pragma: no cover
+        raise NotImplementedError
+
+    def peft_state(self) -> dict:  # pragma: no cover
+        raise NotImplementedError
+
+    def load_peft_state(self, tensors: dict, where: str) -> None:
+        """Copy PEFT tensors (key suffix -> tensor) in, after checking every name and shape."""
+        import torch
+
+        from surgeon.checkpoints.peft import AdapterError
+
+        expected = self.peft_state()
+        missing = sorted(set(expected) - set(tensors))
+        if missing:
+            raise AdapterError(f"{where}: no weights for {', '.join(missing)}")
+        for key, param in expected.items():
+            if tuple(tensors[key].shape) != tuple(param.shape):
+                raise AdapterError(
+                    f"{where}.{key} has shape {tuple(tensors[key].shape)}, this model needs {tuple(param.shape)}",
+                    hint="the adapter was made for another base model, or another rank",
+                )
+        with torch.no_grad():
+            for key, param in expected.items():
+                param.copy_(tensors[key].to(param.dtype))
+
+    def hook(self):
+        """A forward hook running :meth:`eager` (``module.register_forward_hook(adapter.hook())``)."""
+
+        def hook(module, args, output):
+            return self.eager(module, args[0], output)
+
+        return hook
+
+
+def site_adapter(name: str):
+    """Class decorator: the SiteAdapter implementation of method ``name``."""
+
+    def register(cls):
+        cls.method = name
+        _CLASSES[name] = cls
+        return cls
+
+    return register
+
+
+def adapter_class(name: str):
+    """The SiteAdapter class of method ``name``, from ``surgeon/methods/<name>_weights.py``."""
+    if name not in _CLASSES:
+        importlib.import_module(f"surgeon.methods.{name}_weights")
+    return _CLASSES[name]

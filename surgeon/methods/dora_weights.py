@@ -1,0 +1,85 @@
+"""DoRA on a site (torch; dora.py holds the config and the math).
+
+Forward, as PEFT's ``DoraLinearLayer`` (n = ||W + s B A||_row, detached)::
+
+    y' = y + (m / n - 1) * (x W^T) + (m / n) * s * (dropout(x) A^T B^T)
+
+where ``x W^T`` is the base output less its bias (or, with dropout in training,
+the base weight applied to the dropped-out input, as PEFT does).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapter import site_adapter
+from .lora_weights import LoraWeights
+
+__all__ = ["DoraWeights"]
+
+
+@site_adapter("dora")
+class DoraWeights(LoraWeights):
+    def __init__(self, config, kind, in_features, out_features, *, dtype=torch.float32, device=None, weight=None):
+        super().__init__(config, kind, in_features, out_features, dtype=dtype, device=device)
+        if weight is None:
+            raise ValueError("DoRA needs the base weight to start its magnitude at ||W||")
+        with torch.no_grad():
+            self.lora_magnitude_vector = nn.Parameter(self._rows(weight.detach().to(dtype)).norm(dim=1))
+
+    def _rows(self, weight):
+        """The weight as (out, in) whatever its storage (GPT-2's Conv1D stores (in, out))."""
+        return weight.T if self.kind == "hf_conv1d" else weight
+
+    def norm(self, weight) -> torch.Tensor:
+        """||W + s B A||_row, as a constant."""
+        with torch.no_grad():
+            return (self._rows(weight.to(self.lora_A.dtype)) + self.delta(self.lora_A.dtype)).norm(dim=1)
+
+    def branch(self, graph, x, y):
+        aten = torch.ops.aten
+        dtype = self.lora_A.dtype
+        a, b, m = graph.param("lora_A"), graph.param("lora_B"), graph.param("lora_magnitude_vector")
+        weight = graph.cast(graph.weight(), dtype)
+        rows = graph.call(aten.t.default, (weight,), "rows") if self.kind == "hf_conv1d" else weight
+        delta = graph.call(aten.detach.default, (graph.call(aten.mm.default, (b, a), "delta"),), "delta")
+        merged = graph.call(aten.add.Tensor, (rows, graph.call(aten.mul.Tensor, (delta, self.scale), "delta")), "merged")
+        norm = graph.call(aten.detach.default, (graph.call(aten.linalg_vector_norm.default, (merged, 2, [1]), "norm"),), "norm")
+        factor = graph.call(aten.div.Tensor, (m, norm), "factor")
+        x_in = graph.cast(x, dtype)
+        if graph.training and self.config.dropout > 0:
+            x_in = graph.call(aten.dropout.default, (x_in, self.config.dropout, True), "dropout")
+            base = graph.call(aten.linear.default, (x_in, rows), "base")
+        else:
+            base = graph.cast(graph.base, dtype)
+            bias = graph.base.args[2] if self.kind == "linear" and len(graph.base.args) > 2 else None
+            if self.kind == "hf_conv1d":
+                bias = graph.base.args[0]
+            if bias is not None:
+                base = graph.call(aten.sub.Tensor, (base, graph.cast(bias, dtype)), "base")
+        lora = graph.call(aten.linear.default, (graph.call(aten.linear.default, (x_in, a), "shrink"), b), "expand")
+        scaled = graph.call(aten.mul.Tensor, (graph.call(aten.mul.Tensor, (factor, lora), "dora"), self.scale), "dora")
+        change = graph.call(aten.add.Tensor, (graph.call(aten.mul.Tensor, (graph.call(aten.sub.Tensor, (factor, 1), "dora"), base), "dora"), scaled), "dora")
+        return None, graph.call(aten.add.Tensor, (y, graph.cast(change, graph.dtype_of(graph.base))), "out")
+
+    def fold(self, weight, bias, kind: str):
+        rows = self._rows(weight) + self.delta(torch.float32)
+        merged = (self.lora_magnitude_vector.float() / rows.norm(dim=1)).unsqueeze(1) * rows
+        return (merged.T if kind == "hf_conv1d" else merged), bias
+
+    def eager(self, module, x, y):
+        dtype = self.lora_A.dtype
+        factor = self.lora_magnitude_vector / self.norm(module.weight)
+        x_in = x.to(dtype)
+        if module.training and self.config.dropout > 0:
+            x_in = F.dropout(x_in, self.config.dropout, True)
+            base = F.linear(x_in, self._rows(module.weight.to(dtype)))
+        else:
+            base = y.to(dtype) - (module.bias.to(dtype) if getattr(module, "bias", None) is not None else 0)
+        lora = F.linear(F.linear(x_in, self.lora_A), self.lora_B)
+        return y + ((factor - 1) * base + factor * lora * self.scale).to(y.dtype)
+
+    def peft_state(self) -> dict:
+        return {**super().peft_state(), "lora_magnitude_vector": self.lora_magnitude_vector}

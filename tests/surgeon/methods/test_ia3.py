@@ -1,0 +1,106 @@
+"""(IA)^3 against PEFT's IA3: logits, gradients, files both ways, fold and unfold."""
+
+import pytest
+import torch
+from peft import IA3Config, PeftModel, get_peft_model
+
+import surgeon
+from surgeon.demos import build_demo
+
+from .._peft_reference import inputs
+
+CASES = {
+    "llama": (
+        "llama",
+        'match "*.self_attn.{k,v}_proj" apply ia3()\nmatch "*.mlp.down_proj" apply ia3(feedforward=true)',
+        dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    ),
+    "gpt2": (
+        "gpt2",
+        'match "*.attn.c_attn" apply ia3()\nmatch "*.mlp.c_proj" apply ia3(feedforward=true)',
+        dict(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True),
+    ),
+    "bert": ("bert", 'match "*.attention.self.{key,value}" apply ia3()', dict(target_modules=["key", "value"], feedforward_modules=[])),
+}
+
+
+def _randomize(compiled, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, _, module in compiled.sites():
+            module.ia3_l.copy_(1 + 0.2 * torch.randn(module.ia3_l.shape, generator=generator))
+
+
+def _peft_twin(compiled, demo, **kwargs):
+    model = get_peft_model(build_demo(demo), IA3Config(**kwargs))
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for _, path, module in compiled.sites():
+            modules[f"base_model.model.{path}"].ia3_l["default"].copy_(module.ia3_l)
+    return model
+
+
+@pytest.fixture(scope="module")
+def compiled_ia3():
+    made = {}
+
+    def get(case):
+        if case not in made:
+            demo, rules, _ = CASES[case]
+            made[case] = surgeon.compile(f"demo:{demo}", rules).eval()
+        return made[case]
+
+    return get
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_ia3_matches_peft_logits_and_gradients(compiled_ia3, case):
+    demo, _, peft_kwargs = CASES[case]
+    compiled = compiled_ia3(case)
+    labels = demo != "bert"
+    _randomize(compiled)
+    reference = _peft_twin(compiled, demo, **peft_kwargs).eval()
+    ours, theirs = compiled(**inputs(labels=labels)), reference(**inputs(labels=labels))
+    torch.testing.assert_close(ours.logits, theirs.logits, rtol=1e-5, atol=1e-5)
+    ours.logits.square().mean().backward()
+    theirs.logits.square().mean().backward()
+    modules = dict(reference.named_modules())
+    for _, path, module in compiled.sites():
+        peft_vector = modules[f"base_model.model.{path}"].ia3_l["default"]
+        assert module.ia3_l.shape == peft_vector.shape
+        torch.testing.assert_close(module.ia3_l.grad, peft_vector.grad, rtol=1e-5, atol=1e-6)
+    compiled.zero_grad()
+
+
+def test_ia3_files_both_ways_fold_and_unfold(compiled_ia3, tmp_path):
+    compiled = compiled_ia3("gpt2")
+    _randomize(compiled, seed=5)
+    expected = compiled(**inputs()).logits.detach()
+    compiled.save_adapter(tmp_path / "ours")
+    theirs = PeftModel.from_pretrained(build_demo("gpt2"), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(**inputs()).logits, expected, rtol=1e-5, atol=1e-5)
+    theirs.save_pretrained(tmp_path / "theirs")
+    again = surgeon.compile("demo:gpt2", adapter=tmp_path / "theirs").eval()
+    assert sorted({(s.method, s.config.feedforward) for s in again.plan.sites}) == [("ia3", False), ("ia3", True)]
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inputs()).logits, expected, rtol=1e-5, atol=1e-5)
+    folded = compiled.fold()
+    with torch.no_grad():
+        torch.testing.assert_close(folded(**inputs(), use_cache=False).logits, expected, rtol=1e-4, atol=1e-5)
+    before = {k: v.clone() for k, v in compiled.base_model.state_dict().items()}
+    compiled.fold(inplace=True)
+    compiled.unfold()
+    assert all(torch.equal(v, before[k]) for k, v in compiled.base_model.state_dict().items())
+
+
+def test_ia3_attach_scales_the_eager_model_like_the_graph(compiled_ia3):
+    compiled = compiled_ia3("llama")
+    _randomize(compiled, seed=7)
+    handles = compiled.attach()
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(compiled.base_model(**inputs()).logits, compiled(**inputs()).logits, rtol=1e-5, atol=1e-5)
+    finally:
+        for h in handles:
+            h.remove()
