@@ -48,11 +48,10 @@ def batches(steps: int, batch: int = 8, seq: int = 96, seed: int = 0):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--out", type=Path, default=Path("runs/tiny"))
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default: 300)")
+    parser.add_argument("--out", type=Path, default=Path("runs/tiny"), help="output folder (default: runs/tiny)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     started = time.perf_counter()
     model = surgeon.compile("demo:llama", RULES)
@@ -70,7 +69,8 @@ def main() -> None:
     model.eval()
     model.save_adapter(args.out / "adapter")
     model.save_pretrained(args.out / "merged")  # folded: the base architecture, merged weights
-    print(f"saved {args.out / 'adapter'} (PEFT format) and {args.out / 'merged'} (merged checkpoint)")
+    model.export(args.out / "model.pt2")  # the folded program, dynamic batch and sequence
+    print(f"saved {args.out / 'adapter'} (PEFT format), {args.out / 'merged'} (merged checkpoint), {args.out / 'model.pt2'}")
 
     merged = transformers.AutoModelForCausalLM.from_pretrained(args.out / "merged").eval()
     prompt = TEXT[:24]

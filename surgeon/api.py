@@ -68,7 +68,7 @@ def compile(
     """
     from surgeon.grammar import SurgeryError
 
-    from .checkpoints.peft import load_adapter, read_peft_config, rules_from_peft
+    from .checkpoints.peft import load_adapter, rules_from_peft_folder
     from .compiled import Compiled
 
     if rules is None and adapter is None:
@@ -76,10 +76,10 @@ def compile(
     if rules is not None:
         rule_set = _rules(rules)
     else:
-        rule_set = parse(rules_from_peft(read_peft_config(adapter)), path=f"{adapter}/adapter_config.json (as rules)")
+        rule_set = parse(rules_from_peft_folder(adapter), path=f"{adapter} (adapter_config.json as rules)")
     opened = model if hasattr(model, "example_kwargs") else open_model(model, weights=True, example_inputs=example_inputs)
     captured = capture(opened)
     compiled = Compiled(captured, rule_set, build_plan(rule_set, captured), passes=passes, lint=lint, adapter_dtype=adapter_dtype)
     if adapter is not None:
-        load_adapter(compiled, adapter, rule_set.adapter_names[0] if rule_set.adapter_names else None)
+        load_adapter(compiled, adapter)
     return compiled

@@ -105,6 +105,30 @@ def _print_errors(error, fmt: str) -> int:
     return 1
 
 
+def _quiet_libraries() -> None:
+    """transformers' and huggingface_hub's progress bars and advice are noise on this command line."""
+    import transformers
+    from huggingface_hub.utils import disable_progress_bars
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    disable_progress_bars()
+
+
+def _swapped(model: str, rules: str | None) -> int:
+    """Exit code 2 with a hint when MODEL and RULES look swapped, else 0."""
+    from pathlib import Path
+
+    if rules and not Path(rules).exists() and model.endswith(".surgery"):
+        print(
+            f"error: RULES '{rules}' is not a file, and MODEL '{model}' looks like a rules file\n"
+            "hint: the model comes first: surgeon COMMAND MODEL RULES",
+            file=sys.stderr,
+        )
+        return 2
+    return 0
+
+
 def _capturing(name: str):
     """A spinner on a terminal while the model is captured; nothing otherwise."""
     import contextlib
@@ -121,6 +145,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from surgeon.grammar import SurgeryError
     from surgeon.grammar.glob import GlobError, compile_glob
 
+    _quiet_libraries()
     try:
         pattern = compile_glob(args.match) if args.match else None
     except GlobError as exc:
@@ -186,6 +211,9 @@ def _plan(args: argparse.Namespace) -> int:
     from surgeon.grammar import SurgeryError, load_rules
     from surgeon.plan import build_plan
 
+    if _swapped(args.model, args.rules):
+        return 2
+    _quiet_libraries()
     try:
         rule_set = load_rules(args.rules)  # all rule errors before any capture
         with _capturing(args.model):
@@ -249,6 +277,9 @@ def _compile(args: argparse.Namespace) -> int:
     if args.rules is None and args.adapter is None:
         print("error: give RULES, or --adapter DIR to take the rules from a PEFT adapter", file=sys.stderr)
         return 2
+    if _swapped(args.model, args.rules):
+        return 2
+    _quiet_libraries()
     out = Path(args.out)
     human = args.format == "human"
     timings: dict = {}
@@ -267,9 +298,11 @@ def _compile(args: argparse.Namespace) -> int:
         from surgeon.checkpoints.atomic import output_folder, write_text
         from surgeon.grammar import load_rules
 
-        output_folder(out)
+        if out.exists() and not out.is_dir():
+            output_folder(out)  # the error for an output path that is a file, before any work
         rules = load_rules(args.rules) if args.rules else None  # every rule error before any capture
         compiled = step(f"compile {args.model}", lambda: surgeon.compile(args.model, rules, adapter=args.adapter))
+        output_folder(out)  # made only once there is something to write
         write_text(out / "plan.json", json.dumps(compiled.plan.to_json(), indent=2) + "\n")
         written.append(out / "plan.json")
         step("save adapter", lambda: compiled.save_adapter(out / "adapter"))
@@ -298,11 +331,11 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 def _rules_from_peft(args: argparse.Namespace) -> int:
-    from surgeon.checkpoints.peft import read_peft_config, rules_from_peft
+    from surgeon.checkpoints.peft import rules_from_peft_folder
     from surgeon.grammar import SurgeryError, parse
 
     try:
-        text = rules_from_peft(read_peft_config(args.folder))
+        text = rules_from_peft_folder(args.folder)
         parse(text)  # what we print must be valid surgery
     except SurgeryError as error:
         return _print_errors(error, "human")

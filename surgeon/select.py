@@ -196,7 +196,7 @@ def _no_match(rule: ir.Rule, modules: dict, sites: dict, where) -> Diagnostic:
     message = f"this rule matches no module of the model: {selectors}"
     if closest:
         message += f"; closest module paths: {', '.join(closest)}"
-    return where("no-match", message, _synonym_hint(words, sites, modules))
+    return where("no-match", message, _synonym_hint(words, sites, modules, rule))
 
 
 def _field_ranges(predicate, infos) -> str:
@@ -251,7 +251,7 @@ def _closest_paths(words: list, paths: list) -> list:
     return close[:3]
 
 
-def _synonym_hint(words: list, sites: dict, modules: dict) -> str:
+def _synonym_hint(words: list, sites: dict, modules: dict, rule: ir.Rule) -> str:
     leaves = {}
     for path in sites:
         leaves.setdefault(path.rsplit(".", 1)[-1], path)
@@ -259,7 +259,13 @@ def _synonym_hint(words: list, sites: dict, modules: dict) -> str:
     if present:  # the names exist: the rest of the pattern (prefix, layer numbers) is off
         layers = sorted({i.layer for i in modules.values() if i.layer is not None})
         span = f"; its layers are numbered {layers[0]} to {layers[-1]}" if layers else ""
-        return f"this model does have '{present[0]}' (e.g. {leaves[present[0]]}); check the rest of the pattern{span}"
+        word = present[0]
+        if any(getattr(s, "pattern", None) == word for s in rule.selectors):
+            return (
+                f"a glob matches the whole module path, not a suffix as PEFT's target_modules does: "
+                f'write "*.{word}" (e.g. {leaves[word]})'
+            )
+        return f"this model does have '{word}' (e.g. {leaves[word]}); check the rest of the pattern{span}"
     for word in words:
         for group in _SYNONYMS:
             if word in group:

@@ -30,7 +30,16 @@ from surgeon.grammar.diagnostics import SurgeryError
 
 from .atomic import atomic_path, output_folder, write_text
 
-__all__ = ["save_adapter", "load_adapter", "peft_config", "rules_from_peft", "read_peft_config", "AdapterError"]
+__all__ = [
+    "save_adapter",
+    "load_adapter",
+    "peft_config",
+    "rules_from_peft",
+    "read_peft_config",
+    "adapter_folders",
+    "rules_from_peft_folder",
+    "AdapterError",
+]
 
 PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
@@ -154,8 +163,24 @@ def read_peft_config(folder) -> dict:
     return config
 
 
+def _compact(names) -> list:
+    """Names that differ only in one layer number, written once: model.layers.{1,2,3}.mlp.up_proj."""
+    groups: dict = {}
+    for name in names:
+        match = re.search(r"(?<=\.)\d+(?=\.)", name)
+        key = (name[: match.start()], name[match.end() :]) if match else (name, None)
+        groups.setdefault(key, []).append(match.group() if match else None)
+    out = []
+    for (head, tail), numbers in groups.items():
+        if tail is None:
+            out.append(head)
+        else:
+            out.append(f"{head}{numbers[0] if len(numbers) == 1 else '{' + ','.join(numbers) + '}'}{tail}")
+    return out
+
+
 def _alternation(names) -> str:
-    names = list(names)
+    names = _compact(names)
     return names[0] if len(names) == 1 else "{" + ",".join(names) + "}"
 
 
@@ -236,13 +261,47 @@ def rules_from_peft(config: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def adapter_folders(directory) -> list:
+    """(name, folder) of every adapter in ``directory``: "default" at its top, others in subfolders."""
+    directory = Path(directory)
+    found = [(DEFAULT_ADAPTER, directory)] if (directory / CONFIG).is_file() else []
+    if directory.is_dir():
+        found += [(p.name, p) for p in sorted(directory.iterdir()) if p.is_dir() and (p / CONFIG).is_file()]
+    if not found:
+        raise AdapterError(f"{directory} holds no {CONFIG}", hint="an adapter folder is what PEFT's save_pretrained writes")
+    return found
+
+
+def rules_from_peft_folder(directory) -> str:
+    """Surgery text for every adapter of a folder: "default" at the top level, the others in blocks."""
+    parts = []
+    for name, folder in adapter_folders(directory):
+        text = rules_from_peft(read_peft_config(folder))
+        if name == DEFAULT_ADAPTER:
+            parts.append(text)
+        else:
+            body = "".join(f"  {line}\n" for line in text.splitlines())
+            parts.append(f'adapter "{name}" {{\n{body}}}\n')
+    return "\n".join(parts)
+
+
 def load_adapter(compiled, directory, name: str | None = None) -> str:
-    """Load a PEFT-format LoRA adapter (surgeon's or PEFT's) as adapter ``name``; returns the name."""
+    """Load a PEFT-format adapter (surgeon's or PEFT's) as adapter ``name``; returns the name.
+
+    A folder holding several adapters (subfolders) loads them all under their own names.
+    """
+    folders = adapter_folders(directory)
+    if len(folders) > 1 and name is None:
+        for adapter, folder in folders:
+            _load_one(compiled, folder, adapter)
+        return ", ".join(a for a, _ in folders)
+    return _load_one(compiled, folders[0][1], name or folders[0][0])
+
+
+def _load_one(compiled, folder: Path, name: str) -> str:
     from safetensors import SafetensorError, safe_open
 
-    folder = Path(directory)
     config = read_peft_config(folder)
-    name = name or DEFAULT_ADAPTER
     weights_path = folder / WEIGHTS
     if not weights_path.is_file():
         hint = "surgeon reads only safetensors, never pickles" if (folder / "adapter_model.bin").exists() else None

@@ -186,3 +186,28 @@ def test_a_failed_save_leaves_the_previous_adapter_intact(llama, tmp_path, monke
         llama.save_adapter(folder)
     assert (folder / "adapter_model.safetensors").read_bytes() == before
     assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_a_folder_of_several_adapters_round_trips_with_every_adapter(tmp_path):
+    rules = 'match "*.q_proj" apply lora(r=4)\nadapter "math" {\n  match "*.mlp.up_proj" apply lora(r=2, alpha=4)\n}\n'
+    compiled = surgeon.compile("demo:llama", rules).eval()
+    randomize_adapters(compiled)
+    compiled.save_adapter(tmp_path / "both")
+    assert (tmp_path / "both" / "math" / "adapter_config.json").is_file()
+    again = surgeon.compile("demo:llama", adapter=tmp_path / "both").eval()
+    assert again.adapter_names == ("default", "math")
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inputs()).logits, compiled(**inputs()).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_written_files_get_the_usual_permissions(llama, tmp_path):
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        llama.save_adapter(tmp_path / "a")
+    finally:
+        os.umask(mask)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert stat.S_IMODE((tmp_path / "a" / name).stat().st_mode) == 0o644

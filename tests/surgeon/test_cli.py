@@ -159,3 +159,18 @@ def test_compile_refuses_an_output_path_that_is_a_file(tmp_path, capsys):
     assert main(["compile", "demo:llama", str(ROOT / "examples/rules/llama-lora.surgery"), "-o", str(target)]) == 1
     assert "it is a file, not a folder" in capsys.readouterr().err
     assert target.read_text() == "keep"
+
+
+def test_swapped_model_and_rules_get_a_hint_and_write_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["compile", str(ROOT / "examples/rules/llama-lora.surgery"), "demo:llama", "-o", str(out)]) == 2
+    assert "hint: the model comes first" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_peft_style_bare_names_get_the_whole_path_hint(tmp_path, capsys):
+    rules = tmp_path / "bare.surgery"
+    rules.write_text('match "q_proj", "v_proj" apply lora(r=8)\n')
+    assert main(["plan", "demo:llama", str(rules)]) == 1
+    err = capsys.readouterr().err
+    assert 'not a suffix as PEFT\'s target_modules does: write "*.q_proj"' in err
