@@ -21,6 +21,7 @@ between modules (GPT-2's ``wte`` and ``lm_head``) are reported as tied.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import re
@@ -33,7 +34,7 @@ from surgeon.grammar.diagnostics import ModelError
 
 from .models import OpenedModel
 
-__all__ = ["ModuleInfo", "Site", "Captured", "capture", "export_program", "dynamic_shapes", "widen_inputs", "module_table"]
+__all__ = ["ModuleInfo", "Site", "Captured", "capture", "export_program", "bind_program", "dynamic_shapes", "widen_inputs", "module_table"]
 
 _TOKEN_INPUTS = ("input_ids", "attention_mask", "labels", "token_type_ids", "position_ids", "decoder_input_ids")
 _LAYER = re.compile(r"\.(\d+)(?:\.|$)")
@@ -106,11 +107,93 @@ def capture(opened: OpenedModel) -> Captured:
     return captured
 
 
+# Exported programs of Hugging Face models, keyed by architecture, config, mode and call
+# signature, with their weights replaced by meta tensors (the cache holds no model's
+# weights). A program is bound to a model's own tensors with bind_program.
+_PROGRAMS: "collections.OrderedDict" = collections.OrderedDict()
+_PROGRAMS_KEPT = 16
+
+
+def _program_key(model, args: tuple, kwargs: dict, hugging_face: bool):
+    import torch
+
+    config = getattr(model, "config", None)
+    if not hugging_face or config is None or not hasattr(config, "to_json_string"):
+        return None  # a plain module's forward is not described by anything we can key on
+    params = [(n, tuple(p.shape), p.dtype, p.device.type, type(p).__name__) for n, p in model.named_parameters(remove_duplicate=False)]
+    if any(kind != "Parameter" for *_, kind in params):
+        return None  # fake tensors (planning without weights)
+
+    def signature(v):
+        if isinstance(v, torch.Tensor):
+            return ("tensor", v.dim(), v.dtype, v.device.type)
+        return repr(v)
+
+    return (
+        type(model).__qualname__,
+        type(model).__module__,
+        config.to_json_string(use_diff=False),
+        getattr(config, "_attn_implementation", None),
+        model.training,
+        tuple(params),
+        tuple(signature(a) for a in args),
+        tuple((k, signature(v)) for k, v in kwargs.items()),
+    )
+
+
+def _template(program):
+    """The program with every model tensor on the meta device (shapes and graph only)."""
+    import copy
+
+    import torch
+
+    template = copy.copy(program)
+    template._state_dict = {
+        k: torch.nn.Parameter(v.detach().to("meta"), requires_grad=v.requires_grad) if isinstance(v, torch.nn.Parameter) else v.to("meta")
+        for k, v in program.state_dict.items()
+    }
+    return template
+
+
+def bind_program(program, model):
+    """``program.module()`` running on ``model``'s own parameters and buffers (shared, not copied)."""
+    gm = program.module()
+    for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        owner_path, _, leaf = name.rpartition(".")
+        try:
+            owner = gm.get_submodule(owner_path) if owner_path else gm
+        except AttributeError:
+            continue
+        if leaf in owner._parameters:
+            setattr(owner, leaf, tensor)
+        elif leaf in owner._buffers:
+            owner.register_buffer(leaf, tensor)
+    stale = [n for n, t in list(gm.named_parameters()) + list(gm.named_buffers()) if t.device.type == "meta"]
+    if stale:
+        raise ModelError(f"a cached program could not be bound to this model: {', '.join(stale[:3])} has no tensor")
+    return gm
+
+
 def export_program(model, args: tuple, kwargs: dict, hugging_face: bool, name: str):
     """``torch.export.export(strict=False)`` with dynamic batch (and sequence for token inputs).
 
-    Failures become a ModelError naming the innermost module that was running.
+    Programs of Hugging Face models are cached per architecture, config, mode and call
+    signature; use :func:`bind_program` to run one. Failures become a ModelError naming
+    the innermost module that was running.
     """
+    key = _program_key(model, args, kwargs, hugging_face)
+    if key is not None and key in _PROGRAMS:
+        _PROGRAMS.move_to_end(key)
+        return _PROGRAMS[key]
+    program = _export(model, args, kwargs, hugging_face, name)
+    if key is not None:
+        _PROGRAMS[key] = _template(program)
+        while len(_PROGRAMS) > _PROGRAMS_KEPT:
+            _PROGRAMS.popitem(last=False)
+    return program
+
+
+def _export(model, args: tuple, kwargs: dict, hugging_face: bool, name: str):
     import torch
 
     dynamic = dynamic_shapes(args, kwargs, hugging_face)

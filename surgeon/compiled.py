@@ -28,7 +28,7 @@ from torch import nn
 from surgeon.grammar import rules as ir
 from surgeon.passes import Insertion, Pipeline, copy_graph_module, fold_adapters, insert_adapters, unfold_inplace, verify_fold
 
-from .capture import export_program, widen_inputs
+from .capture import bind_program, export_program, widen_inputs
 from .methods.adapter import SiteAdapter, adapter_class
 from .plan import Plan
 
@@ -171,7 +171,7 @@ class Compiled(nn.Module):
     def base_graph(self, *args, training: bool = False, **kwargs):
         """The base model's graph, without adapters, for this call signature."""
         kwargs = self._with_defaults(kwargs or dict(self.example_kwargs))
-        return self._export(args or self.example_args, kwargs, training).module()
+        return bind_program(self._export(args or self.example_args, kwargs, training), self.base_model)
 
     def _export(self, args, kwargs, training: bool):
         args, kwargs = widen_inputs(args, kwargs, self.hugging_face)
@@ -194,7 +194,7 @@ class Compiled(nn.Module):
         program = planning.program if reuse else self._export(args, kwargs, training)
         if reuse:
             planning.program = None
-        gm = program.module()
+        gm = bind_program(program, self.base_model)
         for key, module in self.trained.items():  # the graph trains the copies, not the user's module
             path = key.replace("__", ".")
             for name, param in module.named_parameters():

@@ -64,7 +64,10 @@ def test_module_facts_the_language_reads(captures):
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
 def test_the_captured_graph_has_dynamic_batch_and_sequence(captures, name):
     captured = captures(name)
-    model, graph = captured.model.module, captured.program.module()
+    from surgeon.capture import bind_program
+
+    model = captured.model.module
+    graph = bind_program(captured.program, model)
     for batch, seq in ((1, 5), (3, 17)):
         ids = torch.arange(batch * seq).reshape(batch, seq) % 1000
         kwargs = {k: v for k, v in captured.model.example_kwargs.items() if not isinstance(v, torch.Tensor)}
@@ -129,3 +132,27 @@ def test_global_hooks_are_removed_after_capture():
     with pytest.raises(ModelError):
         capture_model(torch.nn.Sequential(Branchy()), example_inputs=(torch.randn(2, 4),))
     assert (len(module_impl._global_forward_pre_hooks), len(module_impl._global_forward_hooks)) == before
+
+
+def test_programs_are_cached_per_architecture_and_bound_to_each_models_own_weights():
+    from surgeon.capture import _PROGRAMS, bind_program, export_program
+
+    first, second = build_hf("llama", seed=1), build_hf("llama", seed=2)
+    kwargs = open_model(first).example_kwargs
+    program_a = export_program(first, (), kwargs, True, "a")
+    program_b = export_program(second, (), kwargs, True, "b")  # the same architecture: a cache hit
+    assert any(p is program_b for p in _PROGRAMS.values())
+    assert all(t.device.type == "meta" for t in program_b.state_dict.values())  # the cache holds no weights
+    for model, program in ((first, program_a), (second, program_b)):
+        graph = bind_program(program, model)
+        with torch.no_grad():
+            torch.testing.assert_close(graph(**kwargs).logits, model(**kwargs).logits, rtol=0, atol=0)
+        assert graph.get_submodule("model.layers.0.self_attn.q_proj").weight is model.model.layers[0].self_attn.q_proj.weight
+
+
+def build_hf(name, seed):
+    from surgeon.demos import demo_config
+
+    config, model_class = demo_config(name)
+    torch.manual_seed(seed)
+    return model_class(config).eval()
