@@ -104,9 +104,12 @@ class GraphBuilder:
         value = node.meta.get("val") if hasattr(node, "meta") else None
         return None if value is None else value.dtype
 
-    def cast(self, node, dtype):
-        """``node`` converted to ``dtype`` (no node added when it already is)."""
-        if not self._needs_cast(node, dtype):
+    def cast(self, node, dtype, source=None):
+        """``node`` converted to ``dtype`` (no node added when it already is).
+
+        ``source`` is the node's dtype when the graph does not record it (nodes a branch added).
+        """
+        if not self._needs_cast(node, dtype, source):
             return node
         return self.call(self.aten._to_copy.default, (node,), "cast", {"dtype": dtype})
 
@@ -116,8 +119,8 @@ class GraphBuilder:
             return node
         return self.call_before(self.aten._to_copy.default, (node,), "cast", {"dtype": dtype})
 
-    def _needs_cast(self, node, dtype) -> bool:
-        current = self.dtype_of(node)
+    def _needs_cast(self, node, dtype, source=None) -> bool:
+        current = self.dtype_of(node) or source
         if node.op == "get_attr" and current is None:  # an adapter parameter: its dtype is known
             current = _attr(self.gm, node.target).dtype
         return dtype is not None and current is not None and current != dtype

@@ -60,7 +60,7 @@ class LoraWeights(SiteAdapter):
         h = graph.call(aten.linear.default, (x_in, graph.param("lora_A")), "shrink")
         args = (h, graph.param("lora_B")) + ((graph.param("lora_B_bias"),) if self.lora_B_bias is not None else ())
         d = graph.call(aten.linear.default, args, "expand")
-        s = graph.cast(graph.call(aten.mul.Tensor, (d, self.scale), "scale"), graph.dtype_of(graph.base))
+        s = graph.cast(graph.call(aten.mul.Tensor, (d, self.scale), "scale"), graph.dtype_of(graph.base), self.lora_A.dtype)
         return None, graph.call(aten.add.Tensor, (y, s), "out")
 
     def fold(self, weight, bias, kind: str):

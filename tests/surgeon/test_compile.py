@@ -159,3 +159,31 @@ def test_transformers_trainer_trains_a_compiled_model(tmp_path):
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 6 and losses[-1] < losses[0]
     assert all(not torch.equal(p, before[n]) for n, p in model.trainable_parameters())
+
+
+def test_a_bfloat16_base_trains_float32_adapters_and_folds_within_bf16_tolerance():
+    base = build_demo("llama").to(torch.bfloat16)
+    rules = 'match "*.{q,v}_proj" apply lora(r=8, alpha=16)\nmatch "*.o_proj" apply dora(r=4)\nmatch "*.down_proj" apply ia3(feedforward=true)'
+    compiled = surgeon.compile(base, rules).eval()
+    assert {p.dtype for _, p in compiled.trainable_parameters()} == {torch.float32}  # as PEFT's autocast_adapter_dtype
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, _, adapter in compiled.sites():
+            for p in adapter.parameters():
+                p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+    kwargs = inputs(labels=False)
+    expected = compiled(**kwargs).logits
+    assert expected.dtype == torch.bfloat16
+    compiled.train()
+    compiled(**inputs()).loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for _, p in compiled.trainable_parameters())
+    compiled.eval()
+    folded = compiled.fold(kwargs=kwargs)  # verified at bfloat16 tolerance
+    assert folded(**kwargs, use_cache=False).logits.dtype == torch.bfloat16
+    handles = compiled.attach()
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(compiled.base_model(**kwargs).logits, expected, rtol=0, atol=0)
+    finally:
+        for h in handles:
+            h.remove()
