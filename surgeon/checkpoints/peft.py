@@ -45,7 +45,11 @@ PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 # What a config must say, by peft_type.
-_REQUIRED = {"LORA": ("peft_type", "r", "lora_alpha", "target_modules"), "IA3": ("peft_type", "target_modules")}
+_REQUIRED = {
+    "LORA": ("peft_type", "r", "lora_alpha", "target_modules"),
+    "LOHA": ("peft_type", "r", "alpha", "target_modules"),
+    "IA3": ("peft_type", "target_modules"),
+}
 
 
 class AdapterError(SurgeryError):
@@ -94,6 +98,16 @@ def peft_config(compiled, adapter: str) -> dict:
         return int(value) if float(value).is_integer() else value
 
     alpha = Counter(alpha_for(s) for s in sites).most_common(1)[0][0]
+    patterns = dict(
+        r=rank,
+        target_modules=[s.path for s in sites],
+        rank_pattern={re.escape(s.path): s.config.r for s in sites if s.config.r != rank},
+        alpha_pattern={re.escape(s.path): alpha_for(s) for s in sites if alpha_for(s) != alpha},
+        modules_to_save=trained or None,
+    )
+    if methods == ["loha"]:
+        config.update(peft_type="LOHA", alpha=alpha, rank_dropout=0.0, module_dropout=0.0, init_weights=True, **patterns)
+        return config
     init = sites[0].config.init
     config.update(
         r=rank,
@@ -215,8 +229,13 @@ def rules_from_peft(config: dict) -> str:
     """Surgery text that targets what a PEFT config targets, with the same ranks and scales."""
     if config["peft_type"] == "IA3":
         return _ia3_rules(config)
+    if config["peft_type"] == "LOHA":
+        for dropout in ("rank_dropout", "module_dropout"):
+            if config.get(dropout):
+                raise AdapterError(f"LoHa's {dropout} is not supported yet (it is {config[dropout]})")
+        config = {**config, "lora_alpha": config["alpha"]}
     r, alpha = config["r"], config["lora_alpha"]
-    method = "dora" if config.get("use_dora") else "lora"
+    method = {"LOHA": "loha"}.get(config["peft_type"], "dora" if config.get("use_dora") else "lora")
     extra = (", rslora=true" if config.get("use_rslora") else "") + (", bias=true" if config.get("lora_bias") else "")
     if config.get("lora_dropout"):
         extra += f", dropout={config['lora_dropout']}"

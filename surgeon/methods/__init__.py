@@ -7,6 +7,7 @@ torch at import time, so the language checker can read the signatures.
 from ._registry import SITE_KINDS, get_method, method_names, register_method, signatures
 from .dora import DoraConfig
 from .ia3 import Ia3Config
+from .loha import LohaConfig
 from .lora import LoraConfig
 
-__all__ = ["SITE_KINDS", "register_method", "get_method", "method_names", "signatures", "LoraConfig", "DoraConfig", "Ia3Config"]
+__all__ = ["SITE_KINDS", "register_method", "get_method", "method_names", "signatures", "LoraConfig", "DoraConfig", "Ia3Config", "LohaConfig"]

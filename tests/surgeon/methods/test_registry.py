@@ -72,6 +72,7 @@ def test_every_method_argument_is_checked_by_the_language():
         ('match "x" apply dora(r=4, bias=true)', "unknown-argument"),
         ('match "x" apply ia3(feedforward=1)', "bad-type"),
         ('match "x" apply ia3(r=4)', "unknown-argument"),
+        ('match "x" apply loha(alpha=2)', "missing-argument"),
     ):
         with pytest.raises(SurgeryError) as caught:
             parse(text)

@@ -1,0 +1,41 @@
+"""LoHa: low-rank Hadamard product adaptation (Hyeon-Woo et al., 2022), as PEFT computes it.
+
+    dW = (W1a W1b) * (W2a W2b) * s          s = alpha / r;  W1a, W2a: (out, r);  W1b, W2b: (r, in)
+    y' = y + x dW^T
+
+W1a, W1b and W2a start kaiming-uniform and W2b at zero, so the adapted model
+starts equal to the base. PEFT's rank and module dropouts (training-time only)
+are not offered yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from surgeon.grammar.signature import param
+
+from ._registry import register_method
+
+__all__ = ["LohaConfig"]
+
+
+@register_method("loha", sites=("linear",))
+@dataclass(frozen=True)
+class LohaConfig:
+    """Low-rank Hadamard product adaptation, with PEFT's defaults."""
+
+    r: int = param(gt=0, doc="rank of each factor")
+    alpha: float | None = param(None, gt=0, doc="scale numerator; defaults to r")
+
+    rslora = False
+    dropout = 0.0
+    bias = False
+    init = "kaiming"
+
+    def trainable_params(self, in_features: int, out_features: int) -> int:
+        """Two pairs of factors: 2 r (in + out)."""
+        return 2 * self.r * (in_features + out_features)
+
+    @property
+    def scale(self) -> float:
+        return (self.r if self.alpha is None else self.alpha) / self.r

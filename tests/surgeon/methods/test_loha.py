@@ -1,0 +1,91 @@
+"""LoHa against PEFT's LOHA: logits, gradients, files both ways, fold and unfold."""
+
+import pytest
+import torch
+from peft import LoHaConfig, PeftModel, get_peft_model
+
+import surgeon
+from surgeon.demos import build_demo
+
+from .._peft_reference import inputs
+
+CASES = {
+    "llama": ("llama", 'match "*.self_attn.{q,v}_proj" apply loha(r=4, alpha=8)\nmatch "*.layers.3.*" skip', dict(r=4, alpha=8, target_modules=r".*layers\.[012]\.self_attn\.(q|v)_proj")),
+    "bert": ("bert", 'match "*.attention.self.query" apply loha(r=2, alpha=4)\nmatch "*.intermediate.dense" apply loha(r=4, alpha=4)', dict(r=2, alpha=4, target_modules=["query", "intermediate.dense"], rank_pattern={"dense": 4}, alpha_pattern={"dense": 4})),
+}
+
+
+def _randomize(compiled, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, _, module in compiled.sites():
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+
+
+def _peft_twin(compiled, demo, **kwargs):
+    model = get_peft_model(build_demo(demo), LoHaConfig(**kwargs))
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for _, path, module in compiled.sites():
+            layer = modules[f"base_model.model.{path}"]
+            for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"):
+                getattr(layer, name)["default"].copy_(getattr(module, name))
+            assert layer.scaling["default"] == module.scale
+    return model
+
+
+@pytest.fixture(scope="module")
+def compiled_loha():
+    made = {}
+
+    def get(case):
+        if case not in made:
+            demo, rules, _ = CASES[case]
+            made[case] = surgeon.compile(f"demo:{demo}", rules).eval()
+        return made[case]
+
+    return get
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_loha_starts_at_the_base_and_matches_peft_logits_and_gradients(compiled_loha, case):
+    demo, _, peft_kwargs = CASES[case]
+    compiled = compiled_loha(case)
+    labels = demo != "bert"
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**inputs(labels=labels)).logits, build_demo(demo).eval()(**inputs(labels=labels)).logits, rtol=1e-5, atol=1e-5)
+    _randomize(compiled)
+    reference = _peft_twin(compiled, demo, **peft_kwargs).eval()
+    ours, theirs = compiled(**inputs(labels=labels)), reference(**inputs(labels=labels))
+    torch.testing.assert_close(ours.logits, theirs.logits, rtol=1e-5, atol=1e-5)
+    ours.logits.square().mean().backward()
+    theirs.logits.square().mean().backward()
+    modules = dict(reference.named_modules())
+    for _, path, module in compiled.sites():
+        layer = modules[f"base_model.model.{path}"]
+        for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"):
+            torch.testing.assert_close(getattr(module, name).grad, getattr(layer, name)["default"].grad, rtol=1e-5, atol=1e-6)
+    compiled.zero_grad()
+
+
+def test_loha_files_both_ways_fold_and_unfold(compiled_loha, tmp_path):
+    compiled = compiled_loha("llama")
+    _randomize(compiled, seed=4)
+    expected = compiled(**inputs()).logits.detach()
+    compiled.save_adapter(tmp_path / "ours")
+    theirs = PeftModel.from_pretrained(build_demo("llama"), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(**inputs()).logits, expected, rtol=1e-5, atol=1e-5)
+    theirs.save_pretrained(tmp_path / "theirs")
+    again = surgeon.compile("demo:llama", adapter=tmp_path / "theirs").eval()
+    assert {s.method for s in again.plan.sites} == {"loha"}
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inputs()).logits, expected, rtol=1e-5, atol=1e-5)
+    folded = compiled.fold()
+    with torch.no_grad():
+        torch.testing.assert_close(folded(**inputs(), use_cache=False).logits, expected, rtol=1e-4, atol=1e-5)
+    before = {k: v.clone() for k, v in compiled.base_model.state_dict().items()}
+    compiled.fold(inplace=True)
+    compiled.unfold()
+    assert all(torch.equal(v, before[k]) for k, v in compiled.base_model.state_dict().items())
