@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 RULES = 'match "*.self_attn.{q,k,v,o}_proj" apply lora(r=16, alpha=32)\nmatch "*.mlp.*_proj" where layer >= 16 apply lora(r=8)\n'

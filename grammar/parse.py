@@ -10,14 +10,14 @@ reports every error of a file.
 from __future__ import annotations
 
 import functools
-import re
 from pathlib import Path
 from typing import Mapping
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
 
 from . import rules as ir
+from ._build import BuildRules, span_of
 from ._scan import Scan, scan
 from .diagnostics import Diagnostic, RulesError, Span
 from .signature import MethodSignature
@@ -178,12 +178,12 @@ def parse_unchecked(text: str, path: str | None = None) -> tuple[ir.RuleSet, lis
             Diagnostic(
                 "too-deep",
                 f"this expression is nested more than {_MAX_DEPTH} levels deep",
-                _span(too_deep.meta),
+                span_of(too_deep.meta),
                 "split the condition into several rules",
             )
         )
         return ir.RuleSet(path=path), diagnostics
-    builder = _BuildRules(text)
+    builder = BuildRules(text)
     try:
         adapters = builder.transform(tree)
     except VisitError as exc:  # pragma: no cover - a bug in the builder, not in the user's text
@@ -324,174 +324,3 @@ def _syntax_hint(token: Token, expected: set[str]) -> str | None:
     if token.type == "NAME" and "STRING" in expected:
         return f'name the adapter in quotes: adapter "{token.value}" {{ ... }}'
     return None
-
-
-# --- tree -> rule IR ------------------------------------------------------------------
-
-
-_UNESCAPE = re.compile(r"\\(.)")
-_ESCAPES = {"\\": "\\", '"': '"', "n": "\n", "t": "\t"}
-
-
-class _Value:
-    """A value and where it was written (unwrapped when the IR is built)."""
-
-    __slots__ = ("value", "span")
-
-    def __init__(self, value, span):
-        self.value, self.span = value, span
-
-
-def _unwrap(v):
-    return v.value if isinstance(v, _Value) else v
-
-
-def _span(item) -> Span:
-    if isinstance(item, Token):
-        return Span(item.line, item.column, item.end_line, item.end_column, item.start_pos, item.end_pos)
-    m = item  # lark Meta
-    return Span(m.line, m.column, m.end_line, m.end_column, m.start_pos, m.end_pos)
-
-
-def _kids(children, *types):
-    """The children that are not punctuation tokens or absent optional parts."""
-    return [c for c in children if c is not None and not (isinstance(c, Token) and c.type in types)]
-
-
-_PUNCT = ("COMMA", "LPAR", "RPAR", "LSQB", "RSQB", "LBRACE", "RBRACE", "EQUALS", "RANGE")
-
-
-@v_args(meta=True)
-class _BuildRules(Transformer):
-    def __init__(self, text: str):
-        super().__init__()
-        self.text = text
-        self.diagnostics: list[Diagnostic] = []
-
-    # strings and values
-    def _string(self, token: Token) -> str:
-        # \\ \" \n \t are escapes; any other backslash is kept, so a glob can say \{ or \*.
-        return _UNESCAPE.sub(lambda m: _ESCAPES.get(m.group(1), m.group(0)), token.value[1:-1])
-
-    def int_value(self, meta, children):
-        return _Value(int(children[0].value), _span(children[0]))
-
-    def float_value(self, meta, children):
-        token = children[0]
-        return _Value(float(token.value), _span(token))  # 1e999 gives inf, which the checks reject
-
-    def string_value(self, meta, children):
-        return _Value(self._string(children[0]), _span(children[0]))
-
-    def true_value(self, meta, children):
-        return _Value(True, _span(children[0]))
-
-    def false_value(self, meta, children):
-        return _Value(False, _span(children[0]))
-
-    def list(self, meta, children):
-        return _Value(tuple(_unwrap(v) for v in _kids(children, *_PUNCT)), _span(meta))
-
-    # selectors
-    def selectors(self, meta, children):
-        return tuple(_kids(children, *_PUNCT))
-
-    def glob_selector(self, meta, children):
-        return ir.GlobSelector(self._string(children[0]), span=_span(children[0]))
-
-    def regex_selector(self, meta, children):
-        token = children[0]
-        return ir.RegexSelector(token.value[3:-1], span=_span(token))
-
-    def _type_name(self, children):
-        token = _kids(children, *_PUNCT, "TYPE")[0]
-        if token.type == "STRING":
-            return self._string(token), True, _span(token)
-        return token.value, False, _span(token)
-
-    def type_selector(self, meta, children):
-        name, quoted, span = self._type_name(children)
-        return ir.TypeSelector(name, quoted, span=span)
-
-    # predicates
-    def comparison(self, meta, children):
-        field, op, value = children
-        return ir.Comparison(field.value, op.value, _unwrap(value), span=_span(meta))
-
-    def in_range(self, meta, children):
-        field, _, start, _, stop = children
-        return ir.InRange(field.value, int(start.value), int(stop.value), span=_span(meta))
-
-    def in_list(self, meta, children):
-        field, _, values = children
-        return ir.InList(field.value, _unwrap(values), span=_span(meta))
-
-    def name_test(self, meta, children):
-        token = _kids(children, *_PUNCT, "NAME_TEST")[0]
-        return ir.NameTest(self._string(token), span=_span(token))
-
-    def type_test(self, meta, children):
-        name, quoted, span = self._type_name(children)
-        return ir.TypeTest(name, quoted, span=span)
-
-    def not_predicate(self, meta, children):
-        return ir.Not(children[1], span=_span(meta))
-
-    def and_test(self, meta, children):
-        return ir.And(tuple(_kids(children, "AND")), span=_span(meta))
-
-    def or_test(self, meta, children):
-        return ir.Or(tuple(_kids(children, "OR")), span=_span(meta))
-
-    def atom(self, meta, children):  # ( predicate )
-        return _kids(children, *_PUNCT)[0]
-
-    # actions
-    def keyword_argument(self, meta, children):
-        name, _, value = children
-        return ir.Argument(name.value, _unwrap(value), span=_span(name), value_span=value.span)
-
-    def positional_argument(self, meta, children):
-        value = children[0]
-        return ir.Argument(None, _unwrap(value), span=value.span, value_span=value.span)
-
-    def call(self, meta, children):
-        name = children[0]
-        arguments = tuple(_kids(children[1:], *_PUNCT))
-        return ir.MethodCall(name.value, arguments, span=_span(name))
-
-    def apply_action(self, meta, children):
-        return ir.Apply(children[1], span=_span(meta))
-
-    def skip_action(self, meta, children):
-        return ir.Skip(span=_span(meta))
-
-    def train_action(self, meta, children):
-        return ir.Train(span=_span(meta))
-
-    # rules and blocks
-    def rule(self, meta, children):
-        _, selectors, _, where, action = children
-        return ir.Rule(selectors, action, where, span=_span(meta))
-
-    def adapter_block(self, meta, children):
-        name = children[1]
-        rules = tuple(c for c in children if isinstance(c, ir.Rule))
-        header = Span(meta.line, meta.column, name.end_line, name.end_column, meta.start_pos, name.end_pos)
-        return ir.Adapter(self._string(name), rules, span=header)
-
-    def start(self, meta, children):
-        # Top-level rules form the adapter "default", declared where its first rule stands.
-        adapters: list = []
-        default_rules: list = []
-        for child in children:
-            if isinstance(child, ir.Rule):
-                if not default_rules:
-                    adapters.append(None)  # placeholder for "default"
-                default_rules.append(child)
-            else:
-                adapters.append(child)
-        if default_rules:
-            first = default_rules[0].span
-            adapters[adapters.index(None)] = ir.Adapter(ir.DEFAULT_ADAPTER, tuple(default_rules), span=first)
-        return adapters

@@ -20,7 +20,6 @@ values are never changed unless ``fold(inplace=True)`` is asked for.
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch
 from torch import nn
@@ -28,7 +27,7 @@ from torch import nn
 from surgeon.grammar import rules as ir
 from surgeon.passes import Insertion, Pipeline, copy_graph_module, fold_adapters, insert_adapters, unfold_inplace, verify_fold
 
-from .capture import bind_program, export_program, widen_inputs
+from .export import bind_program, export_program, widen_inputs
 from .methods.adapter import SiteAdapter, adapter_class
 from .plan import Plan
 

@@ -19,7 +19,7 @@ __all__ = ["export_program_file", "load_program"]
 def export_program_file(compiled, path, *, fold: bool = True, args: tuple = (), kwargs: dict | None = None) -> None:
     import torch
 
-    from surgeon.capture import dynamic_shapes, widen_inputs
+    from surgeon.export import dynamic_shapes, widen_inputs
 
     path = Path(path)
     if path.is_dir():

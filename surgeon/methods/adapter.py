@@ -54,26 +54,6 @@ class SiteAdapter(nn.Module):
     def peft_state(self) -> dict:  # pragma: no cover
         raise NotImplementedError
 
-    def load_peft_state(self, tensors: dict, where: str) -> None:
-        """Copy PEFT tensors (key suffix -> tensor) in, after checking every name and shape."""
-        import torch
-
-        from surgeon.checkpoints.peft import AdapterError
-
-        expected = self.peft_state()
-        missing = sorted(set(expected) - set(tensors))
-        if missing:
-            raise AdapterError(f"{where}: no weights for {', '.join(missing)}")
-        for key, param in expected.items():
-            if tuple(tensors[key].shape) != tuple(param.shape):
-                raise AdapterError(
-                    f"{where}.{key} has shape {tuple(tensors[key].shape)}, this model needs {tuple(param.shape)}",
-                    hint="the adapter was made for another base model, or another rank",
-                )
-        with torch.no_grad():
-            for key, param in expected.items():
-                param.copy_(tensors[key].to(param.dtype))
-
     def hook(self):
         """A forward hook running :meth:`eager` (``module.register_forward_hook(adapter.hook())``)."""
 

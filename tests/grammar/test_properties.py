@@ -3,7 +3,7 @@
 import string
 from pathlib import Path
 
-from hypothesis import assume, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 from surgeon.grammar import (

@@ -12,7 +12,7 @@ from surgeon.checkpoints.peft import AdapterError, rules_from_peft
 from surgeon.demos import build_demo
 from surgeon.grammar import SurgeryError
 
-from ._peft_reference import inputs, peft_twin, randomize_adapters
+from ._peft_reference import inputs, randomize_adapters
 
 RULES = (
     'match "*.self_attn.{q,v}_proj" apply lora(r=8, alpha=16)\n'

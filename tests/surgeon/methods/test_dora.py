@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 
 import surgeon
 from surgeon.demos import build_demo
 
 from .._peft_reference import inputs, randomize_adapters
+from ._checks import CompiledCases, check_files_both_ways_fold_and_unfold
 
 CASES = {
     "llama": ("llama", 'match "*.self_attn.{q,v}_proj" apply dora(r=8, alpha=16)\nmatch "*.layers.0.*" skip', dict(target_modules=r".*layers\.[123]\.self_attn\.(q|v)_proj")),
@@ -39,15 +40,7 @@ def _peft_twin(compiled, demo, **kwargs):
 
 @pytest.fixture(scope="module")
 def compiled_dora():
-    made = {}
-
-    def get(case):
-        if case not in made:
-            demo, rules, _ = CASES[case]
-            made[case] = surgeon.compile(f"demo:{demo}", rules).eval()
-        return made[case]
-
-    return get
+    return CompiledCases(CASES)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -75,23 +68,7 @@ def test_dora_starts_equal_to_the_base_then_matches_peft_logits_and_gradients(co
 def test_dora_files_both_ways_fold_and_unfold(compiled_dora, tmp_path):
     compiled = compiled_dora("gpt2")
     _randomize(compiled, seed=3)
-    expected = compiled(**inputs()).logits.detach()
-    compiled.save_adapter(tmp_path / "ours")
-    theirs = PeftModel.from_pretrained(build_demo("gpt2"), tmp_path / "ours").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(theirs(**inputs()).logits, expected, rtol=1e-5, atol=1e-5)
-    theirs.save_pretrained(tmp_path / "theirs")
-    again = surgeon.compile("demo:gpt2", adapter=tmp_path / "theirs").eval()
-    assert {s.method for s in again.plan.sites} == {"dora"}
-    with torch.no_grad():
-        torch.testing.assert_close(again(**inputs()).logits, expected, rtol=1e-5, atol=1e-5)
-    folded = compiled.fold()  # verified against the unfolded graph
-    with torch.no_grad():
-        torch.testing.assert_close(folded(**inputs(), use_cache=False).logits, expected, rtol=1e-4, atol=1e-5)
-    before = {k: v.clone() for k, v in compiled.base_model.state_dict().items()}
-    compiled.fold(inplace=True)
-    compiled.unfold()
-    assert all(torch.equal(v, before[k]) for k, v in compiled.base_model.state_dict().items())
+    check_files_both_ways_fold_and_unfold(compiled, "gpt2", "dora", tmp_path)
 
 
 def test_mixing_lora_and_dora_in_one_adapter_trains_folds_but_is_not_peft_format(tmp_path):

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from peft import IA3Config, PeftModel, get_peft_model
+from peft import IA3Config, get_peft_model
 
-import surgeon
 from surgeon.demos import build_demo
 
 from .._peft_reference import inputs
+from ._checks import CompiledCases, check_files_both_ways_fold_and_unfold
 
 CASES = {
     "llama": (
@@ -42,15 +42,7 @@ def _peft_twin(compiled, demo, **kwargs):
 
 @pytest.fixture(scope="module")
 def compiled_ia3():
-    made = {}
-
-    def get(case):
-        if case not in made:
-            demo, rules, _ = CASES[case]
-            made[case] = surgeon.compile(f"demo:{demo}", rules).eval()
-        return made[case]
-
-    return get
+    return CompiledCases(CASES)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -75,23 +67,7 @@ def test_ia3_matches_peft_logits_and_gradients(compiled_ia3, case):
 def test_ia3_files_both_ways_fold_and_unfold(compiled_ia3, tmp_path):
     compiled = compiled_ia3("gpt2")
     _randomize(compiled, seed=5)
-    expected = compiled(**inputs()).logits.detach()
-    compiled.save_adapter(tmp_path / "ours")
-    theirs = PeftModel.from_pretrained(build_demo("gpt2"), tmp_path / "ours").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(theirs(**inputs()).logits, expected, rtol=1e-5, atol=1e-5)
-    theirs.save_pretrained(tmp_path / "theirs")
-    again = surgeon.compile("demo:gpt2", adapter=tmp_path / "theirs").eval()
-    assert sorted({(s.method, s.config.feedforward) for s in again.plan.sites}) == [("ia3", False), ("ia3", True)]
-    with torch.no_grad():
-        torch.testing.assert_close(again(**inputs()).logits, expected, rtol=1e-5, atol=1e-5)
-    folded = compiled.fold()
-    with torch.no_grad():
-        torch.testing.assert_close(folded(**inputs(), use_cache=False).logits, expected, rtol=1e-4, atol=1e-5)
-    before = {k: v.clone() for k, v in compiled.base_model.state_dict().items()}
-    compiled.fold(inplace=True)
-    compiled.unfold()
-    assert all(torch.equal(v, before[k]) for k, v in compiled.base_model.state_dict().items())
+    check_files_both_ways_fold_and_unfold(compiled, "gpt2", "ia3", tmp_path)
 
 
 def test_ia3_attach_scales_the_eager_model_like_the_graph(compiled_ia3):

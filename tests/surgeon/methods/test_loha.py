@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from peft import LoHaConfig, PeftModel, get_peft_model
+from peft import LoHaConfig, get_peft_model
 
-import surgeon
 from surgeon.demos import build_demo
 
 from .._peft_reference import inputs
+from ._checks import CompiledCases, check_files_both_ways_fold_and_unfold
 
 CASES = {
     "llama": ("llama", 'match "*.self_attn.{q,v}_proj" apply loha(r=4, alpha=8)\nmatch "*.layers.3.*" skip', dict(r=4, alpha=8, target_modules=r".*layers\.[012]\.self_attn\.(q|v)_proj")),
@@ -37,15 +37,7 @@ def _peft_twin(compiled, demo, **kwargs):
 
 @pytest.fixture(scope="module")
 def compiled_loha():
-    made = {}
-
-    def get(case):
-        if case not in made:
-            demo, rules, _ = CASES[case]
-            made[case] = surgeon.compile(f"demo:{demo}", rules).eval()
-        return made[case]
-
-    return get
+    return CompiledCases(CASES)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -72,20 +64,4 @@ def test_loha_starts_at_the_base_and_matches_peft_logits_and_gradients(compiled_
 def test_loha_files_both_ways_fold_and_unfold(compiled_loha, tmp_path):
     compiled = compiled_loha("llama")
     _randomize(compiled, seed=4)
-    expected = compiled(**inputs()).logits.detach()
-    compiled.save_adapter(tmp_path / "ours")
-    theirs = PeftModel.from_pretrained(build_demo("llama"), tmp_path / "ours").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(theirs(**inputs()).logits, expected, rtol=1e-5, atol=1e-5)
-    theirs.save_pretrained(tmp_path / "theirs")
-    again = surgeon.compile("demo:llama", adapter=tmp_path / "theirs").eval()
-    assert {s.method for s in again.plan.sites} == {"loha"}
-    with torch.no_grad():
-        torch.testing.assert_close(again(**inputs()).logits, expected, rtol=1e-5, atol=1e-5)
-    folded = compiled.fold()
-    with torch.no_grad():
-        torch.testing.assert_close(folded(**inputs(), use_cache=False).logits, expected, rtol=1e-4, atol=1e-5)
-    before = {k: v.clone() for k, v in compiled.base_model.state_dict().items()}
-    compiled.fold(inplace=True)
-    compiled.unfold()
-    assert all(torch.equal(v, before[k]) for k, v in compiled.base_model.state_dict().items())
+    check_files_both_ways_fold_and_unfold(compiled, "llama", "loha", tmp_path)

@@ -1,0 +1,44 @@
+"""What every method's tests check the same way: compiled once per case, PEFT files both ways, fold, unfold."""
+
+import torch
+from peft import PeftModel
+
+import surgeon
+from surgeon.demos import build_demo
+
+from .._peft_reference import inputs
+
+
+class CompiledCases:
+    """Each case compiled once per test module (captures cost seconds)."""
+
+    def __init__(self, cases: dict):
+        self.cases, self.made = cases, {}
+
+    def __call__(self, case: str):
+        if case not in self.made:
+            demo, rules, _ = self.cases[case]
+            self.made[case] = surgeon.compile(f"demo:{demo}", rules).eval()
+        return self.made[case]
+
+
+def check_files_both_ways_fold_and_unfold(compiled, demo: str, method: str, tmp_path) -> None:
+    """PEFT loads what surgeon saves and surgeon loads what PEFT saves, with the same logits;
+    the fold verifies and matches; an in-place fold is undone bit for bit."""
+    expected = compiled(**inputs()).logits.detach()
+    compiled.save_adapter(tmp_path / "ours")
+    theirs = PeftModel.from_pretrained(build_demo(demo), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(**inputs()).logits, expected, rtol=1e-5, atol=1e-5)
+    theirs.save_pretrained(tmp_path / "theirs")
+    again = surgeon.compile(f"demo:{demo}", adapter=tmp_path / "theirs").eval()
+    assert {s.method for s in again.plan.sites} == {method}
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inputs()).logits, expected, rtol=1e-5, atol=1e-5)
+    folded = compiled.fold()
+    with torch.no_grad():
+        torch.testing.assert_close(folded(**inputs(), use_cache=False).logits, expected, rtol=1e-4, atol=1e-5)
+    before = {k: v.clone() for k, v in compiled.base_model.state_dict().items()}
+    compiled.fold(inplace=True)
+    compiled.unfold()
+    assert all(torch.equal(v, before[k]) for k, v in compiled.base_model.state_dict().items())
