@@ -48,6 +48,7 @@ WEIGHTS = "adapter_model.safetensors"
 _REQUIRED = {
     "LORA": ("peft_type", "r", "lora_alpha", "target_modules"),
     "LOHA": ("peft_type", "r", "alpha", "target_modules"),
+    "LOKR": ("peft_type", "r", "alpha", "target_modules"),
     "IA3": ("peft_type", "target_modules"),
 }
 
@@ -107,6 +108,16 @@ def peft_config(compiled, adapter: str) -> dict:
     )
     if methods == ["loha"]:
         config.update(peft_type="LOHA", alpha=alpha, rank_dropout=0.0, module_dropout=0.0, init_weights=True, **patterns)
+        return config
+    if methods == ["lokr"]:
+        shapes = {(s.config.factor, s.config.decompose_both) for s in sites}
+        if len(shapes) > 1:
+            raise AdapterError(f"adapter '{adapter}' mixes LoKr factor/decompose_both settings, which PEFT holds once per adapter")
+        factor, decompose_both = shapes.pop()
+        config.update(
+            peft_type="LOKR", alpha=alpha, decompose_both=decompose_both, decompose_factor=factor or -1,
+            rank_dropout=0.0, module_dropout=0.0, rank_dropout_scale=False, init_weights=True, **patterns,
+        )
         return config
     init = sites[0].config.init
     config.update(
@@ -229,14 +240,17 @@ def rules_from_peft(config: dict) -> str:
     """Surgery text that targets what a PEFT config targets, with the same ranks and scales."""
     if config["peft_type"] == "IA3":
         return _ia3_rules(config)
-    if config["peft_type"] == "LOHA":
+    if config["peft_type"] in ("LOHA", "LOKR"):
         for dropout in ("rank_dropout", "module_dropout"):
             if config.get(dropout):
-                raise AdapterError(f"LoHa's {dropout} is not supported yet (it is {config[dropout]})")
+                raise AdapterError(f"{config['peft_type']}'s {dropout} is not supported yet (it is {config[dropout]})")
         config = {**config, "lora_alpha": config["alpha"]}
     r, alpha = config["r"], config["lora_alpha"]
-    method = {"LOHA": "loha"}.get(config["peft_type"], "dora" if config.get("use_dora") else "lora")
+    method = {"LOHA": "loha", "LOKR": "lokr"}.get(config["peft_type"], "dora" if config.get("use_dora") else "lora")
     extra = (", rslora=true" if config.get("use_rslora") else "") + (", bias=true" if config.get("lora_bias") else "")
+    if config["peft_type"] == "LOKR":
+        factor = config.get("decompose_factor", -1)
+        extra += (f", factor={factor}" if factor and factor > 0 else "") + (", decompose_both=true" if config.get("decompose_both") else "")
     if config.get("lora_dropout"):
         extra += f", dropout={config['lora_dropout']}"
     targets = config["target_modules"]

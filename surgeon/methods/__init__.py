@@ -8,6 +8,7 @@ from ._registry import SITE_KINDS, get_method, method_names, register_method, si
 from .dora import DoraConfig
 from .ia3 import Ia3Config
 from .loha import LohaConfig
+from .lokr import LokrConfig
 from .lora import LoraConfig
 
-__all__ = ["SITE_KINDS", "register_method", "get_method", "method_names", "signatures", "LoraConfig", "DoraConfig", "Ia3Config", "LohaConfig"]
+__all__ = ["SITE_KINDS", "register_method", "get_method", "method_names", "signatures", "LoraConfig", "DoraConfig", "Ia3Config", "LohaConfig", "LokrConfig"]

@@ -43,7 +43,7 @@ def test_check_json_lists_every_diagnostic_with_the_stable_schema(capsys):
         "severity": "error",
         "code": "unknown-method",
         "message": "unknown method 'lroa'",
-        "hint": "did you mean 'lora'? (methods: dora, ia3, loha, lora)",
+        "hint": "did you mean 'lora'? (methods: dora, ia3, loha, lokr, lora)",
     }
 
 

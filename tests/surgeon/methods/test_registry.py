@@ -73,6 +73,7 @@ def test_every_method_argument_is_checked_by_the_language():
         ('match "x" apply ia3(feedforward=1)', "bad-type"),
         ('match "x" apply ia3(r=4)', "unknown-argument"),
         ('match "x" apply loha(alpha=2)', "missing-argument"),
+        ('match "x" apply lokr(r=4, factor=0)', "out-of-range"),
     ):
         with pytest.raises(SurgeryError) as caught:
             parse(text)

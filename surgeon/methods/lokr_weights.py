@@ -1,0 +1,65 @@
+"""LoKr on a site (torch; lokr.py holds the config, the shapes and the math)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapter import SiteAdapter, site_adapter
+from .lokr import lokr_shapes
+
+__all__ = ["LokrWeights"]
+
+
+@site_adapter("lokr")
+class LokrWeights(SiteAdapter):
+    def __init__(self, config, kind, in_features, out_features, *, dtype=torch.float32, device=None, weight=None):
+        super().__init__(config, kind, in_features, out_features)
+        for name, shape in lokr_shapes(config, in_features, out_features).items():
+            setattr(self, name, nn.Parameter(torch.empty(shape, dtype=dtype, device=device)))
+        with torch.no_grad():  # PEFT's init: W1 (or W1a) zero, the rest kaiming-uniform
+            for name, p in self.named_parameters(recurse=False):
+                if name in ("lokr_w1", "lokr_w1_a"):
+                    p.zero_()
+                else:
+                    nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+
+    @property
+    def scale(self) -> float:
+        return self.config.scale
+
+    def _factor(self, name: str, dtype):
+        if name in self._parameters:
+            return self._parameters[name].to(dtype)
+        return self._parameters[f"{name}_a"].to(dtype) @ self._parameters[f"{name}_b"].to(dtype)
+
+    def delta(self, dtype=torch.float32) -> torch.Tensor:
+        """dW = kron(W1, W2) * s, (out, in)."""
+        return torch.kron(self._factor("lokr_w1", dtype), self._factor("lokr_w2", dtype)) * self.scale
+
+    def branch(self, graph, x, y):
+        aten = torch.ops.aten
+
+        def factor(name):
+            if name in self._parameters:
+                return graph.param(name)
+            return graph.call(aten.mm.default, (graph.param(f"{name}_a"), graph.param(f"{name}_b")), "factor")
+
+        dtype = next(self.parameters()).dtype
+        kron = graph.call(aten.kron.default, (factor("lokr_w1"), factor("lokr_w2")), "delta")
+        delta = graph.call(aten.mul.Tensor, (kron, self.scale), "delta")
+        d = graph.call(aten.linear.default, (graph.cast(x, dtype), delta), "expand")
+        return None, graph.call(aten.add.Tensor, (y, graph.cast(d, graph.dtype_of(graph.base), dtype)), "out")
+
+    def fold(self, weight, bias, kind: str):
+        return weight + self.delta(torch.float32), bias
+
+    def eager(self, module, x, y):
+        dtype = next(self.parameters()).dtype
+        return y + F.linear(x.to(dtype), self.delta(dtype)).to(y.dtype)
+
+    def peft_state(self) -> dict:
+        return dict(self.named_parameters(recurse=False))
