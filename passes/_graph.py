@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["module_path", "site_nodes", "adapter_nodes", "Inserter", "SITE_OPS"]
+__all__ = ["module_path", "site_nodes", "site_args", "adapter_nodes", "Inserter", "SITE_OPS"]
 
 
 def module_path(node) -> str | None:
@@ -17,7 +17,7 @@ def _site_ops():
     import torch
 
     aten = torch.ops.aten
-    return {"linear": aten.linear.default, "hf_conv1d": aten.addmm.default}
+    return {"linear": aten.linear.default, "hf_conv1d": aten.addmm.default, "embedding": aten.embedding.default}
 
 
 SITE_OPS = _site_ops
@@ -31,6 +31,17 @@ def site_nodes(gm, path: str, kind: str) -> list:
         for n in gm.graph.nodes
         if n.op == "call_function" and n.target is op and "surgeon" not in n.meta and module_path(n) == path
     ]
+
+
+def site_args(node, kind: str) -> tuple:
+    """(input, weight, bias or None) of a site's op: linear(x, W[, b]), addmm(b, x, W), embedding(W, ids)."""
+    if kind == "linear":
+        return node.args[0], node.args[1], node.args[2] if len(node.args) > 2 else None
+    if kind == "hf_conv1d":
+        return node.args[1], node.args[2], node.args[0]
+    if kind == "embedding":
+        return node.args[1], node.args[0], None
+    raise ValueError(f"no graph rule for sites of kind {kind}")
 
 
 def adapter_nodes(gm, *, role: str | None = None, site: str | None = None, adapter: str | None = None) -> list:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from surgeon.grammar.diagnostics import SurgeryError
 
-from ._graph import site_nodes
+from ._graph import site_args, site_nodes
 from .insert import attribute_prefix
 from .pipeline import PassResult
 
@@ -62,13 +62,15 @@ def fold_adapters(insertions, *, inplace: bool = False, originals: dict | None =
         with torch.no_grad():
             for (path, kind), specs in by_site.items():
                 base = site_nodes(gm, path, kind)[0]
-                weight_node = base.args[1] if kind == "linear" else base.args[2]
-                bias_node = (base.args[2] if len(base.args) > 2 else None) if kind == "linear" else base.args[0]
+                _, weight_node, bias_node = site_args(base, kind)
                 weight = _attr(gm, weight_node.target)
                 bias = _attr(gm, bias_node.target) if bias_node is not None and bias_node.op == "get_attr" else None
                 new_weight, new_bias = weight.detach().float(), None if bias is None else bias.detach().float()
                 for spec in specs:
                     new_weight, new_bias = spec.module.fold(new_weight, new_bias, kind)
+                if not inplace and _used_elsewhere(gm, weight_node, base):
+                    # a tied weight (GPT-2's wte and lm_head read one tensor): this site gets its own
+                    weight_node = _own_attribute(gm, base, weight_node, f"{path}.surgeon_folded_weight")
                 _set(gm, weight_node.target, new_weight.to(weight.dtype), inplace, originals)
                 if bias is not None and new_bias is not None:
                     _set(gm, bias_node.target, new_bias.to(bias.dtype), inplace, originals)
@@ -100,6 +102,11 @@ def _set(gm, target: str, value, inplace: bool, originals: dict | None) -> None:
 
     current = _attr(gm, target)
     if inplace:
+        if _shared(gm, target, current):
+            raise FoldError(
+                f"cannot fold into {target} in place: the tensor is shared with another weight (tied embeddings)",
+                hint="fold() without inplace=True gives the merged graph and leaves the tie alone",
+            )
         if originals is not None and target not in originals:
             originals[target] = (current, current.detach().clone())
         current.data.copy_(value)
@@ -107,6 +114,52 @@ def _set(gm, target: str, value, inplace: bool, originals: dict | None) -> None:
     owner_path, _, name = target.rpartition(".")
     owner = gm.get_submodule(owner_path) if owner_path else gm
     setattr(owner, name, torch.nn.Parameter(value, requires_grad=False))
+
+
+def _used_elsewhere(gm, weight_node, base) -> bool:
+    """Does any op other than this site's base op (and its adapter nodes) read this weight?"""
+    tensor = _attr(gm, weight_node.target)
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or _attr(gm, node.target) is not tensor:
+            continue
+        for user in node.users:
+            if user is not base and "surgeon" not in user.meta:
+                return True
+    return False
+
+
+def _own_attribute(gm, base, weight_node, target: str):
+    """A new get_attr node for ``base``'s weight under ``target``, holding the same tensor for now."""
+    owner_path, _, name = target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if _has_module(gm, owner_path) else _make_module(gm, owner_path)
+    setattr(owner, name, _attr(gm, weight_node.target))
+    with gm.graph.inserting_before(base):
+        node = gm.graph.get_attr(target)
+    base.replace_input_with(weight_node, node)
+    return node
+
+
+def _has_module(gm, path: str) -> bool:
+    try:
+        gm.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def _make_module(gm, path: str):
+    import torch
+
+    owner = gm
+    for part in path.split("."):
+        if not hasattr(owner, part):
+            owner.add_module(part, torch.nn.Module())
+        owner = getattr(owner, part)
+    return owner
+
+
+def _shared(gm, target: str, tensor) -> bool:
+    return any(t is tensor and n != target for n, t in gm.named_parameters(remove_duplicate=False))
 
 
 def unfold_inplace(originals: dict) -> None:

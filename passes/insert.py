@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ._graph import Inserter, site_nodes
+from ._graph import Inserter, site_args, site_nodes
 from .pipeline import PassResult
 
 __all__ = ["Insertion", "insert_adapters", "attribute_prefix", "GraphBuilder"]
@@ -75,7 +75,11 @@ class GraphBuilder:
 
     def weight(self):
         """The get_attr node of the base weight."""
-        return self.node.args[1] if self.spec.kind == "linear" else self.node.args[2]
+        return site_args(self.node, self.spec.kind)[1]
+
+    def bias(self):
+        """The get_attr node of the base bias, or None."""
+        return site_args(self.node, self.spec.kind)[2]
 
     def param(self, name: str):
         """A get_attr node for the adapter's parameter ``name`` (placed before the base op)."""
@@ -150,7 +154,7 @@ def insert_adapters(insertions, *, training: bool):
                 owner.register_buffer(prefix + name, buffer)
             for node in nodes:
                 builder = GraphBuilder(gm, node, spec, training)
-                x = node.args[0] if spec.kind == "linear" else node.args[1]
+                x = site_args(node, spec.kind)[0]
                 current = outermost(node)
                 users = [u for u in current.users]
                 new_x, new_y = spec.module.branch(builder, x, current)

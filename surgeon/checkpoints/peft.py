@@ -363,6 +363,19 @@ def _fill(compiled, adapter: str, tensors: dict, source: Path) -> None:
         if t.adapter == adapter:
             for pname, param in compiled.trained[t.path.replace(".", "__")].named_parameters():
                 expected[f"{PREFIX}{t.path}.{pname}"] = param
+    for name, path, module in compiled.sites():
+        # PEFT also saves the whole base embedding when one is adapted (save_embedding_layers):
+        # accept it when it is the base model's own, refuse a resized or changed one.
+        key = f"{PREFIX}{path}.base_layer.weight"
+        if name != adapter or key not in tensors:
+            continue
+        base = compiled.base_model.get_submodule(path).weight.detach()
+        if tuple(tensors[key].shape) != tuple(base.shape) or not torch.equal(tensors[key].to(base.dtype), base):
+            raise AdapterError(
+                f"{source} carries a changed copy of {path}.weight (a resized vocabulary?), which surgeon does not load",
+                hint="compile the model the adapter was trained on, with its embedding as saved",
+            )
+        tensors = {k: v for k, v in tensors.items() if k != key}
     unknown = sorted(set(tensors) - set(expected))
     missing = sorted(set(expected) - set(tensors))
     if unknown or missing:

@@ -54,9 +54,7 @@ class DoraWeights(LoraWeights):
             base = graph.call(aten.linear.default, (x_in, rows), "base")
         else:
             base = graph.cast(graph.base, dtype)
-            bias = graph.base.args[2] if self.kind == "linear" and len(graph.base.args) > 2 else None
-            if self.kind == "hf_conv1d":
-                bias = graph.base.args[0]
+            bias = graph.bias()
             if bias is not None:
                 base = graph.call(aten.sub.Tensor, (base, graph.cast(bias, dtype)), "base")
         lora = graph.call(aten.linear.default, (graph.call(aten.linear.default, (x_in, a), "shrink"), b), "expand")

@@ -8,6 +8,10 @@ trainable ``A`` (r, in) and ``B`` (out, r)::
 ``B`` starts at zero, so the adapted model starts equal to the base model.
 Folding gives ``W' = W + s * B A`` (transposed for GPT-2's ``Conv1D``, whose
 weight is stored as (in, out)).
+
+On an embedding (num_embeddings x dim), as PEFT: A is (r, num_embeddings) and
+starts at zero, B is (dim, r) and starts normal, and
+``y' = y + s * embedding(ids, A^T) B^T``; folding gives ``E' = E + s (B A)^T``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from ._registry import register_method
 __all__ = ["LoraConfig"]
 
 
-@register_method("lora", sites=("linear", "hf_conv1d"))
+@register_method("lora", sites=("linear", "hf_conv1d", "embedding"))
 @dataclass(frozen=True)
 class LoraConfig:
     """Low-rank adaptation (Hu et al., 2021), with PEFT's defaults."""

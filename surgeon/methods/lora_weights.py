@@ -34,6 +34,10 @@ class LoraWeights(SiteAdapter):
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
+            if self.kind == "embedding":  # PEFT: A zero, B as nn.Embedding initialises
+                self.lora_A.zero_()
+                nn.init.normal_(self.lora_B)
+                return
             if self.config.init == "kaiming":
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             elif self.config.init == "gaussian":
@@ -54,6 +58,12 @@ class LoraWeights(SiteAdapter):
 
     def branch(self, graph, x, y):
         aten = torch.ops.aten
+        if self.kind == "embedding":  # x holds token ids
+            a_t = graph.call(aten.t.default, (graph.param("lora_A"),), "rows")
+            h = graph.call(aten.embedding.default, (a_t, x), "shrink")
+            d = graph.call(aten.linear.default, (h, graph.param("lora_B")), "expand")
+            s = graph.cast(graph.call(aten.mul.Tensor, (d, self.scale), "scale"), graph.dtype_of(graph.base), self.lora_A.dtype)
+            return None, graph.call(aten.add.Tensor, (y, s), "out")
         x_in = graph.cast(x, self.lora_A.dtype)
         if graph.training and self.config.dropout > 0:
             x_in = graph.call(aten.dropout.default, (x_in, self.config.dropout, True), "dropout")
@@ -65,7 +75,7 @@ class LoraWeights(SiteAdapter):
 
     def fold(self, weight, bias, kind: str):
         delta = self.delta(torch.float32)
-        weight = weight + (delta.T if kind == "hf_conv1d" else delta)
+        weight = weight + (delta.T if kind in ("hf_conv1d", "embedding") else delta)
         if self.lora_B_bias is not None:
             if bias is None:
                 from surgeon.passes import FoldError
@@ -75,12 +85,16 @@ class LoraWeights(SiteAdapter):
         return weight, bias
 
     def eager(self, module, x, y):
+        if self.kind == "embedding":
+            return y + (F.embedding(x, self.lora_A.T) @ self.lora_B.T * self.scale).to(y.dtype)
         x = x.to(self.lora_A.dtype)
         if module.training and self.config.dropout > 0:
             x = F.dropout(x, self.config.dropout, True)
         return y + (F.linear(F.linear(x, self.lora_A), self.lora_B, self.lora_B_bias) * self.scale).to(y.dtype)
 
     def peft_state(self) -> dict:
+        if self.kind == "embedding":  # PEFT keeps these as raw parameters: no ".weight"
+            return {"lora_embedding_A": self.lora_A, "lora_embedding_B": self.lora_B}
         state = {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
         if self.lora_B_bias is not None:
             state["lora_B.bias"] = self.lora_B_bias

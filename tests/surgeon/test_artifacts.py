@@ -211,3 +211,18 @@ def test_written_files_get_the_usual_permissions(llama, tmp_path):
         os.umask(mask)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert stat.S_IMODE((tmp_path / "a" / name).stat().st_mode) == 0o644
+
+
+def test_in_place_fold_refuses_a_tied_weight_but_fold_keeps_the_tie_apart():
+    from surgeon.passes import FoldError
+
+    compiled = surgeon.compile("demo:gpt2", 'match "transformer.wte" apply lora(r=2)').eval()
+    randomize_adapters(compiled)
+    with torch.no_grad():
+        compiled.adapter_module("default", "transformer.wte").lora_A.normal_()
+    with pytest.raises(FoldError, match="the tensor is shared with another weight"):
+        compiled.fold(inplace=True)
+    assert compiled.base_model.lm_head.weight is compiled.base_model.transformer.wte.weight
+    folded = compiled.fold()  # the merged graph: wte changes, lm_head keeps the base weight, as unfolded
+    with torch.no_grad():
+        torch.testing.assert_close(folded(**inputs(), use_cache=False).logits, compiled(**inputs()).logits, rtol=1e-4, atol=1e-5)
