@@ -17,7 +17,12 @@ def _site_ops():
     import torch
 
     aten = torch.ops.aten
-    return {"linear": aten.linear.default, "hf_conv1d": aten.addmm.default, "embedding": aten.embedding.default}
+    return {
+        "linear": aten.linear.default,
+        "hf_conv1d": aten.addmm.default,
+        "embedding": aten.embedding.default,
+        "conv2d": aten.conv2d.default,
+    }
 
 
 SITE_OPS = _site_ops
@@ -35,7 +40,7 @@ def site_nodes(gm, path: str, kind: str) -> list:
 
 def site_args(node, kind: str) -> tuple:
     """(input, weight, bias or None) of a site's op: linear(x, W[, b]), addmm(b, x, W), embedding(W, ids)."""
-    if kind == "linear":
+    if kind in ("linear", "conv2d"):
         return node.args[0], node.args[1], node.args[2] if len(node.args) > 2 else None
     if kind == "hf_conv1d":
         return node.args[1], node.args[2], node.args[0]

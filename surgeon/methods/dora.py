@@ -33,7 +33,7 @@ class DoraConfig:
     init = "kaiming"
     bias = False
 
-    def trainable_params(self, in_features: int, out_features: int) -> int:
+    def trainable_params(self, in_features: int, out_features: int, weight_shape: tuple = ()) -> int:
         """A (r x in), B (out x r) and the magnitude vector (out)."""
         return self.r * (in_features + out_features) + out_features
 

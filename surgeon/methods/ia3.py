@@ -26,6 +26,6 @@ class Ia3Config:
 
     feedforward: bool = param(False, doc="scale the input (feed-forward down projections) instead of the output")
 
-    def trainable_params(self, in_features: int, out_features: int) -> int:
+    def trainable_params(self, in_features: int, out_features: int, weight_shape: tuple = ()) -> int:
         """One vector: in_features long with feedforward, else out_features."""
         return in_features if self.feedforward else out_features

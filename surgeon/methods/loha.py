@@ -32,7 +32,7 @@ class LohaConfig:
     bias = False
     init = "kaiming"
 
-    def trainable_params(self, in_features: int, out_features: int) -> int:
+    def trainable_params(self, in_features: int, out_features: int, weight_shape: tuple = ()) -> int:
         """Two pairs of factors: 2 r (in + out)."""
         return 2 * self.r * (in_features + out_features)
 

@@ -60,7 +60,7 @@ class LokrConfig:
     def scale(self) -> float:
         return (self.r if self.alpha is None else self.alpha) / self.r
 
-    def trainable_params(self, in_features: int, out_features: int) -> int:
+    def trainable_params(self, in_features: int, out_features: int, weight_shape: tuple = ()) -> int:
         return sum(a * b for a, b in lokr_shapes(self, in_features, out_features).values())
 
 

@@ -12,6 +12,10 @@ weight is stored as (in, out)).
 On an embedding (num_embeddings x dim), as PEFT: A is (r, num_embeddings) and
 starts at zero, B is (dim, r) and starts normal, and
 ``y' = y + s * embedding(ids, A^T) B^T``; folding gives ``E' = E + s (B A)^T``.
+
+On a Conv2d (groups 1), as PEFT: A is a convolution (r, in, kh, kw) with the
+base's stride and padding, B a 1x1 convolution (out, r, 1, 1);
+``y' = y + s * conv(conv(dropout(x), A), B)``; folding adds the composed kernel.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from ._registry import register_method
 __all__ = ["LoraConfig"]
 
 
-@register_method("lora", sites=("linear", "hf_conv1d", "embedding"))
+@register_method("lora", sites=("linear", "hf_conv1d", "embedding", "conv2d"))
 @dataclass(frozen=True)
 class LoraConfig:
     """Low-rank adaptation (Hu et al., 2021), with PEFT's defaults."""
@@ -38,9 +42,12 @@ class LoraConfig:
     init: str = param("kaiming", choices=("kaiming", "gaussian", "zeros"), doc="initialisation of A (B starts at zero)")
     bias: bool = param(False, doc="give B a trainable bias (PEFT's lora_bias)")
 
-    def trainable_params(self, in_features: int, out_features: int) -> int:
-        """A (r x in) and B (out x r), plus B's bias (out) with ``bias``."""
-        return self.r * (in_features + out_features) + (out_features if self.bias else 0)
+    def trainable_params(self, in_features: int, out_features: int, weight_shape: tuple = ()) -> int:
+        """A (r x in) and B (out x r), plus B's bias (out) with ``bias``; a conv's A is (r, in, *kernel)."""
+        fan_in = in_features
+        if len(weight_shape) > 2:  # a convolution: A sees in x kernel
+            fan_in = in_features * math.prod(weight_shape[2:])
+        return self.r * (fan_in + out_features) + (out_features if self.bias else 0)
 
     @property
     def scale(self) -> float:

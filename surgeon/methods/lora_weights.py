@@ -27,8 +27,9 @@ class LoraWeights(SiteAdapter):
     def __init__(self, config, kind: str, in_features: int, out_features: int, *, dtype=torch.float32, device=None, weight=None):
         super().__init__(config, kind, in_features, out_features)
         factory = {"dtype": dtype, "device": device}
-        self.lora_A = nn.Parameter(torch.empty(config.r, in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, config.r, **factory))
+        kernel = tuple(weight.shape[2:]) if kind == "conv2d" else ()
+        self.lora_A = nn.Parameter(torch.empty(config.r, in_features, *kernel, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, config.r, *((1,) * len(kernel)), **factory))
         self.lora_B_bias = nn.Parameter(torch.zeros(out_features, **factory)) if config.bias else None
         self.reset_parameters()
 
@@ -53,8 +54,11 @@ class LoraWeights(SiteAdapter):
         return self.config.scale
 
     def delta(self, dtype=torch.float32) -> torch.Tensor:
-        """scale * B @ A, shape (out, in), computed in ``dtype``."""
-        return (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scale
+        """scale * B @ A, shape (out, in) (a conv: the composed kernel (out, in, kh, kw)), in ``dtype``."""
+        a, b = self.lora_A.to(dtype), self.lora_B.to(dtype)
+        if self.kind == "conv2d":  # B is 1x1: compose the kernels
+            return torch.einsum("or,rikl->oikl", b.flatten(1), a) * self.scale
+        return (b @ a) * self.scale
 
     def branch(self, graph, x, y):
         aten = torch.ops.aten
@@ -67,9 +71,14 @@ class LoraWeights(SiteAdapter):
         x_in = graph.cast(x, self.lora_A.dtype)
         if graph.training and self.config.dropout > 0:
             x_in = graph.call(aten.dropout.default, (x_in, self.config.dropout, True), "dropout")
-        h = graph.call(aten.linear.default, (x_in, graph.param("lora_A")), "shrink")
-        args = (h, graph.param("lora_B")) + ((graph.param("lora_B_bias"),) if self.lora_B_bias is not None else ())
-        d = graph.call(aten.linear.default, args, "expand")
+        bias = (graph.param("lora_B_bias"),) if self.lora_B_bias is not None else ()
+        if self.kind == "conv2d":  # A: the base's kernel, stride and padding; B: 1x1
+            stride, padding = _conv_geometry(graph.base)
+            h = graph.call(aten.conv2d.default, (x_in, graph.param("lora_A"), None, stride, padding), "shrink")
+            d = graph.call(aten.conv2d.default, (h, graph.param("lora_B")) + bias, "expand")
+        else:
+            h = graph.call(aten.linear.default, (x_in, graph.param("lora_A")), "shrink")
+            d = graph.call(aten.linear.default, (h, graph.param("lora_B")) + bias, "expand")
         s = graph.cast(graph.call(aten.mul.Tensor, (d, self.scale), "scale"), graph.dtype_of(graph.base), self.lora_A.dtype)
         return None, graph.call(aten.add.Tensor, (y, s), "out")
 
@@ -90,6 +99,9 @@ class LoraWeights(SiteAdapter):
         x = x.to(self.lora_A.dtype)
         if module.training and self.config.dropout > 0:
             x = F.dropout(x, self.config.dropout, True)
+        if self.kind == "conv2d":
+            h = F.conv2d(x, self.lora_A, None, module.stride, module.padding)
+            return y + (F.conv2d(h, self.lora_B, self.lora_B_bias) * self.scale).to(y.dtype)
         return y + (F.linear(F.linear(x, self.lora_A), self.lora_B, self.lora_B_bias) * self.scale).to(y.dtype)
 
     def peft_state(self) -> dict:
@@ -102,3 +114,14 @@ class LoraWeights(SiteAdapter):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.config.r}, scale={self.scale:g}"
+
+
+def _conv_geometry(node) -> tuple:
+    """(stride, padding) of an aten.conv2d node (its defaults when not given)."""
+    args = list(node.args) + [None] * (7 - len(node.args))
+    stride = args[3] if args[3] is not None else node.kwargs.get("stride", [1, 1])
+    padding = args[4] if args[4] is not None else node.kwargs.get("padding", [0, 0])
+    groups = args[6] if args[6] is not None else node.kwargs.get("groups", 1)
+    if groups != 1:
+        raise NotImplementedError("LoRA on a grouped convolution is not supported yet")
+    return stride, padding
