@@ -9,6 +9,15 @@ from surgeon.demos import build_demo
 from .._peft_reference import inputs
 
 
+def randomize_all(compiled, seed: int = 0, std: float = 0.2) -> None:
+    """Every adapter parameter drawn afresh (so that each one changes the outputs)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, _, module in compiled.sites():
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
 class CompiledCases:
     """Each case compiled once per test module (captures cost seconds)."""
 

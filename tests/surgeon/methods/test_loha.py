@@ -7,20 +7,12 @@ from peft import LoHaConfig, get_peft_model
 from surgeon.demos import build_demo
 
 from .._peft_reference import inputs
-from ._checks import CompiledCases, check_files_both_ways_fold_and_unfold
+from ._checks import CompiledCases, check_files_both_ways_fold_and_unfold, randomize_all
 
 CASES = {
     "llama": ("llama", 'match "*.self_attn.{q,v}_proj" apply loha(r=4, alpha=8)\nmatch "*.layers.3.*" skip', dict(r=4, alpha=8, target_modules=r".*layers\.[012]\.self_attn\.(q|v)_proj")),
     "bert": ("bert", 'match "*.attention.self.query" apply loha(r=2, alpha=4)\nmatch "*.intermediate.dense" apply loha(r=4, alpha=4)', dict(r=2, alpha=4, target_modules=["query", "intermediate.dense"], rank_pattern={"dense": 4}, alpha_pattern={"dense": 4})),
 }
-
-
-def _randomize(compiled, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, _, module in compiled.sites():
-            for p in module.parameters():
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
 
 
 def _peft_twin(compiled, demo, **kwargs):
@@ -47,7 +39,7 @@ def test_loha_starts_at_the_base_and_matches_peft_logits_and_gradients(compiled_
     labels = demo != "bert"
     with torch.no_grad():
         torch.testing.assert_close(compiled(**inputs(labels=labels)).logits, build_demo(demo).eval()(**inputs(labels=labels)).logits, rtol=1e-5, atol=1e-5)
-    _randomize(compiled)
+    randomize_all(compiled)
     reference = _peft_twin(compiled, demo, **peft_kwargs).eval()
     ours, theirs = compiled(**inputs(labels=labels)), reference(**inputs(labels=labels))
     torch.testing.assert_close(ours.logits, theirs.logits, rtol=1e-5, atol=1e-5)
@@ -63,5 +55,5 @@ def test_loha_starts_at_the_base_and_matches_peft_logits_and_gradients(compiled_
 
 def test_loha_files_both_ways_fold_and_unfold(compiled_loha, tmp_path):
     compiled = compiled_loha("llama")
-    _randomize(compiled, seed=4)
+    randomize_all(compiled, seed=4)
     check_files_both_ways_fold_and_unfold(compiled, "llama", "loha", tmp_path)

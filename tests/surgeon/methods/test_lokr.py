@@ -8,7 +8,7 @@ from surgeon.demos import build_demo
 from surgeon.methods.lokr import factorization
 
 from .._peft_reference import inputs
-from ._checks import CompiledCases, check_files_both_ways_fold_and_unfold
+from ._checks import CompiledCases, check_files_both_ways_fold_and_unfold, randomize_all
 
 CASES = {
     "llama decompose_both": (
@@ -33,14 +33,6 @@ def test_factorization_is_pefts():
             assert factorization(dimension, factor) == peft_factorization(dimension, factor), (dimension, factor)
 
 
-def _randomize(compiled, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, _, module in compiled.sites():
-            for p in module.parameters():
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
-
-
 @pytest.fixture(scope="module")
 def compiled_lokr():
     return CompiledCases(CASES)
@@ -53,7 +45,7 @@ def test_lokr_starts_at_the_base_and_matches_peft_shapes_logits_and_gradients(co
     labels = demo != "bert"
     with torch.no_grad():
         torch.testing.assert_close(compiled(**inputs(labels=labels)).logits, build_demo(demo).eval()(**inputs(labels=labels)).logits, rtol=1e-5, atol=1e-5)
-    _randomize(compiled)
+    randomize_all(compiled)
     reference = get_peft_model(build_demo(demo), LoKrConfig(**peft_kwargs)).eval()
     modules = dict(reference.named_modules())
     with torch.no_grad():
@@ -76,5 +68,5 @@ def test_lokr_starts_at_the_base_and_matches_peft_shapes_logits_and_gradients(co
 
 def test_lokr_files_both_ways_fold_and_unfold(compiled_lokr, tmp_path):
     compiled = compiled_lokr("llama decompose_both")
-    _randomize(compiled, seed=9)
+    randomize_all(compiled, seed=9)
     check_files_both_ways_fold_and_unfold(compiled, "llama", "lokr", tmp_path)
