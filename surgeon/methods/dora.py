@@ -10,12 +10,12 @@ B (out, r) zero as in LoRA.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from surgeon.grammar.signature import param
 
 from ._registry import register_method
+from .lora import lora_scale
 
 __all__ = ["DoraConfig"]
 
@@ -39,5 +39,4 @@ class DoraConfig:
 
     @property
     def scale(self) -> float:
-        alpha = self.r if self.alpha is None else self.alpha
-        return alpha / math.sqrt(self.r) if self.rslora else alpha / self.r
+        return lora_scale(self.r, self.alpha, self.rslora)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from surgeon.grammar.signature import param
 
 from ._registry import register_method
+from .lora import lora_scale
 
 __all__ = ["LohaConfig"]
 
@@ -38,4 +39,4 @@ class LohaConfig:
 
     @property
     def scale(self) -> float:
-        return (self.r if self.alpha is None else self.alpha) / self.r
+        return lora_scale(self.r, self.alpha)

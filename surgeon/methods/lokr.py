@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from surgeon.grammar.signature import param
 
 from ._registry import register_method
+from .lora import lora_scale
 
 __all__ = ["LokrConfig", "factorization", "lokr_shapes"]
 
@@ -58,7 +59,7 @@ class LokrConfig:
 
     @property
     def scale(self) -> float:
-        return (self.r if self.alpha is None else self.alpha) / self.r
+        return lora_scale(self.r, self.alpha)
 
     def trainable_params(self, in_features: int, out_features: int, weight_shape: tuple = ()) -> int:
         return sum(a * b for a, b in lokr_shapes(self, in_features, out_features).values())

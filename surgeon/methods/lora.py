@@ -27,7 +27,13 @@ from surgeon.grammar.signature import param
 
 from ._registry import register_method
 
-__all__ = ["LoraConfig"]
+__all__ = ["LoraConfig", "lora_scale"]
+
+
+def lora_scale(r: int, alpha: float | None, rslora: bool = False) -> float:
+    """s = alpha / r, or alpha / sqrt(r) with rslora; alpha defaults to r (shared by the LoRA family)."""
+    alpha = r if alpha is None else alpha
+    return alpha / math.sqrt(r) if rslora else alpha / r
 
 
 @register_method("lora", sites=("linear", "hf_conv1d", "embedding", "conv2d"))
@@ -52,5 +58,4 @@ class LoraConfig:
     @property
     def scale(self) -> float:
         """s = alpha / r, or alpha / sqrt(r) with rslora."""
-        alpha = self.r if self.alpha is None else self.alpha
-        return alpha / math.sqrt(self.r) if self.rslora else alpha / self.r
+        return lora_scale(self.r, self.alpha, self.rslora)

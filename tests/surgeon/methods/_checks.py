@@ -51,3 +51,46 @@ def check_files_both_ways_fold_and_unfold(compiled, demo: str, method: str, tmp_
     compiled.fold(inplace=True)
     compiled.unfold()
     assert all(torch.equal(v, before[k]) for k, v in compiled.base_model.state_dict().items())
+
+
+def peft_parameter(layer, suffix: str):
+    """PEFT's parameter for one of our ``peft_state()`` keys ("lora_A.weight", "ia3_l", "lora_magnitude_vector", ...)."""
+    name, _, rest = suffix.partition(".")
+    value = getattr(layer, name)["default"]
+    for part in filter(None, rest.split(".")):
+        value = getattr(value, part)
+    return value.weight if isinstance(value, torch.nn.Module) else value
+
+
+def copy_into_peft(compiled, peft_model):
+    """The compiled model's adapter weights, copied into the same sites of a PEFT model."""
+    modules = dict(peft_model.named_modules())
+    with torch.no_grad():
+        for _, path, module in compiled.sites():
+            layer = modules[f"base_model.model.{path}"]
+            for suffix, tensor in module.peft_state().items():
+                peft_parameter(layer, suffix).copy_(tensor)
+    return peft_model
+
+
+def check_starts_at_the_base(compiled, demo: str) -> None:
+    labels = demo != "bert"
+    with torch.no_grad():
+        torch.testing.assert_close(
+            compiled(**inputs(labels=labels)).logits, build_demo(demo).eval()(**inputs(labels=labels)).logits, rtol=1e-5, atol=1e-5
+        )
+
+
+def check_logits_and_gradients(compiled, reference, demo: str) -> None:
+    """Same logits (1e-5) and, for a loss on them, the same gradient of every adapter parameter."""
+    labels = demo != "bert"
+    ours, theirs = compiled(**inputs(labels=labels)), reference(**inputs(labels=labels))
+    torch.testing.assert_close(ours.logits, theirs.logits, rtol=1e-5, atol=1e-5)
+    ours.logits.square().mean().backward()
+    theirs.logits.square().mean().backward()
+    modules = dict(reference.named_modules())
+    for _, path, module in compiled.sites():
+        layer = modules[f"base_model.model.{path}"]
+        for suffix, tensor in module.peft_state().items():
+            torch.testing.assert_close(tensor.grad, peft_parameter(layer, suffix).grad, rtol=1e-5, atol=1e-6)
+    compiled.zero_grad()

@@ -8,7 +8,13 @@ import surgeon
 from surgeon.demos import build_demo
 
 from .._peft_reference import inputs, randomize_adapters
-from ._checks import CompiledCases, check_files_both_ways_fold_and_unfold
+from ._checks import (
+    CompiledCases,
+    check_files_both_ways_fold_and_unfold,
+    check_logits_and_gradients,
+    check_starts_at_the_base,
+    copy_into_peft,
+)
 
 CASES = {
     "llama": ("llama", 'match "*.self_attn.{q,v}_proj" apply dora(r=8, alpha=16)\nmatch "*.layers.0.*" skip', dict(target_modules=r".*layers\.[123]\.self_attn\.(q|v)_proj")),
@@ -25,19 +31,6 @@ def _randomize(compiled, seed=0):
             module.lora_magnitude_vector.mul_(1 + 0.1 * torch.randn(module.lora_magnitude_vector.shape, generator=generator))
 
 
-def _peft_twin(compiled, demo, **kwargs):
-    first = next(iter(compiled.sites()))[2]
-    model = get_peft_model(build_demo(demo), LoraConfig(r=first.config.r, lora_alpha=first.config.alpha, use_dora=True, **kwargs))
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for _, path, module in compiled.sites():
-            layer = modules[f"base_model.model.{path}"]
-            layer.lora_A["default"].weight.copy_(module.lora_A)
-            layer.lora_B["default"].weight.copy_(module.lora_B)
-            layer.lora_magnitude_vector["default"].weight.copy_(module.lora_magnitude_vector)
-    return model
-
-
 @pytest.fixture(scope="module")
 def compiled_dora():
     return CompiledCases(CASES)
@@ -47,22 +40,12 @@ def compiled_dora():
 def test_dora_starts_equal_to_the_base_then_matches_peft_logits_and_gradients(compiled_dora, case):
     demo, _, peft_kwargs = CASES[case]
     compiled = compiled_dora(case)
-    labels = demo != "bert"
-    with torch.no_grad():  # magnitude = ||W||, B = 0: the base model exactly
-        torch.testing.assert_close(compiled(**inputs(labels=labels)).logits, build_demo(demo).eval()(**inputs(labels=labels)).logits, rtol=1e-5, atol=1e-5)
+    check_starts_at_the_base(compiled, demo)  # magnitude = ||W||, B = 0: the base model exactly
     _randomize(compiled)
-    reference = _peft_twin(compiled, demo, **peft_kwargs).eval()
-    ours, theirs = compiled(**inputs(labels=labels)), reference(**inputs(labels=labels))
-    torch.testing.assert_close(ours.logits, theirs.logits, rtol=1e-5, atol=1e-5)
-    ours.logits.square().mean().backward()
-    theirs.logits.square().mean().backward()
-    modules = dict(reference.named_modules())
-    for _, path, module in compiled.sites():
-        layer = modules[f"base_model.model.{path}"]
-        torch.testing.assert_close(module.lora_A.grad, layer.lora_A["default"].weight.grad, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(module.lora_B.grad, layer.lora_B["default"].weight.grad, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(module.lora_magnitude_vector.grad, layer.lora_magnitude_vector["default"].weight.grad, rtol=1e-5, atol=1e-6)
-    compiled.zero_grad()
+    first = next(iter(compiled.sites()))[2]
+    config = LoraConfig(r=first.config.r, lora_alpha=first.config.alpha, use_dora=True, **peft_kwargs)
+    reference = copy_into_peft(compiled, get_peft_model(build_demo(demo), config)).eval()
+    check_logits_and_gradients(compiled, reference, demo)
 
 
 def test_dora_files_both_ways_fold_and_unfold(compiled_dora, tmp_path):
