@@ -88,8 +88,11 @@ class Compiled(nn.Module):
             weight = self.base_model.get_submodule(site.path).weight
             dtype = adapter_dtype or (weight.dtype if weight.dtype == torch.float64 else torch.float32)
             group = self.adapters[site.adapter] if site.adapter in self.adapters else nn.ModuleDict()
+            # peers: the adapter's sites of the same method (VeRA shares its projections among them)
+            peers = tuple(s for s in plan.sites if s.adapter == site.adapter and s.method == site.method)
             group[site_key(site.path)] = adapter_class(site.method)(
-                site.config, site.kind, site.in_features, site.out_features, dtype=dtype, device=weight.device, weight=weight
+                site.config, site.kind, site.in_features, site.out_features, dtype=dtype, device=weight.device, weight=weight,
+                peers=peers,
             )
             self.adapters[site.adapter] = group
         for t in plan.trained:

@@ -6,29 +6,27 @@ Keys are ``base_model.model.<module path>.lora_A.weight`` (r, in),
 ``.lora_B.weight`` (out, r), ``.lora_B.bias`` with ``lora_bias``, and
 ``base_model.model.<module path>.<param>`` for ``modules_to_save``.
 
-PEFT has one rank, alpha and rslora flag per adapter plus regex patterns; a
-surgeon adapter may give every site its own. The writer takes the most common
-rank and alpha as the defaults and lists the others in ``rank_pattern`` and
-``alpha_pattern`` (keyed by the escaped module path), so PEFT computes the same
-scale for every site. The reader turns a config back into rules
-(:func:`rules_from_peft`), so a loaded adapter is planned and checked like any
-other. Only safetensors are read; a config or tensor that does not fit the
-model is an error, never silently ignored.
+Each method maps its own config fields (``peft_type``, ``peft_config`` and
+``rules_from_peft`` on its SiteAdapter; the LoRA family's shared rank/alpha
+patterns are in peft_format.py). The reader turns a config back into rules, so
+a loaded adapter is planned and checked like any other. An adapter that mixes
+methods is saved in surgeon's mixture format (see :func:`save_adapter`). Only
+safetensors are read; a config or tensor that does not fit the model is an
+error, never silently ignored.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
-import re
-from collections import Counter
 from pathlib import Path
 
 from surgeon.grammar import DEFAULT_ADAPTER, parse
-from surgeon.grammar.diagnostics import SurgeryError
+from surgeon.methods._registry import method_names
+from surgeon.methods.adapter import adapter_class, peft_reader
 
 from .atomic import atomic_path, output_folder, write_text
+from .peft_format import PREFIX, AdapterError, peft_names
 
 __all__ = [
     "save_adapter",
@@ -38,23 +36,15 @@ __all__ = [
     "read_peft_config",
     "adapter_folders",
     "rules_from_peft_folder",
+    "rules_from_folder",
     "AdapterError",
 ]
 
-PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
-# What a config must say, by peft_type.
-_REQUIRED = {
-    "LORA": ("peft_type", "r", "lora_alpha", "target_modules"),
-    "LOHA": ("peft_type", "r", "alpha", "target_modules"),
-    "LOKR": ("peft_type", "r", "alpha", "target_modules"),
-    "IA3": ("peft_type", "target_modules"),
-}
-
-
-class AdapterError(SurgeryError):
-    """An adapter folder that cannot be read, or that does not fit the model."""
+# An adapter mixing methods: surgeon's own config at the top, one PEFT adapter per method below.
+MIXTURE = "SURGEON_MIXTURE"
+MIXTURE_PARTS = "mixture"
 
 
 def _folder(directory: Path, adapter: str) -> Path:
@@ -67,102 +57,109 @@ def fingerprint(shapes: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def peft_config(compiled, adapter: str) -> dict:
-    """PEFT's adapter_config.json for one adapter of a compiled model."""
-    sites = [s for s in compiled.plan.sites if s.adapter == adapter]
-    trained = [t.path for t in compiled.plan.trained if t.adapter == adapter]
-    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": compiled.name, "inference_mode": True}
-    if not sites:
-        config.update(r=8, lora_alpha=8, target_modules=[], modules_to_save=trained or None)
-        return config
-    methods = sorted({s.method for s in sites})
-    if len(methods) > 1:
+def _parts(compiled, adapter: str) -> dict:
+    """The adapter's sites by method, in order of first use ({} for an adapter that only trains modules)."""
+    parts: dict = {}
+    for site in compiled.plan.sites:
+        if site.adapter == adapter:
+            parts.setdefault(site.method, []).append(site)
+    return parts
+
+
+def peft_config(compiled, adapter: str, method: str | None = None) -> dict:
+    """PEFT's adapter_config.json for one adapter (of a mixture: for its sites of ``method``)."""
+    parts = _parts(compiled, adapter)
+    if method is None and len(parts) > 1:
         raise AdapterError(
-            f"adapter '{adapter}' uses {' and '.join(methods)}: a PEFT adapter holds one method, not a mixture",
-            hint="give each method its own adapter block to save them in PEFT's format",
+            f"adapter '{adapter}' uses {' and '.join(parts)}: a PEFT adapter holds one method",
+            hint="save_adapter writes such an adapter in surgeon's mixture format (a PEFT adapter per method)",
         )
-    if methods == ["ia3"]:
-        config.update(
-            peft_type="IA3",
-            target_modules=[s.path for s in sites],
-            feedforward_modules=[s.path for s in sites if s.config.feedforward],
-            fan_in_fan_out=any(s.kind == "hf_conv1d" for s in sites),
-            modules_to_save=trained or None,
-            init_ia3_weights=True,
-        )
-        return config
-    rslora = Counter(s.config.rslora for s in sites).most_common(1)[0][0]
-    rank = Counter(s.config.r for s in sites).most_common(1)[0][0]
+    method = method or next(iter(parts), "lora")
+    trained = [t.path for t in compiled.plan.trained if t.adapter == adapter]
+    if method != next(iter(parts), "lora"):
+        trained = []  # modules_to_save go with a mixture's first part
+    config = {"task_type": None, "base_model_name_or_path": compiled.name, "inference_mode": True}
+    if not parts:
+        return dict(config, peft_type="LORA", r=8, lora_alpha=8, target_modules=[], modules_to_save=trained or None)
+    cls = adapter_class(method)
+    return dict(config, peft_type=cls.peft_type, **cls.peft_config(parts[method]), modules_to_save=trained or None)
 
-    def alpha_for(s):  # the alpha that gives this site its scale under the adapter-wide rslora flag
-        value = s.config.scale * (math.sqrt(s.config.r) if rslora else s.config.r)
-        return int(value) if float(value).is_integer() else value
 
-    alpha = Counter(alpha_for(s) for s in sites).most_common(1)[0][0]
-    patterns = dict(
-        r=rank,
-        target_modules=[s.path for s in sites],
-        rank_pattern={re.escape(s.path): s.config.r for s in sites if s.config.r != rank},
-        alpha_pattern={re.escape(s.path): alpha_for(s) for s in sites if alpha_for(s) != alpha},
-        modules_to_save=trained or None,
-    )
-    if methods == ["loha"]:
-        config.update(peft_type="LOHA", alpha=alpha, rank_dropout=0.0, module_dropout=0.0, init_weights=True, **patterns)
-        return config
-    if methods == ["lokr"]:
-        shapes = {(s.config.factor, s.config.decompose_both) for s in sites}
-        if len(shapes) > 1:
-            raise AdapterError(f"adapter '{adapter}' mixes LoKr factor/decompose_both settings, which PEFT holds once per adapter")
-        factor, decompose_both = shapes.pop()
-        config.update(
-            peft_type="LOKR", alpha=alpha, decompose_both=decompose_both, decompose_factor=factor or -1,
-            rank_dropout=0.0, module_dropout=0.0, rank_dropout_scale=False, init_weights=True, **patterns,
-        )
-        return config
-    init = sites[0].config.init
-    config.update(
-        r=rank,
-        lora_alpha=alpha,
-        use_rslora=rslora,
-        target_modules=[s.path for s in sites],
-        rank_pattern={re.escape(s.path): s.config.r for s in sites if s.config.r != rank},
-        alpha_pattern={re.escape(s.path): alpha_for(s) for s in sites if alpha_for(s) != alpha},
-        lora_dropout=Counter(s.config.dropout for s in sites).most_common(1)[0][0],
-        lora_bias=any(s.config.bias for s in sites),
-        fan_in_fan_out=any(s.kind == "hf_conv1d" for s in sites),
-        modules_to_save=trained or None,
-        init_lora_weights={"kaiming": True, "gaussian": "gaussian", "zeros": False}[init],
-        bias="none",
-        use_dora=methods == ["dora"],
-    )
-    return config
+def _tensors(compiled, adapter: str, method: str | None = None, trained: bool = True) -> tuple:
+    """(PEFT keys -> tensors, site shapes) for one adapter, or for its sites of one method."""
+    tensors, shapes = {}, {}
+    for key, tensor in _expected(compiled, adapter, method, trained).items():
+        tensors[key] = tensor.detach()
+    for site in compiled.plan.sites:
+        if site.adapter == adapter and method in (None, site.method):
+            shapes[site.path] = compiled.base_model.get_submodule(site.path).weight.shape
+    return {k: v.to("cpu").contiguous().clone() for k, v in tensors.items()}, shapes
+
+
+def _expected(compiled, adapter: str, method: str | None = None, trained: bool = True) -> dict:
+    """PEFT key -> the live tensor it saves from or loads into, for one adapter (or its sites of one method)."""
+    expected, modules = {}, {}
+    for site in compiled.plan.sites:
+        if site.adapter != adapter or method not in (None, site.method):
+            continue
+        module = compiled.adapter_module(adapter, site.path)
+        modules.setdefault(site.method, []).append(module)
+        for suffix, tensor in module.peft_state().items():
+            expected[f"{PREFIX}{site.path}.{suffix}"] = tensor
+    for name, group in modules.items():
+        expected.update(adapter_class(name).peft_shared_state(group))
+    for t in compiled.plan.trained:
+        if t.adapter == adapter and trained:
+            for pname, param in compiled.trained[t.path.replace(".", "__")].named_parameters():
+                expected[f"{PREFIX}{t.path}.{pname}"] = param
+    return expected
+
+
+def _write(folder: Path, config: dict, tensors: dict, metadata: dict) -> None:
+    from safetensors.torch import save_file
+
+    folder = output_folder(folder)
+    with atomic_path(folder / WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    write_text(folder / CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def save_adapter(compiled, directory, adapters=None) -> None:
-    """Write adapters in PEFT's format (every adapter of the model by default)."""
-    from safetensors.torch import save_file
+    """Write adapters in PEFT's format (every adapter of the model by default).
 
+    An adapter using one method is one PEFT adapter. One mixing methods is
+    written in surgeon's mixture format: its folder holds an
+    ``adapter_config.json`` with ``"peft_type": "SURGEON_MIXTURE"`` listing the
+    methods, and ``mixture/<method>/`` holds each method's sites as a complete
+    PEFT adapter (the ``train`` modules go with the first). PEFT loads each part
+    on its own; surgeon loads the whole.
+    """
     directory = output_folder(directory)
     for adapter in adapters or compiled.rules.adapter_names:
-        folder = output_folder(_folder(directory, adapter))
-        tensors, shapes = {}, {}
-        for name, path, module in compiled.sites():
-            if name != adapter:
-                continue
-            for suffix, tensor in module.peft_state().items():
-                tensors[f"{PREFIX}{path}.{suffix}"] = tensor.detach()
-            shapes[path] = compiled.base_model.get_submodule(path).weight.shape
-        for t in compiled.plan.trained:
-            if t.adapter == adapter:
-                module = compiled.trained[t.path.replace(".", "__")]
-                for pname, param in module.named_parameters():
-                    tensors[f"{PREFIX}{t.path}.{pname}"] = param.detach()
-        tensors = {k: v.to("cpu").contiguous().clone() for k, v in tensors.items()}
+        folder = _folder(directory, adapter)
         rules = "".join(f"{rule}\n" for rule in compiled.rules.adapter(adapter).rules)
-        metadata = {"format": "pt", "surgeon_rules": rules, "surgeon_fingerprint": fingerprint(shapes)}
-        with atomic_path(folder / WEIGHTS) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
-        write_text(folder / CONFIG, json.dumps(peft_config(compiled, adapter), indent=2, sort_keys=True) + "\n")
+        parts = _parts(compiled, adapter)
+        if len(parts) <= 1:
+            tensors, shapes = _tensors(compiled, adapter)
+            metadata = {"format": "pt", "surgeon_rules": rules, "surgeon_fingerprint": fingerprint(shapes)}
+            _write(folder, peft_config(compiled, adapter), tensors, metadata)
+            continue
+        everything = {}
+        for i, method in enumerate(parts):
+            tensors, shapes = _tensors(compiled, adapter, method, trained=i == 0)  # train modules go with the first part
+            metadata = {"format": "pt", "surgeon_fingerprint": fingerprint(shapes)}
+            _write(folder / MIXTURE_PARTS / method, peft_config(compiled, adapter, method), tensors, metadata)
+            everything.update(shapes)
+        config = {
+            "peft_type": MIXTURE,
+            "format_version": 1,
+            "methods": list(parts),
+            "parts": {m: f"{MIXTURE_PARTS}/{m}" for m in parts},
+            "base_model_name_or_path": compiled.name,
+            "surgeon_rules": rules,
+            "surgeon_fingerprint": fingerprint(everything),
+        }
+        write_text(output_folder(folder) / CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def read_peft_config(folder) -> dict:
@@ -174,124 +171,53 @@ def read_peft_config(folder) -> dict:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise AdapterError(f"{path} is not valid JSON: {exc}") from None
-    required = _REQUIRED.get(config.get("peft_type"), _REQUIRED["LORA"])
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise AdapterError(f"{path} does not say its peft_type", hint="an adapter folder is what PEFT's save_pretrained writes")
+    if config["peft_type"] == MIXTURE:
+        if not isinstance(config.get("parts"), dict) or not config["parts"]:
+            raise AdapterError(f"{path}: a surgeon mixture must list its parts")
+        return config
+    if peft_reader(config["peft_type"]) is None:
+        known = sorted({adapter_class(m).peft_type for m in method_names()} - {""})
+        raise AdapterError(f"{path}: surgeon loads {', '.join(known)} adapters; this one is {config['peft_type']}")
+    required = ("peft_type", *peft_reader(config["peft_type"]).peft_required)
     missing = [k for k in required if k not in config]
     if missing:
         raise AdapterError(f"{path} lacks {', '.join(missing)}", hint="it must say at least: " + ", ".join(required))
-    if config["peft_type"] not in _REQUIRED:
-        raise AdapterError(
-            f"{path}: surgeon loads {' and '.join(sorted(_REQUIRED))} adapters; this one is {config['peft_type']}"
-        )
-    for unsupported in ("layer_replication", "alora_invocation_tokens", "target_parameters"):
-        if config.get(unsupported):
-            raise AdapterError(f"{path}: {unsupported} is not supported yet")
     return config
-
-
-def _compact(names) -> list:
-    """Names that differ only in one layer number, written once: model.layers.{1,2,3}.mlp.up_proj."""
-    groups: dict = {}
-    for name in names:
-        match = re.search(r"(?<=\.)\d+(?=\.)", name)
-        key = (name[: match.start()], name[match.end() :]) if match else (name, None)
-        groups.setdefault(key, []).append(match.group() if match else None)
-    out = []
-    for (head, tail), numbers in groups.items():
-        if tail is None:
-            out.append(head)
-        else:
-            out.append(f"{head}{numbers[0] if len(numbers) == 1 else '{' + ','.join(numbers) + '}'}{tail}")
-    return out
-
-
-def _alternation(names) -> str:
-    names = _compact(names)
-    return names[0] if len(names) == 1 else "{" + ",".join(names) + "}"
-
-
-def _names(names) -> str:
-    """Selectors matching PEFT's rule for a list entry: the name itself, or a path ending in '.name'."""
-    body = _alternation(names)
-    return f'"{body}", "*.{body}"'
-
-
-def _literal(pattern: str) -> str | None:
-    """The plain text a PEFT pattern key stands for, if it has no regex syntax but escapes."""
-    if re.fullmatch(r"\w+", pattern):
-        return pattern
-    text = re.sub(r"\\(.)", r"\1", pattern)
-    return text if re.escape(text) == pattern else None
-
-
-def _ia3_rules(config: dict) -> str:
-    lines = [f"# from a PEFT adapter_config.json (base model: {config.get('base_model_name_or_path')})"]
-    for key, arguments in (("target_modules", ""), ("feedforward_modules", "feedforward=true")):
-        names = config.get(key)
-        if not names:
-            continue
-        selector = f're"{names}"' if isinstance(names, str) else _names(names)
-        lines.append(f"match {selector} apply ia3({arguments})")  # feed-forward sites: the later rule wins
-    if config.get("modules_to_save"):
-        lines.append(f"match {_names(config['modules_to_save'])} train")
-    return "\n".join(lines) + "\n"
 
 
 def rules_from_peft(config: dict) -> str:
     """Surgery text that targets what a PEFT config targets, with the same ranks and scales."""
-    if config["peft_type"] == "IA3":
-        return _ia3_rules(config)
-    if config["peft_type"] in ("LOHA", "LOKR"):
-        for dropout in ("rank_dropout", "module_dropout"):
-            if config.get(dropout):
-                raise AdapterError(f"{config['peft_type']}'s {dropout} is not supported yet (it is {config[dropout]})")
-        config = {**config, "lora_alpha": config["alpha"]}
-    r, alpha = config["r"], config["lora_alpha"]
-    method = {"LOHA": "loha", "LOKR": "lokr"}.get(config["peft_type"], "dora" if config.get("use_dora") else "lora")
-    extra = (", rslora=true" if config.get("use_rslora") else "") + (", bias=true" if config.get("lora_bias") else "")
-    if config["peft_type"] == "LOKR":
-        factor = config.get("decompose_factor", -1)
-        extra += (f", factor={factor}" if factor and factor > 0 else "") + (", decompose_both=true" if config.get("decompose_both") else "")
-    if config.get("lora_dropout"):
-        extra += f", dropout={config['lora_dropout']}"
-    targets = config["target_modules"]
     lines = [f"# from a PEFT adapter_config.json (base model: {config.get('base_model_name_or_path')})"]
-    where = ""
-    if config.get("layers_to_transform") is not None:
-        layers = config["layers_to_transform"]
-        where = f"layer in {list(layers) if isinstance(layers, list) else [layers]}"
-    if targets == "all-linear":
-        selector = "type(Linear), type(Conv1D)"
-        where = " and ".join(filter(None, ['not name("*lm_head")', where]))
-    elif isinstance(targets, str):
-        selector = f're"{targets}"'
-    else:
-        selector = _names(targets) if targets else None
-    if selector is not None:
-        lines.append(f"match {selector}{f' where {where}' if where else ''} apply {method}(r={r}, alpha={alpha}{extra})")
-    # rank_pattern / alpha_pattern: later rules win, so each pattern's sites get their own rank and alpha.
-    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    groups: dict = {}
-    for key in dict.fromkeys([*ranks, *alphas]):
-        groups.setdefault((ranks.get(key, r), alphas.get(key, alpha)), []).append(key)
-    for (rank, key_alpha), keys in groups.items():
-        literals = [_literal(k) for k in keys]
-        listed = isinstance(targets, list)
-        if listed and all(lit is not None and lit in targets for lit in literals):
-            rule_selector, clause = _names(literals), where  # each key is itself a target
-        elif listed and all(lit is not None for lit in literals):
-            rule_selector = _names(literals)  # ... but only where a target matches too
-            body = _alternation(targets)
-            clause = " and ".join(filter(None, [f'(name("{body}") or name("*.{body}"))', where]))
-        else:
-            target = targets if isinstance(targets, str) else "(?:.*\\.)?(?:" + "|".join(map(re.escape, targets or [".*"])) + ")"
-            rule_selector = f're"(?=(?:.*\\.)?(?:{"|".join(keys)})$){target}"'
-            clause = where
-        lines.append(f"match {rule_selector}{f' where {clause}' if clause else ''} apply {method}(r={rank}, alpha={key_alpha}{extra})")
+    lines += peft_reader(config["peft_type"]).rules_from_peft(config)
     for name in config.get("exclude_modules") or ():
-        lines.append(f"match {_names([name])} skip")
+        lines.append(f"match {peft_names([name])} skip")
     if config.get("modules_to_save"):
-        lines.append(f"match {_names(config['modules_to_save'])} train")
+        lines.append(f"match {peft_names(config['modules_to_save'])} train")
     return "\n".join(lines) + "\n"
+
+
+def _configs(folder: Path) -> list:
+    """(folder, PEFT config) of an adapter folder: one, or each part of a mixture."""
+    config = read_peft_config(folder)
+    if config["peft_type"] != MIXTURE:
+        return [(folder, config)]
+    found = []
+    for method, sub in config["parts"].items():
+        part = (folder / sub).resolve()
+        if folder.resolve() not in part.parents:
+            raise AdapterError(f"{folder / CONFIG}: part {method!r} lies outside the adapter folder")
+        part_config = read_peft_config(part)
+        if part_config["peft_type"] == MIXTURE:
+            raise AdapterError(f"{part / CONFIG}: a mixture's part cannot be a mixture")
+        found.append((part, part_config))
+    return found
+
+
+def rules_from_folder(folder) -> str:
+    """Surgery text for one adapter folder (a PEFT adapter, or surgeon's mixture of them)."""
+    return "\n".join(rules_from_peft(config) for _, config in _configs(Path(folder)))
 
 
 def adapter_folders(directory) -> list:
@@ -309,7 +235,7 @@ def rules_from_peft_folder(directory) -> str:
     """Surgery text for every adapter of a folder: "default" at the top level, the others in blocks."""
     parts = []
     for name, folder in adapter_folders(directory):
-        text = rules_from_peft(read_peft_config(folder))
+        text = rules_from_folder(folder)
         if name == DEFAULT_ADAPTER:
             parts.append(text)
         else:
@@ -332,37 +258,34 @@ def load_adapter(compiled, directory, name: str | None = None) -> str:
 
 
 def _load_one(compiled, folder: Path, name: str) -> str:
+    tensors, texts = {}, []
+    for part, config in _configs(folder):
+        tensors.update(_read_tensors(part))
+        texts.append(rules_from_peft(config))
+    rules = parse("\n".join(texts), path=f"{folder / CONFIG} (as rules)")
+    compiled.add_adapter(name, rules)
+    _fill(compiled, name, tensors, folder / WEIGHTS)
+    return name
+
+
+def _read_tensors(folder: Path) -> dict:
     from safetensors import SafetensorError, safe_open
 
-    config = read_peft_config(folder)
     weights_path = folder / WEIGHTS
     if not weights_path.is_file():
         hint = "surgeon reads only safetensors, never pickles" if (folder / "adapter_model.bin").exists() else None
         raise AdapterError(f"{folder} holds no {WEIGHTS}", hint=hint)
     try:
         with safe_open(str(weights_path), "pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterError(f"cannot read {weights_path}: {exc}", hint="the file is truncated or not safetensors") from None
-    text = rules_from_peft(config)
-    rules = parse(text, path=f"{folder / CONFIG} (as rules)")
-    compiled.add_adapter(name, rules)
-    _fill(compiled, name, tensors, weights_path)
-    return name
 
 
 def _fill(compiled, adapter: str, tensors: dict, source: Path) -> None:
     import torch
 
-    expected = {}
-    for name, path, module in compiled.sites():
-        if name == adapter:
-            for suffix, tensor in module.peft_state().items():
-                expected[f"{PREFIX}{path}.{suffix}"] = tensor
-    for t in compiled.plan.trained:
-        if t.adapter == adapter:
-            for pname, param in compiled.trained[t.path.replace(".", "__")].named_parameters():
-                expected[f"{PREFIX}{t.path}.{pname}"] = param
+    expected = _expected(compiled, adapter)
     for name, path, module in compiled.sites():
         # PEFT also saves the whole base embedding when one is adapted (save_embedding_layers):
         # accept it when it is the base model's own, refuse a resized or changed one.

@@ -15,6 +15,13 @@ what the method does there, four ways:
 - ``eager(module, x, y)``: the same computation in eager PyTorch (a forward
   hook, for ``generate()`` with a KV cache).
 - ``peft_state()``: the tensors PEFT saves for this site, by key suffix.
+- ``peft_type``, ``peft_config(sites)`` and ``rules_from_peft(config)``: the
+  method in PEFT's adapter_config.json, both ways (see checkpoints/peft.py);
+  ``peft_shared_state(modules)``: tensors saved once per adapter (VeRA's projections).
+
+The constructor is called as ``cls(config, kind, in_features, out_features,
+dtype=, device=, weight=, peers=)``: ``weight`` is the base weight, ``peers``
+the plan sites of the same adapter and method.
 
 A method ``NAME`` has its config in ``surgeon/methods/NAME.py`` (torch-free,
 for the language) and its SiteAdapter in ``surgeon/methods/NAME_weights.py``,
@@ -28,13 +35,15 @@ import importlib
 
 from torch import nn
 
-__all__ = ["SiteAdapter", "site_adapter", "adapter_class"]
+__all__ = ["SiteAdapter", "site_adapter", "adapter_class", "peft_reader"]
 
 _CLASSES: dict = {}
 
 
 class SiteAdapter(nn.Module):
     method: str = ""
+    peft_type: str = ""  # PEFT's peft_type for an adapter of this method alone
+    peft_required: tuple = ()  # fields a PEFT config of that type must have
 
     def __init__(self, config, kind: str, in_features: int, out_features: int):
         super().__init__()
@@ -52,6 +61,27 @@ class SiteAdapter(nn.Module):
         raise NotImplementedError
 
     def peft_state(self) -> dict:  # pragma: no cover
+        raise NotImplementedError
+
+    @classmethod
+    def peft_config(cls, sites) -> dict:  # pragma: no cover
+        """The method's fields of PEFT's adapter_config.json for these plan sites."""
+        raise NotImplementedError
+
+    @classmethod
+    def peft_shared_state(cls, modules: list) -> dict:
+        """Tensors PEFT saves once per adapter rather than per site (full keys), for these site modules.
+
+        Loading copies the saved tensors into these very tensors.
+        """
+        return {}
+
+    @classmethod
+    def rules_from_peft(cls, config: dict) -> list:  # pragma: no cover
+        """Surgery rules (lines) targeting what a PEFT config of this ``peft_type`` targets.
+
+        Defined by one class per ``peft_type`` (LoRA reads DoRA's, which PEFT writes as LORA).
+        """
         raise NotImplementedError
 
     def hook(self):
@@ -79,3 +109,14 @@ def adapter_class(name: str):
     if name not in _CLASSES:
         importlib.import_module(f"surgeon.methods.{name}_weights")
     return _CLASSES[name]
+
+
+def peft_reader(peft_type: str):
+    """The SiteAdapter class that reads PEFT configs of ``peft_type``, or None."""
+    from ._registry import method_names
+
+    for name in method_names():
+        cls = adapter_class(name)
+        if cls.peft_type == peft_type and "rules_from_peft" in cls.__dict__:
+            return cls
+    return None

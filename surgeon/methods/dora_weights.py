@@ -22,7 +22,7 @@ __all__ = ["DoraWeights"]
 
 @site_adapter("dora")
 class DoraWeights(LoraWeights):
-    def __init__(self, config, kind, in_features, out_features, *, dtype=torch.float32, device=None, weight=None):
+    def __init__(self, config, kind, in_features, out_features, *, dtype=torch.float32, device=None, weight=None, peers=()):
         super().__init__(config, kind, in_features, out_features, dtype=dtype, device=device)
         if weight is None:
             raise ValueError("DoRA needs the base weight to start its magnitude at ||W||")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from surgeon.checkpoints.peft_format import peft_targets
+
 from .adapter import SiteAdapter, site_adapter
 
 __all__ = ["Ia3Weights"]
@@ -16,7 +18,10 @@ __all__ = ["Ia3Weights"]
 
 @site_adapter("ia3")
 class Ia3Weights(SiteAdapter):
-    def __init__(self, config, kind, in_features, out_features, *, dtype=torch.float32, device=None, weight=None):
+    peft_type = "IA3"
+    peft_required = ("target_modules",)
+
+    def __init__(self, config, kind, in_features, out_features, *, dtype=torch.float32, device=None, weight=None, peers=()):
         super().__init__(config, kind, in_features, out_features)
         shape = (1, in_features) if config.feedforward else (out_features, 1)
         self.ia3_l = nn.Parameter(torch.ones(shape, dtype=dtype, device=device))
@@ -53,3 +58,21 @@ class Ia3Weights(SiteAdapter):
 
     def peft_state(self) -> dict:
         return {"ia3_l": self.ia3_l}
+
+    @classmethod
+    def peft_config(cls, sites) -> dict:
+        return dict(
+            target_modules=[s.path for s in sites],
+            feedforward_modules=[s.path for s in sites if s.config.feedforward],
+            fan_in_fan_out=any(s.kind == "hf_conv1d" for s in sites),
+            init_ia3_weights=True,
+        )
+
+    @classmethod
+    def rules_from_peft(cls, config: dict) -> list:
+        lines = []
+        for key, arguments in (("target_modules", ""), ("feedforward_modules", "feedforward=true")):
+            selector = peft_targets(config.get(key))
+            if selector:  # feed-forward sites: the later rule wins
+                lines.append(f"match {selector} apply ia3({arguments})")
+        return lines

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgeon.checkpoints.peft_format import lora_family_config, lora_family_rules, refuse
+
 from .adapter import SiteAdapter, site_adapter
 
 __all__ = ["LohaWeights"]
@@ -15,7 +17,10 @@ __all__ = ["LohaWeights"]
 
 @site_adapter("loha")
 class LohaWeights(SiteAdapter):
-    def __init__(self, config, kind, in_features, out_features, *, dtype=torch.float32, device=None, weight=None):
+    peft_type = "LOHA"
+    peft_required = ("r", "alpha", "target_modules")
+
+    def __init__(self, config, kind, in_features, out_features, *, dtype=torch.float32, device=None, weight=None, peers=()):
         super().__init__(config, kind, in_features, out_features)
         factory = {"dtype": dtype, "device": device}
         self.hada_w1_a = nn.Parameter(torch.empty(out_features, config.r, **factory))
@@ -53,3 +58,14 @@ class LohaWeights(SiteAdapter):
 
     def peft_state(self) -> dict:
         return {"hada_w1_a": self.hada_w1_a, "hada_w1_b": self.hada_w1_b, "hada_w2_a": self.hada_w2_a, "hada_w2_b": self.hada_w2_b}
+
+    @classmethod
+    def peft_config(cls, sites) -> dict:
+        fields = lora_family_config(sites)
+        del fields["use_rslora"]
+        return dict(fields, rank_dropout=0.0, module_dropout=0.0, init_weights=True)
+
+    @classmethod
+    def rules_from_peft(cls, config: dict) -> list:
+        refuse(config, "rank_dropout", "module_dropout")
+        return lora_family_rules(config, "loha", alpha_key="alpha")

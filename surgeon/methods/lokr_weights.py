@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgeon.checkpoints.peft_format import AdapterError, lora_family_config, lora_family_rules, refuse
+
 from .adapter import SiteAdapter, site_adapter
 from .lokr import lokr_shapes
 
@@ -16,7 +18,10 @@ __all__ = ["LokrWeights"]
 
 @site_adapter("lokr")
 class LokrWeights(SiteAdapter):
-    def __init__(self, config, kind, in_features, out_features, *, dtype=torch.float32, device=None, weight=None):
+    peft_type = "LOKR"
+    peft_required = ("r", "alpha", "target_modules")
+
+    def __init__(self, config, kind, in_features, out_features, *, dtype=torch.float32, device=None, weight=None, peers=()):
         super().__init__(config, kind, in_features, out_features)
         for name, shape in lokr_shapes(config, in_features, out_features).items():
             setattr(self, name, nn.Parameter(torch.empty(shape, dtype=dtype, device=device)))
@@ -63,3 +68,23 @@ class LokrWeights(SiteAdapter):
 
     def peft_state(self) -> dict:
         return dict(self.named_parameters(recurse=False))
+
+    @classmethod
+    def peft_config(cls, sites) -> dict:
+        shapes = {(s.config.factor, s.config.decompose_both) for s in sites}
+        if len(shapes) > 1:
+            raise AdapterError(f"adapter '{sites[0].adapter}' mixes LoKr factor/decompose_both settings, which PEFT holds once per adapter")
+        factor, decompose_both = shapes.pop()
+        fields = lora_family_config(sites)
+        del fields["use_rslora"]
+        return dict(
+            fields, decompose_both=decompose_both, decompose_factor=factor or -1,
+            rank_dropout=0.0, module_dropout=0.0, rank_dropout_scale=False, init_weights=True,
+        )
+
+    @classmethod
+    def rules_from_peft(cls, config: dict) -> list:
+        refuse(config, "rank_dropout", "module_dropout")
+        factor = config.get("decompose_factor", -1)
+        extra = (f", factor={factor}" if factor and factor > 0 else "") + (", decompose_both=true" if config.get("decompose_both") else "")
+        return lora_family_rules(config, "lokr", alpha_key="alpha", extra=extra)

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgeon.checkpoints.peft_format import common, lora_family_config, lora_family_rules, refuse
+
 from .adapter import SiteAdapter, site_adapter
 
 __all__ = ["LoraWeights"]
@@ -24,7 +26,10 @@ __all__ = ["LoraWeights"]
 
 @site_adapter("lora")
 class LoraWeights(SiteAdapter):
-    def __init__(self, config, kind: str, in_features: int, out_features: int, *, dtype=torch.float32, device=None, weight=None):
+    peft_type = "LORA"
+    peft_required = ("r", "lora_alpha", "target_modules")
+
+    def __init__(self, config, kind: str, in_features: int, out_features: int, *, dtype=torch.float32, device=None, weight=None, peers=()):
         super().__init__(config, kind, in_features, out_features)
         factory = {"dtype": dtype, "device": device}
         kernel = tuple(weight.shape[2:]) if kind == "conv2d" else ()
@@ -111,6 +116,30 @@ class LoraWeights(SiteAdapter):
         if self.lora_B_bias is not None:
             state["lora_B.bias"] = self.lora_B_bias
         return state
+
+    @classmethod
+    def peft_config(cls, sites) -> dict:
+        """PEFT's LoraConfig fields for these sites (DoRA: the same with ``use_dora``)."""
+        fields = lora_family_config(sites)
+        fields["lora_alpha"] = fields.pop("alpha")
+        return dict(
+            fields,
+            lora_dropout=common(s.config.dropout for s in sites),
+            lora_bias=any(s.config.bias for s in sites),
+            fan_in_fan_out=any(s.kind == "hf_conv1d" for s in sites),
+            init_lora_weights={"kaiming": True, "gaussian": "gaussian", "zeros": False}[sites[0].config.init],
+            bias="none",
+            use_dora=cls.method == "dora",
+        )
+
+    @classmethod
+    def rules_from_peft(cls, config: dict) -> list:
+        refuse(config, "layer_replication", "alora_invocation_tokens", "target_parameters")
+        method = "dora" if config.get("use_dora") else "lora"
+        extra = (", rslora=true" if config.get("use_rslora") else "") + (", bias=true" if config.get("lora_bias") else "")
+        if config.get("lora_dropout"):
+            extra += f", dropout={config['lora_dropout']}"
+        return lora_family_rules(config, method, extra=extra)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.config.r}, scale={self.scale:g}"

@@ -52,23 +52,3 @@ def test_dora_files_both_ways_fold_and_unfold(compiled_dora, tmp_path):
     compiled = compiled_dora("gpt2")
     _randomize(compiled, seed=3)
     check_files_both_ways_fold_and_unfold(compiled, "gpt2", "dora", tmp_path)
-
-
-def test_mixing_lora_and_dora_in_one_adapter_trains_folds_but_is_not_peft_format(tmp_path):
-    compiled = surgeon.compile("demo:llama", 'match "*.q_proj" apply lora(r=4)\nmatch "*.v_proj" apply dora(r=4)')
-    optimizer = torch.optim.AdamW([p for _, p in compiled.trainable_parameters()], lr=1e-2)
-    compiled.train()
-    losses = []
-    for _ in range(4):
-        loss = compiled(**inputs()).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
-    compiled.eval()
-    compiled.fold()
-    from surgeon.checkpoints.peft import AdapterError
-
-    with pytest.raises(AdapterError, match="uses dora and lora: a PEFT adapter holds one method, not a mixture"):
-        compiled.save_adapter(tmp_path / "mixed")
