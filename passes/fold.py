@@ -27,6 +27,10 @@ from .pipeline import PassResult
 
 __all__ = ["fold_adapters", "unfold_inplace", "verify_fold", "FoldError", "copy_graph_module", "TOLERANCES"]
 
+# Roles of the nodes that stand in for a value of the base graph (the site's output, input or
+# weight), each with the value it replaces as its first argument.
+JOINTS = ("out", "in", "weight")
+
 # (rtol, atol relative to the output's largest magnitude) by dtype of the outputs.
 TOLERANCES = {"float32": (1e-4, 1e-5), "float64": (1e-9, 1e-10), "bfloat16": (2e-2, 2e-2), "float16": (5e-3, 5e-3)}
 
@@ -59,6 +63,9 @@ def fold_adapters(insertions, *, inplace: bool = False, originals: dict | None =
             by_site.setdefault((spec.path, spec.kind), []).append(spec)
         if not by_site:
             return PassResult(gm, False)
+        for node in list(gm.graph.nodes):  # each branch's joint takes its first argument's place again
+            if node.meta.get("surgeon", {}).get("role") in JOINTS:
+                node.replace_all_uses_with(node.args[0])
         with torch.no_grad():
             for (path, kind), specs in by_site.items():
                 base = site_nodes(gm, path, kind)[0]
@@ -68,15 +75,26 @@ def fold_adapters(insertions, *, inplace: bool = False, originals: dict | None =
                 new_weight, new_bias = weight.detach().float(), None if bias is None else bias.detach().float()
                 for spec in specs:
                     new_weight, new_bias = spec.module.fold(new_weight, new_bias, kind)
-                if not inplace and _used_elsewhere(gm, weight_node, base):
-                    # a tied weight (GPT-2's wte and lm_head read one tensor): this site gets its own
+                # A tied weight (GPT-2's wte and lm_head read one tensor): most methods adapt this site
+                # only, so it gets its own weight; a method whose change the tied readers see
+                # (trainable tokens) writes into the shared weight.
+                follows = [getattr(spec.module, "follows_ties", False) for spec in specs]
+                tied = _used_elsewhere(gm, weight_node, base)
+                if tied and any(follows) and not all(follows):
+                    raise FoldError(
+                        f"cannot fold {path}: its weight is tied, and some of its adapters change the tied readers "
+                        "while others do not",
+                        hint="fold such adapters separately, or untie the weights first",
+                    )
+                targets = [weight_node.target]
+                if tied and all(follows):
+                    targets = _targets_of(gm, weight)
+                elif tied and not inplace:
                     weight_node = _own_attribute(gm, base, weight_node, f"{path}.surgeon_folded_weight")
-                _set(gm, weight_node.target, new_weight.to(weight.dtype), inplace, originals)
+                    targets = [weight_node.target]
+                _set(gm, targets, new_weight.to(weight.dtype), inplace, originals, shared_ok=tied and all(follows))
                 if bias is not None and new_bias is not None:
-                    _set(gm, bias_node.target, new_bias.to(bias.dtype), inplace, originals)
-        for node in list(gm.graph.nodes):  # each branch's joint takes its first argument's place again
-            if node.meta.get("surgeon", {}).get("role") in ("out", "in"):
-                node.replace_all_uses_with(node.args[0])
+                    _set(gm, [bias_node.target], new_bias.to(bias.dtype), inplace, originals)
         for node in reversed(list(gm.graph.nodes)):
             if "surgeon" in node.meta and not node.users:
                 gm.graph.erase_node(node)
@@ -97,23 +115,31 @@ def _attr(gm, target: str):
     return obj
 
 
-def _set(gm, target: str, value, inplace: bool, originals: dict | None) -> None:
+def _set(gm, targets: list, value, inplace: bool, originals: dict | None, shared_ok: bool = False) -> None:
+    """Give every attribute in ``targets`` (one tensor, or a tied group) the value ``value``."""
     import torch
 
-    current = _attr(gm, target)
+    current = _attr(gm, targets[0])
     if inplace:
-        if _shared(gm, target, current):
+        if not shared_ok and _shared(gm, targets[0], current):
             raise FoldError(
-                f"cannot fold into {target} in place: the tensor is shared with another weight (tied embeddings)",
+                f"cannot fold into {targets[0]} in place: the tensor is shared with another weight (tied embeddings)",
                 hint="fold() without inplace=True gives the merged graph and leaves the tie alone",
             )
-        if originals is not None and target not in originals:
-            originals[target] = (current, current.detach().clone())
+        if originals is not None and targets[0] not in originals:
+            originals[targets[0]] = (current, current.detach().clone())
         current.data.copy_(value)
         return
-    owner_path, _, name = target.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    setattr(owner, name, torch.nn.Parameter(value, requires_grad=False))
+    new = torch.nn.Parameter(value, requires_grad=False)  # one object, so tied attributes stay tied
+    for target in targets:
+        owner_path, _, name = target.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        setattr(owner, name, new)
+
+
+def _targets_of(gm, tensor) -> list:
+    """Every get_attr target of the graph that holds ``tensor``."""
+    return list(dict.fromkeys(n.target for n in gm.graph.nodes if n.op == "get_attr" and _attr(gm, n.target) is tensor))
 
 
 def _used_elsewhere(gm, weight_node, base) -> bool:

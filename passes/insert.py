@@ -81,6 +81,23 @@ class GraphBuilder:
         """The get_attr node of the base bias, or None."""
         return site_args(self.node, self.spec.kind)[2]
 
+    def replace_weight(self, node, *, tied: bool = False) -> None:
+        """Make the base op read ``node`` (role "weight") instead of its weight.
+
+        With ``tied``, every other op of the graph reading the same tensor (a
+        tied output layer) reads ``node`` too.
+        """
+        weight = self.weight()
+        readers = [self.node]
+        if tied:
+            tensor = _attr(self.gm, weight.target)
+            for other in self.gm.graph.nodes:
+                if other.op == "get_attr" and _attr(self.gm, other.target) is tensor:
+                    readers += [(u, other) for u in other.users if u is not node and "surgeon" not in u.meta]
+        for reader in readers:
+            user, old = reader if isinstance(reader, tuple) else (reader, weight)
+            user.replace_input_with(old, node)
+
     def param(self, name: str):
         """A get_attr node for the adapter's parameter ``name`` (placed before the base op)."""
         if name not in self._params:

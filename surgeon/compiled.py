@@ -94,6 +94,8 @@ class Compiled(nn.Module):
                 site.config, site.kind, site.in_features, site.out_features, dtype=dtype, device=weight.device, weight=weight,
                 peers=peers,
             )
+            module = group[site_key(site.path)]
+            module.site_path, module.tied_with = site.path, tuple(site.tied_with)
             self.adapters[site.adapter] = group
         for t in plan.trained:
             if site_key(t.path) in self.trained:
@@ -260,6 +262,11 @@ class Compiled(nn.Module):
                 name, bias_name = f"{site.path}.weight", f"{site.path}.bias"
                 weight, bias = merged.get(name) or (state[name].float(), state[bias_name].float() if bias_name in state else None)
                 merged[name] = self.adapter_module(site.adapter, site.path).fold(weight, bias, site.kind)
+            for site in self.plan.sites:  # tied readers that see the change get the merged weight too
+                if getattr(self.adapter_module(site.adapter, site.path), "follows_ties", False):
+                    for tied in site.tied_with:
+                        if tied in state:
+                            merged[tied] = merged[f"{site.path}.weight"]
             for name, (weight, bias) in merged.items():
                 state[name] = weight.to(state[name].dtype)
                 bias_name = name[: -len("weight")] + "bias"
@@ -284,11 +291,14 @@ class Compiled(nn.Module):
         handles = []
         for _, path, adapter in self.sites():
             hook = adapter.hook()
-            module = model.get_submodule(path)
-            if getattr(hook, "is_pre_hook", False):  # an input-side method (IA3 on a feed-forward site)
-                handles.append(module.register_forward_pre_hook(hook))
-            else:
-                handles.append(module.register_forward_hook(hook))
+            paths = [path]
+            if getattr(adapter, "follows_ties", False):  # tied readers (lm_head) see the change too
+                paths += [name.rpartition(".")[0] for name in adapter.tied_with]
+            for module in map(model.get_submodule, paths):
+                if getattr(hook, "is_pre_hook", False):  # an input-side method (IA3 on a feed-forward site)
+                    handles.append(module.register_forward_pre_hook(hook))
+                else:
+                    handles.append(module.register_forward_hook(hook))
         for key, trained in self.trained.items():
             handles.append(_swap_module_params(model.get_submodule(key.replace("__", ".")), trained))
         return handles

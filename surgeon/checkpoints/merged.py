@@ -27,7 +27,8 @@ def save_merged(compiled, directory) -> None:
             f"{type(model).__name__} is not a Hugging Face model: it has no save_pretrained",
             hint="use compiled.export(path) for a .pt2 program, or compiled.merged_state_dict()",
         )
-    folded = {f"{path}.weight" for _, path, _ in compiled.sites()}
+    # Adapters whose change the tied readers see too (trainable tokens) keep the tie; others would break it.
+    folded = {f"{path}.weight" for _, path, adapter in compiled.sites() if not getattr(adapter, "follows_ties", False)}
     for group in compiled.captured.ties:
         touched = folded & set(group)
         if touched and getattr(model.config, "tie_word_embeddings", False):

@@ -1,14 +1,25 @@
 """Adapter methods: one module each, all registered in one registry.
 
-Importing this package registers every built-in method. It never imports
-torch at import time, so the language checker can read the signatures.
+Importing this package registers every built-in method: each module of this
+folder that is not private and not a ``*_weights`` module is a method config
+(``lora.py``, ``dora.py``, ...), so adding a method is adding its files. It
+never imports torch at import time, so the language checker can read the
+signatures.
 """
 
-from ._registry import SITE_KINDS, get_method, method_names, register_method, signatures
-from .dora import DoraConfig
-from .ia3 import Ia3Config
-from .loha import LohaConfig
-from .lokr import LokrConfig
-from .lora import LoraConfig
+import importlib
+import pkgutil
 
-__all__ = ["SITE_KINDS", "register_method", "get_method", "method_names", "signatures", "LoraConfig", "DoraConfig", "Ia3Config", "LohaConfig", "LokrConfig"]
+from ._registry import SITE_KINDS, get_method, method_names, register_method, signatures
+
+__all__ = ["SITE_KINDS", "register_method", "get_method", "method_names", "signatures"]
+
+_NOT_METHODS = {"adapter"}
+
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if _info.name.startswith("_") or _info.name.endswith("_weights") or _info.name in _NOT_METHODS:
+        continue
+    _module = importlib.import_module(f"{__name__}.{_info.name}")
+    for _name in getattr(_module, "__all__", ()):
+        globals()[_name] = getattr(_module, _name)
+        __all__.append(_name)

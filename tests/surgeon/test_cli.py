@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from surgeon.cli import main
+from surgeon.methods import method_names
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted(str(p) for p in (ROOT / "examples" / "rules").glob("*.surgery"))
@@ -43,7 +44,7 @@ def test_check_json_lists_every_diagnostic_with_the_stable_schema(capsys):
         "severity": "error",
         "code": "unknown-method",
         "message": "unknown method 'lroa'",
-        "hint": "did you mean 'lora'? (methods: dora, ia3, loha, lokr, lora)",
+        "hint": f"did you mean 'lora'? (methods: {', '.join(method_names())})",
     }
 
 
@@ -69,7 +70,8 @@ def test_usage_errors_exit_2(capsys):
 def test_console_script_runs_without_importing_torch():
     # The installed `surgeon` script; `check` must never import torch (it stays instant).
     code = (
-        "import sys; from surgeon.cli import main; rc = main(['check', *sys.argv[1:]]); "
+        "import sys; from surgeon.cli import main
+from surgeon.methods import method_names; rc = main(['check', *sys.argv[1:]]); "
         "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)"
     )
     done = subprocess.run([sys.executable, "-c", code, *EXAMPLES], capture_output=True, text=True)

@@ -1,0 +1,93 @@
+"""Trainable tokens on an embedding site (torch; trainable_tokens.py holds the config and the math).
+
+The graph rewrite replaces the weight the embedding reads, and every other
+op reading the same tensor (a tied ``lm_head``), by
+``index_copy(E, 0, idx, T)``; that node has role "weight", so folding puts E
+back and writes the rows into E itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from surgeon.checkpoints.peft_format import PREFIX, AdapterError, peft_targets
+
+from .adapter import SiteAdapter, site_adapter
+
+__all__ = ["TrainableTokensWeights"]
+
+
+@site_adapter("trainable_tokens")
+class TrainableTokensWeights(SiteAdapter):
+    peft_type = "TRAINABLE_TOKENS"
+    peft_required = ("token_indices", "target_modules")
+    follows_ties = True  # tied readers of the embedding see the new rows (PEFT keeps them tied)
+
+    def __init__(self, config, kind, in_features, out_features, *, dtype=torch.float32, device=None, weight=None, peers=()):
+        super().__init__(config, kind, in_features, out_features)
+        if weight is None:
+            raise ValueError("trainable tokens start from the embedding's own rows: the base weight is needed")
+        indices = list(config.indices)
+        if max(indices) >= in_features:
+            from surgeon.grammar.diagnostics import PlanError
+
+            raise PlanError(
+                f"trainable_tokens: token id {max(indices)} is outside the embedding's {in_features} rows",
+                hint="list ids below the vocabulary size (resize the embedding first to add tokens)",
+            )
+        self.register_buffer("token_indices", torch.tensor(indices, dtype=torch.long, device=device))
+        self.trainable_tokens_delta = nn.Parameter(weight.detach()[indices].to(dtype=dtype, device=device).clone())
+
+    def merged(self, weight):
+        """E with the listed rows replaced (in E's dtype)."""
+        return weight.index_copy(0, self.token_indices.to(weight.device), self.trainable_tokens_delta.to(weight.dtype))
+
+    def branch(self, graph, x, y):
+        aten = torch.ops.aten
+        weight = graph.weight()
+        rows = graph.cast_before(graph.param("trainable_tokens_delta"), graph.dtype_of(weight))
+        merged = graph.call_before(aten.index_copy.default, (weight, 0, graph.param("token_indices"), rows), "weight")
+        graph.replace_weight(merged, tied=True)
+        return None, None
+
+    def fold(self, weight, bias, kind: str):
+        return self.merged(weight), bias
+
+    def eager(self, module, x, y):
+        weight = self.merged(module.weight)
+        if isinstance(module, nn.Embedding):
+            return F.embedding(x, weight, module.padding_idx, module.max_norm, module.norm_type, module.scale_grad_by_freq)
+        return F.linear(x, weight)  # a tied output layer (PEFT drops its bias too)
+
+    def peft_state(self) -> dict:
+        return {"trainable_tokens_delta": self.trainable_tokens_delta}
+
+    @classmethod
+    def peft_shared_state(cls, modules) -> dict:
+        """PEFT saves the rows again under each tied module (GPT-2: ``lm_head``)."""
+        state = {}
+        for module in modules:
+            for name in getattr(module, "tied_with", ()):
+                state[f"{PREFIX}{name.rpartition('.')[0]}.trainable_tokens_delta"] = module.trainable_tokens_delta
+        return state
+
+    @classmethod
+    def peft_config(cls, sites) -> dict:
+        indices = {tuple(s.config.indices) for s in sites}
+        if len(indices) > 1:
+            raise AdapterError(
+                f"adapter '{sites[0].adapter}' trains different token ids on different embeddings, "
+                "which PEFT holds once per adapter",
+                hint="give each embedding its own adapter block",
+            )
+        return dict(target_modules=[s.path for s in sites], token_indices=list(indices.pop()), init_weights=True)
+
+    @classmethod
+    def rules_from_peft(cls, config: dict) -> list:
+        selector = peft_targets(config.get("target_modules"))  # PEFT fills it in (the input embeddings) when saving
+        if selector is None:
+            raise AdapterError("a TRAINABLE_TOKENS config must name its target_modules")
+        indices = ", ".join(str(int(i)) for i in config["token_indices"])
+        return [f"match {selector} apply trainable_tokens(indices=[{indices}])"]
