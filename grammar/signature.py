@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -48,10 +49,15 @@ def param(
     lt: float | None = None,
     le: float | None = None,
     choices: tuple | None = None,
+    pattern: tuple | None = None,
     doc: str = "",
 ) -> Any:
-    """A dataclass field for a method config, with the constraints the checker enforces."""
-    rule = {"gt": gt, "ge": ge, "lt": lt, "le": le, "choices": choices, "doc": doc}
+    """A dataclass field for a method config, with the constraints the checker enforces.
+
+    ``pattern`` is ``(regex, how it reads)``: a string matching the regex is
+    accepted besides ``choices`` (``("pissa_niter_[1-9][0-9]*", "pissa_niter_<K>")``).
+    """
+    rule = {"gt": gt, "ge": ge, "lt": lt, "le": le, "choices": choices, "pattern": pattern, "doc": doc}
     if isinstance(default, list):  # lists are stored as tuples: configs are frozen
         default = tuple(default)
     return dataclasses.field(default=default, metadata={"surgeon": rule})
@@ -71,6 +77,7 @@ class Param:
     lt: float | None = None
     le: float | None = None
     choices: tuple | None = None
+    pattern: tuple | None = None  # (regex, how it reads) accepted besides the choices
     doc: str = ""
 
     def describe(self) -> str:
@@ -84,7 +91,8 @@ class Param:
 
     def expected(self) -> str:
         if self.choices:
-            return "one of " + ", ".join(format_value(c) for c in self.choices)
+            listed = ", ".join(format_value(c) for c in self.choices)
+            return "one of " + listed + (f", or {format_value(self.pattern[1])}" if self.pattern else "")
         bounds = self.bounds()
         return _WORDS[self.kind] + (f", {bounds}" if bounds else "")
 
@@ -112,7 +120,7 @@ class Param:
         converted = _convert(self.kind, value)
         if converted is _WRONG:
             return value, ArgumentProblem("bad-type", f"must be {_WORDS[self.kind]}, got {format_value(value)}")
-        if self.choices is not None and converted not in self.choices:
+        if self.choices is not None and converted not in self.choices and not self._fits_pattern(converted):
             return value, ArgumentProblem("bad-choice", f"must be {self.expected()}; got {format_value(value)}")
         items = converted if isinstance(converted, tuple) else (converted,)
         if self.kind in ("int", "float", "list[int]", "list[float]"):
@@ -122,6 +130,9 @@ class Param:
                         "out-of-range", f"is out of range: {format_value(item)} (expected {self.bounds()})"
                     )
         return converted, None
+
+    def _fits_pattern(self, value: Any) -> bool:
+        return self.pattern is not None and isinstance(value, str) and re.fullmatch(self.pattern[0], value) is not None
 
     def _in_range(self, x: float) -> bool:
         return (

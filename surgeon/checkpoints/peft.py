@@ -88,7 +88,7 @@ def peft_config(compiled, adapter: str, method: str | None = None) -> dict:
 def _tensors(compiled, adapter: str, method: str | None = None, trained: bool = True) -> tuple:
     """(PEFT keys -> tensors, site shapes) for one adapter, or for its sites of one method."""
     tensors, shapes = {}, {}
-    for key, tensor in _expected(compiled, adapter, method, trained).items():
+    for key, tensor in _expected(compiled, adapter, method, trained, saving=True).items():
         tensors[key] = tensor.detach()
     for site in compiled.plan.sites:
         if site.adapter == adapter and method in (None, site.method):
@@ -96,7 +96,7 @@ def _tensors(compiled, adapter: str, method: str | None = None, trained: bool = 
     return {k: v.to("cpu").contiguous().clone() for k, v in tensors.items()}, shapes
 
 
-def _expected(compiled, adapter: str, method: str | None = None, trained: bool = True) -> dict:
+def _expected(compiled, adapter: str, method: str | None = None, trained: bool = True, saving: bool = False) -> dict:
     """PEFT key -> the live tensor it saves from or loads into, for one adapter (or its sites of one method)."""
     expected, modules = {}, {}
     for site in compiled.plan.sites:
@@ -104,7 +104,7 @@ def _expected(compiled, adapter: str, method: str | None = None, trained: bool =
             continue
         module = compiled.adapter_module(adapter, site.path)
         modules.setdefault(site.method, []).append(module)
-        for suffix, tensor in module.peft_state().items():
+        for suffix, tensor in (module.peft_saved_state() if saving else module.peft_state()).items():
             expected[f"{PREFIX}{site.path}.{suffix}"] = tensor
     for name, group in modules.items():
         expected.update(adapter_class(name).peft_shared_state(group))

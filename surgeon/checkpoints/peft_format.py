@@ -80,7 +80,7 @@ def peft_literal(pattern: str) -> str | None:
     return text if re.escape(text) == pattern else None
 
 
-def lora_family_config(sites, scale_of=None) -> dict:
+def lora_family_config(sites, scale_of=None, rank_of=None) -> dict:
     """``r``, ``alpha``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora`` and ``target_modules`` for sites.
 
     The most common rank, rslora flag and alpha are the adapter's; sites that
@@ -88,11 +88,12 @@ def lora_family_config(sites, scale_of=None) -> dict:
     them their own scale under the adapter-wide rslora flag.
     """
     scale_of = scale_of or (lambda s: s.config.scale)
+    rank_of = rank_of or (lambda s: s.config.r)
     rslora = common(getattr(s.config, "rslora", False) for s in sites)
-    rank = common(s.config.r for s in sites)
+    rank = common(rank_of(s) for s in sites)
 
     def alpha_for(s):
-        value = scale_of(s) * (math.sqrt(s.config.r) if rslora else s.config.r)
+        value = scale_of(s) * (math.sqrt(rank_of(s)) if rslora else rank_of(s))
         return int(value) if float(value).is_integer() else value
 
     alpha = common(alpha_for(s) for s in sites)
@@ -101,7 +102,7 @@ def lora_family_config(sites, scale_of=None) -> dict:
         alpha=alpha,
         use_rslora=rslora,
         target_modules=[s.path for s in sites],
-        rank_pattern={re.escape(s.path): s.config.r for s in sites if s.config.r != rank},
+        rank_pattern={re.escape(s.path): rank_of(s) for s in sites if rank_of(s) != rank},
         alpha_pattern={re.escape(s.path): alpha_for(s) for s in sites if alpha_for(s) != alpha},
     )
 

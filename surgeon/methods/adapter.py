@@ -68,6 +68,10 @@ class SiteAdapter(nn.Module):
         """The method's fields of PEFT's adapter_config.json for these plan sites."""
         raise NotImplementedError
 
+    def peft_saved_state(self) -> dict:
+        """What :meth:`peft_state` writes to a file (a method may save a converted form)."""
+        return self.peft_state()
+
     @classmethod
     def peft_shared_state(cls, modules: list) -> dict:
         """Tensors PEFT saves once per adapter rather than per site (full keys), for these site modules.

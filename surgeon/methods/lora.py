@@ -13,6 +13,14 @@ On an embedding (num_embeddings x dim), as PEFT: A is (r, num_embeddings) and
 starts at zero, B is (dim, r) and starts normal, and
 ``y' = y + s * embedding(ids, A^T) B^T``; folding gives ``E' = E + s (B A)^T``.
 
+``init="pissa"`` (PiSSA, Meng et al., 2024) starts from the base weight's top
+r singular triplets, W = U S V^T: B0 = U_r sqrt(S_r / s), A0 = sqrt(S_r / s) V_r^T
+(``pissa_niter_K``: the same from K iterations of randomized SVD);
+``init="olora"`` (OLoRA, Büyükakyüz, 2024) from its QR decomposition W = QR:
+B0 = Q[:, :r], A0 = R[:r]. Both make the base the residual W - s B0 A0, so
+that the model starts equal to the base; surgeon leaves the user's weight
+alone and computes the residual in the graph (see lora_weights.py).
+
 On a Conv2d (groups 1), as PEFT: A is a convolution (r, in, kh, kw) with the
 base's stride and padding, B a 1x1 convolution (out, r, 1, 1);
 ``y' = y + s * conv(conv(dropout(x), A), B)``; folding adds the composed kernel.
@@ -45,7 +53,12 @@ class LoraConfig:
     alpha: float | None = param(None, gt=0, doc="scale numerator; defaults to r")
     dropout: float = param(0.0, ge=0, lt=1, doc="dropout probability on the adapter's input")
     rslora: bool = param(False, doc="scale by alpha / sqrt(r) instead of alpha / r")
-    init: str = param("kaiming", choices=("kaiming", "gaussian", "zeros"), doc="initialisation of A (B starts at zero)")
+    init: str = param(
+        "kaiming",
+        choices=("kaiming", "gaussian", "zeros", "pissa", "olora"),
+        pattern=(r"pissa_niter_[1-9][0-9]*", "pissa_niter_<K>"),
+        doc="initialisation: of A (B starts at zero), or from the base weight's SVD (pissa) or QR (olora)",
+    )
     bias: bool = param(False, doc="give B a trainable bias (PEFT's lora_bias)")
 
     def trainable_params(self, in_features: int, out_features: int, weight_shape: tuple = ()) -> int:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgeon.checkpoints.peft_format import common, lora_family_config, lora_family_rules, refuse
+from surgeon.checkpoints.peft_format import AdapterError, common, lora_family_config, lora_family_rules, refuse
 
 from .adapter import SiteAdapter, site_adapter
 
@@ -37,6 +37,44 @@ class LoraWeights(SiteAdapter):
         self.lora_B = nn.Parameter(torch.zeros(out_features, config.r, *((1,) * len(kernel)), **factory))
         self.lora_B_bias = nn.Parameter(torch.zeros(out_features, **factory)) if config.bias else None
         self.reset_parameters()
+        self.residual = config.init in ("pissa", "olora") or config.init.startswith("pissa_niter_")
+        if self.residual:
+            self._start_from_weight(weight, **factory)
+
+    def _start_from_weight(self, weight, dtype, device) -> None:
+        """PiSSA / OLoRA: A0, B0 from the base weight; the base becomes W - s B0 A0 (kept as A0, B0).
+
+        PEFT writes the residual into the base weight; surgeon keeps the user's
+        weight and subtracts s x A0^T B0^T in the graph: a rank-r correction, so
+        no copy of W is held.
+        """
+        init, kind = self.config.init, self.kind
+        if kind not in ("linear", "hf_conv1d") or (init == "olora" and kind != "linear"):
+            from surgeon.grammar.diagnostics import PlanError
+
+            raise PlanError(f"lora(init={init!r}) needs a Linear{'' if init == 'olora' else ' or Conv1D'} site, not {kind}")
+        if weight is None or weight.device.type == "meta" or weight.is_floating_point() is False:
+            raise ValueError(f"lora(init={init!r}) starts from the base weight's values, which this model does not have")
+        with torch.no_grad():
+            w = weight.detach().to(torch.float32)
+            w = w.T if kind == "hf_conv1d" else w  # (out, in)
+            r, s = self.config.r, self.scale
+            if init == "olora":
+                q, upper = torch.linalg.qr(w)
+                b0, a0 = q[:, :r], upper[:r]
+            else:
+                if init == "pissa":
+                    u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+                    u, sv, vh = u[:, :r], sv[:r], vh[:r]
+                else:  # randomized SVD, K iterations (not reproducible: saved adapters are converted, see peft_saved_state)
+                    u, sv, v = torch.svd_lowrank(w, r, niter=int(init.rpartition("_")[2]))
+                    vh = v.T
+                root = torch.sqrt(sv / s)
+                b0, a0 = u * root, root.unsqueeze(1) * vh
+            self.lora_A.copy_(a0)
+            self.lora_B.copy_(b0)
+        self.register_buffer("lora_A_initial", a0.to(dtype=dtype, device=device).contiguous())
+        self.register_buffer("lora_B_initial", b0.to(dtype=dtype, device=device).contiguous())
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
@@ -63,6 +101,8 @@ class LoraWeights(SiteAdapter):
         a, b = self.lora_A.to(dtype), self.lora_B.to(dtype)
         if self.kind == "conv2d":  # B is 1x1: compose the kernels
             return torch.einsum("or,rikl->oikl", b.flatten(1), a) * self.scale
+        if getattr(self, "residual", False):  # the residual base: W - s B0 A0
+            return (b @ a - self.lora_B_initial.to(dtype) @ self.lora_A_initial.to(dtype)) * self.scale
         return (b @ a) * self.scale
 
     def branch(self, graph, x, y):
@@ -84,6 +124,11 @@ class LoraWeights(SiteAdapter):
         else:
             h = graph.call(aten.linear.default, (x_in, graph.param("lora_A")), "shrink")
             d = graph.call(aten.linear.default, (h, graph.param("lora_B")) + bias, "expand")
+        if self.residual:  # the base is W - s B0 A0 (PiSSA, OLoRA): subtract s x A0^T B0^T, without dropout
+            x0 = graph.cast(x, self.lora_A.dtype)
+            h0 = graph.call(aten.linear.default, (x0, graph.param("lora_A_initial")), "shrink")
+            d0 = graph.call(aten.linear.default, (h0, graph.param("lora_B_initial")), "expand")
+            d = graph.call(aten.sub.Tensor, (d, d0), "residual")
         s = graph.cast(graph.call(aten.mul.Tensor, (d, self.scale), "scale"), graph.dtype_of(graph.base), self.lora_A.dtype)
         return None, graph.call(aten.add.Tensor, (y, s), "out")
 
@@ -101,13 +146,16 @@ class LoraWeights(SiteAdapter):
     def eager(self, module, x, y):
         if self.kind == "embedding":
             return y + (F.embedding(x, self.lora_A.T) @ self.lora_B.T * self.scale).to(y.dtype)
-        x = x.to(self.lora_A.dtype)
+        x0 = x_in = x.to(self.lora_A.dtype)
         if module.training and self.config.dropout > 0:
-            x = F.dropout(x, self.config.dropout, True)
+            x_in = F.dropout(x0, self.config.dropout, True)
         if self.kind == "conv2d":
-            h = F.conv2d(x, self.lora_A, None, module.stride, module.padding)
+            h = F.conv2d(x_in, self.lora_A, None, module.stride, module.padding)
             return y + (F.conv2d(h, self.lora_B, self.lora_B_bias) * self.scale).to(y.dtype)
-        return y + (F.linear(F.linear(x, self.lora_A), self.lora_B, self.lora_B_bias) * self.scale).to(y.dtype)
+        d = F.linear(F.linear(x_in, self.lora_A), self.lora_B, self.lora_B_bias)
+        if self.residual:
+            d = d - F.linear(F.linear(x0, self.lora_A_initial), self.lora_B_initial)
+        return y + (d * self.scale).to(y.dtype)
 
     def peft_state(self) -> dict:
         if self.kind == "embedding":  # PEFT keeps these as raw parameters: no ".weight"
@@ -117,17 +165,35 @@ class LoraWeights(SiteAdapter):
             state["lora_B.bias"] = self.lora_B_bias
         return state
 
+    def peft_saved_state(self) -> dict:
+        """What is written for PEFT: with PiSSA/OLoRA, a plain LoRA of rank 2r on the original base.
+
+        s (B A - B0 A0) = s [B, -B0] [A; A0], as PEFT's own conversion for
+        sharing (``path_initial_model_for_weight_conversion``): the file is
+        right for the untouched base model, and needs no SVD to be redone.
+        """
+        state = self.peft_state()
+        if self.residual:
+            state["lora_A.weight"] = torch.cat([self.lora_A, self.lora_A_initial.to(self.lora_A.dtype)], dim=0)
+            state["lora_B.weight"] = torch.cat([self.lora_B, -self.lora_B_initial.to(self.lora_B.dtype)], dim=1)
+        return state
+
     @classmethod
     def peft_config(cls, sites) -> dict:
-        """PEFT's LoraConfig fields for these sites (DoRA: the same with ``use_dora``)."""
-        fields = lora_family_config(sites)
+        """PEFT's LoraConfig fields for these sites (DoRA: the same with ``use_dora``).
+
+        PiSSA/OLoRA sites are written as plain LoRA of twice the rank (see peft_saved_state).
+        """
+        converted = {s.path for s in sites if s.config.init in ("pissa", "olora") or s.config.init.startswith("pissa_niter_")}
+        fields = lora_family_config(sites, rank_of=lambda s: s.config.r * (2 if s.path in converted else 1))
+        inits = [s.config.init for s in sites if s.path not in converted] or ["kaiming"]
         fields["lora_alpha"] = fields.pop("alpha")
         return dict(
             fields,
             lora_dropout=common(s.config.dropout for s in sites),
             lora_bias=any(s.config.bias for s in sites),
             fan_in_fan_out=any(s.kind == "hf_conv1d" for s in sites),
-            init_lora_weights={"kaiming": True, "gaussian": "gaussian", "zeros": False}[sites[0].config.init],
+            init_lora_weights={"kaiming": True, "gaussian": "gaussian", "zeros": False}[inits[0]],
             bias="none",
             use_dora=cls.method == "dora",
         )
@@ -137,6 +203,12 @@ class LoraWeights(SiteAdapter):
         refuse(config, "layer_replication", "alora_invocation_tokens", "target_parameters")
         method = "dora" if config.get("use_dora") else "lora"
         extra = (", rslora=true" if config.get("use_rslora") else "") + (", bias=true" if config.get("lora_bias") else "")
+        init = config.get("init_lora_weights", True)
+        if isinstance(init, str) and (init in ("pissa", "olora") or init.startswith("pissa_niter_")):
+            # PEFT's own PiSSA/OLoRA files: the residual base is made again from the base weight, as PEFT does
+            extra += f', init="{init}"'
+        elif isinstance(init, str) and init != "gaussian":
+            raise AdapterError(f"LoRA's init_lora_weights={init!r} is not supported yet", hint="supported: true, false, gaussian, pissa, pissa_niter_K, olora")
         if config.get("lora_dropout"):
             extra += f", dropout={config['lora_dropout']}"
         return lora_family_rules(config, method, extra=extra)

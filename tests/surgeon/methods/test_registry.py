@@ -17,7 +17,8 @@ def test_lora_signature_matches_its_config():
     r = sig.get("r")
     assert (r.kind, r.required, r.gt) == ("int", True, 0)
     assert sig.get("alpha").optional and sig.get("alpha").kind == "float"
-    assert sig.get("init").choices == ("kaiming", "gaussian", "zeros")
+    assert sig.get("init").choices == ("kaiming", "gaussian", "zeros", "pissa", "olora")
+    assert sig.get("init").pattern == (r"pissa_niter_[1-9][0-9]*", "pissa_niter_<K>")
     assert sig.config_class is LoraConfig
 
 
