@@ -27,6 +27,8 @@ class LohaConfig:
 
     r: int = param(gt=0, doc="rank of each factor")
     alpha: float | None = param(None, gt=0, doc="scale numerator; defaults to r")
+    rank_dropout: float = param(0.0, ge=0, lt=1, doc="in training, drop rows of dW with this probability (rescaled by the kept share)")
+    module_dropout: float = param(0.0, ge=0, lt=1, doc="in training, skip the whole adapter with this probability")
 
     rslora = False
     dropout = 0.0

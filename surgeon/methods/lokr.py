@@ -6,8 +6,10 @@
 
 W2 is itself a rank-r product W2a W2b when r < max(k, n) / 2, and W1 too with
 ``decompose_both`` when r < max(l, m) / 2, exactly as PEFT decides. W1 (or W1a)
-starts at zero, so the adapted model starts equal to the base. PEFT's rank and
-module dropouts (training-time only) are not offered yet.
+starts at zero, so the adapted model starts equal to the base. In training,
+``rank_dropout`` zeroes rows of dW (each with probability p; with
+``rank_dropout_scale`` the kept rows are divided by the kept share) and
+``module_dropout`` skips the whole adapter with probability p, as PEFT does.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ class LokrConfig:
     alpha: float | None = param(None, gt=0, doc="scale numerator; defaults to r")
     factor: int | None = param(None, gt=0, doc="Kronecker factor of each dimension; default: near its square root")
     decompose_both: bool = param(False, doc="decompose W1 as well as W2 into rank-r products")
+    rank_dropout: float = param(0.0, ge=0, lt=1, doc="in training, drop rows of dW with this probability")
+    module_dropout: float = param(0.0, ge=0, lt=1, doc="in training, skip the whole adapter with this probability")
+    rank_dropout_scale: bool = param(False, doc="rescale the kept rows by the kept share (as LoHa always does)")
 
     rslora = False
     dropout = 0.0

@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from surgeon.checkpoints.peft_format import AdapterError, lora_family_config, lora_family_rules, refuse
 
 from .adapter import SiteAdapter, site_adapter
+from .loha_weights import dropout_arguments, eager_dropped, module_kept, one_per_adapter, rows_dropped
 from .lokr import lokr_shapes
 
 __all__ = ["LokrWeights"]
@@ -53,18 +53,22 @@ class LokrWeights(SiteAdapter):
                 return graph.param(name)
             return graph.call(aten.mm.default, (graph.param(f"{name}_a"), graph.param(f"{name}_b")), "factor")
 
-        dtype = next(self.parameters()).dtype
+        like = next(self.parameters())
+        dtype = like.dtype
+        keep = module_kept(graph, self.config, like)
         kron = graph.call(aten.kron.default, (factor("lokr_w1"), factor("lokr_w2")), "delta")
         delta = graph.call(aten.mul.Tensor, (kron, self.scale), "delta")
+        delta = rows_dropped(graph, delta, self.config.rank_dropout, self.config.rank_dropout_scale, self.out_features, like)
         d = graph.call(aten.linear.default, (graph.cast(x, dtype), delta), "expand")
+        if keep is not None:
+            d = graph.call(aten.mul.Tensor, (d, keep), "module_dropout")
         return None, graph.call(aten.add.Tensor, (y, graph.cast(d, graph.dtype_of(graph.base), dtype)), "out")
 
     def fold(self, weight, bias, kind: str):
         return weight + self.delta(torch.float32), bias
 
     def eager(self, module, x, y):
-        dtype = next(self.parameters()).dtype
-        return y + F.linear(x.to(dtype), self.delta(dtype)).to(y.dtype)
+        return y + eager_dropped(self, module, x, self.config.rank_dropout_scale)
 
     def peft_state(self) -> dict:
         return dict(self.named_parameters(recurse=False))
@@ -77,14 +81,14 @@ class LokrWeights(SiteAdapter):
         factor, decompose_both = shapes.pop()
         fields = lora_family_config(sites)
         del fields["use_rslora"]
-        return dict(
-            fields, decompose_both=decompose_both, decompose_factor=factor or -1,
-            rank_dropout=0.0, module_dropout=0.0, rank_dropout_scale=False, init_weights=True,
-        )
+        dropouts = one_per_adapter(sites, "rank_dropout", "module_dropout", "rank_dropout_scale")
+        return dict(fields, decompose_both=decompose_both, decompose_factor=factor or -1, **dropouts, init_weights=True)
 
     @classmethod
     def rules_from_peft(cls, config: dict) -> list:
-        refuse(config, "rank_dropout", "module_dropout")
+        refuse(config, "use_effective_conv2d")
         factor = config.get("decompose_factor", -1)
         extra = (f", factor={factor}" if factor and factor > 0 else "") + (", decompose_both=true" if config.get("decompose_both") else "")
+        extra += dropout_arguments(config, "rank_dropout", "module_dropout")
+        extra += ", rank_dropout_scale=true" if config.get("rank_dropout_scale") else ""
         return lora_family_rules(config, "lokr", alpha_key="alpha", extra=extra)

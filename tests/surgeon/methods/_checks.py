@@ -94,3 +94,24 @@ def check_logits_and_gradients(compiled, reference, demo: str) -> None:
         for suffix, tensor in module.peft_state().items():
             torch.testing.assert_close(tensor.grad, peft_parameter(layer, suffix).grad, rtol=1e-5, atol=1e-6)
     compiled.zero_grad()
+
+
+def check_training_draws_match(compiled, reference, demo: str, seed: int = 0) -> None:
+    """In training, random draws (rank/module dropout) equal PEFT's for the same seed, and they change the output."""
+    labels = demo != "bert"
+    compiled.eval()
+    with torch.no_grad():
+        plain = compiled(**inputs(labels=labels)).logits
+    compiled.train()
+    reference.train()
+    try:
+        with torch.no_grad():
+            torch.manual_seed(seed)
+            ours = compiled(**inputs(labels=labels)).logits
+            torch.manual_seed(seed)
+            theirs = reference(**inputs(labels=labels)).logits
+    finally:
+        compiled.eval()
+        reference.eval()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ours, plain, atol=1e-4)

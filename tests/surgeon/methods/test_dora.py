@@ -4,10 +4,9 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-import surgeon
 from surgeon.demos import build_demo
 
-from .._peft_reference import inputs, randomize_adapters
+from .._peft_reference import randomize_adapters
 from ._checks import (
     CompiledCases,
     check_files_both_ways_fold_and_unfold,

@@ -10,6 +10,7 @@ from ._checks import (
     check_files_both_ways_fold_and_unfold,
     check_logits_and_gradients,
     check_starts_at_the_base,
+    check_training_draws_match,
     copy_into_peft,
     randomize_all,
 )
@@ -41,3 +42,16 @@ def test_loha_files_both_ways_fold_and_unfold(compiled_loha, tmp_path):
     compiled = compiled_loha("llama")
     randomize_all(compiled, seed=4)
     check_files_both_ways_fold_and_unfold(compiled, "llama", "loha", tmp_path)
+
+@pytest.mark.parametrize("dropouts", [dict(rank_dropout=0.3), dict(module_dropout=0.5)])
+def test_loha_training_dropouts_draw_as_peft(dropouts, tmp_path):
+    import surgeon
+
+    arguments = ", ".join(f"{k}={v}" for k, v in dropouts.items())
+    compiled = surgeon.compile("demo:llama", f'match "*.self_attn.{{q,v}}_proj" apply loha(r=4, alpha=8, {arguments})')
+    randomize_all(compiled)
+    reference = get_peft_model(build_demo("llama"), LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], **dropouts))
+    check_training_draws_match(compiled, copy_into_peft(compiled, reference), "llama")
+    compiled.save_adapter(tmp_path)
+    again = surgeon.compile("demo:llama", adapter=tmp_path)
+    assert [s.config for s in again.plan.sites] == [s.config for s in compiled.plan.sites]

@@ -11,6 +11,7 @@ from ._checks import (
     check_files_both_ways_fold_and_unfold,
     check_logits_and_gradients,
     check_starts_at_the_base,
+    check_training_draws_match,
     copy_into_peft,
     randomize_all,
 )
@@ -65,3 +66,14 @@ def test_lokr_files_both_ways_fold_and_unfold(compiled_lokr, tmp_path):
     compiled = compiled_lokr("llama decompose_both")
     randomize_all(compiled, seed=9)
     check_files_both_ways_fold_and_unfold(compiled, "llama", "lokr", tmp_path)
+
+
+@pytest.mark.parametrize("dropouts", [dict(rank_dropout=0.3, rank_dropout_scale=True), dict(rank_dropout=0.3), dict(module_dropout=0.5)])
+def test_lokr_training_dropouts_draw_as_peft(dropouts):
+    import surgeon
+
+    arguments = ", ".join(f"{k}={str(v).lower()}" for k, v in dropouts.items())
+    compiled = surgeon.compile("demo:llama", f'match "*.self_attn.{{q,v}}_proj" apply lokr(r=2, alpha=4, {arguments})')
+    randomize_all(compiled)
+    reference = get_peft_model(build_demo("llama"), LoKrConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"], **dropouts))
+    check_training_draws_match(compiled, copy_into_peft(compiled, reference), "llama")

@@ -16,7 +16,6 @@ from ._checks import (
     check_starts_at_the_base,
     copy_into_peft,
     peft_parameter,
-    randomize_all,
 )
 
 CASES = {
