@@ -21,7 +21,9 @@ def _site_ops():
         "linear": aten.linear.default,
         "hf_conv1d": aten.addmm.default,
         "embedding": aten.embedding.default,
+        "conv1d": aten.conv1d.default,
         "conv2d": aten.conv2d.default,
+        "conv3d": aten.conv3d.default,
     }
 
 
@@ -40,7 +42,7 @@ def site_nodes(gm, path: str, kind: str) -> list:
 
 def site_args(node, kind: str) -> tuple:
     """(input, weight, bias or None) of a site's op: linear(x, W[, b]), addmm(b, x, W), embedding(W, ids)."""
-    if kind in ("linear", "conv2d"):
+    if kind == "linear" or kind.startswith("conv"):
         return node.args[0], node.args[1], node.args[2] if len(node.args) > 2 else None
     if kind == "hf_conv1d":
         return node.args[1], node.args[2], node.args[0]

@@ -7,7 +7,8 @@ Each method says how it merges (``SiteAdapter.fold``); for LoRA::
     b' = b + scale * b_B            (adapters with a bias)
 
 Several adapters on one site fold in the order they were inserted. The merge
-is computed in float32 and rounded once to the weight's dtype. The folded
+is computed in float32 (float64 for a float64 weight: :func:`merge_dtype`)
+and rounded once to the weight's dtype. The folded
 graph has exactly the base graph's op sequence. By default the new weights
 are new tensors set on the graph module (the user's model and the unfolded
 graph keep theirs); ``inplace=True`` writes them into the existing tensors and
@@ -25,7 +26,7 @@ from ._graph import site_args, site_nodes
 from .insert import attribute_prefix
 from .pipeline import PassResult
 
-__all__ = ["fold_adapters", "unfold_inplace", "verify_fold", "FoldError", "copy_graph_module", "TOLERANCES"]
+__all__ = ["merge_dtype", "fold_adapters", "unfold_inplace", "verify_fold", "FoldError", "copy_graph_module", "TOLERANCES"]
 
 # Roles of the nodes that stand in for a value of the base graph (the site's output, input or
 # weight), each with the value it replaces as its first argument.
@@ -37,6 +38,13 @@ TOLERANCES = {"float32": (1e-4, 1e-5), "float64": (1e-9, 1e-10), "bfloat16": (2e
 
 class FoldError(SurgeryError):
     """Folding changed what the model computes, or cannot be done."""
+
+
+def merge_dtype(dtype):
+    """The dtype merges are computed in: float32, or the weight's own when wider (float64)."""
+    import torch
+
+    return torch.promote_types(dtype, torch.float32)
 
 
 def copy_graph_module(gm):
@@ -72,7 +80,8 @@ def fold_adapters(insertions, *, inplace: bool = False, originals: dict | None =
                 _, weight_node, bias_node = site_args(base, kind)
                 weight = _attr(gm, weight_node.target)
                 bias = _attr(gm, bias_node.target) if bias_node is not None and bias_node.op == "get_attr" else None
-                new_weight, new_bias = weight.detach().float(), None if bias is None else bias.detach().float()
+                wide = merge_dtype(weight.dtype)
+                new_weight, new_bias = weight.detach().to(wide), None if bias is None else bias.detach().to(wide)
                 for spec in specs:
                     new_weight, new_bias = spec.module.fold(new_weight, new_bias, kind)
                 # A tied weight (GPT-2's wte and lm_head read one tensor): most methods adapt this site
@@ -212,9 +221,10 @@ def verify_fold(unfolded, folded, args: tuple, kwargs: dict) -> float:
             continue
         rtol, atol = TOLERANCES.get(str(e.dtype).replace("torch.", ""), (1e-4, 1e-5))
         scale = max(1.0, e.detach().abs().max().item())
-        diff = (e.float() - g.float()).abs()
+        wide = merge_dtype(torch.promote_types(e.dtype, g.dtype))
+        diff = (e.to(wide) - g.to(wide)).abs()
         worst = max(worst, diff.max().item())
-        if not torch.all(diff <= atol * scale + rtol * e.float().abs()):
+        if not torch.all(diff <= atol * scale + rtol * e.to(wide).abs()):
             raise FoldError(
                 f"folding changed the outputs: max abs difference {diff.max().item():.3g} "
                 f"(tolerance {atol * scale:.3g} + {rtol:g} x |output| for {e.dtype})",

@@ -26,6 +26,7 @@ from torch import nn
 
 from surgeon.grammar import rules as ir
 from surgeon.passes import Insertion, Pipeline, copy_graph_module, fold_adapters, insert_adapters, unfold_inplace, verify_fold
+from surgeon.passes.fold import merge_dtype
 
 from .export import bind_program, export_program, widen_inputs
 from .methods.adapter import SiteAdapter, adapter_class
@@ -256,11 +257,12 @@ class Compiled(nn.Module):
     def merged_state_dict(self) -> dict:
         """The base model's state dict with every adapter folded in (new tensors; nothing changes in place)."""
         state = dict(self.base_model.state_dict())
-        merged: dict = {}  # weight name -> (weight, bias) in float32, folded adapter after adapter
+        merged: dict = {}  # weight name -> (weight, bias) in the merge dtype, folded adapter after adapter
         with torch.no_grad():
             for site in self.plan.sites:
                 name, bias_name = f"{site.path}.weight", f"{site.path}.bias"
-                weight, bias = merged.get(name) or (state[name].float(), state[bias_name].float() if bias_name in state else None)
+                wide = merge_dtype(state[name].dtype)
+                weight, bias = merged.get(name) or (state[name].to(wide), state[bias_name].to(wide) if bias_name in state else None)
                 merged[name] = self.adapter_module(site.adapter, site.path).fold(weight, bias, site.kind)
             for site in self.plan.sites:  # tied readers that see the change get the merged weight too
                 if getattr(self.adapter_module(site.adapter, site.path), "follows_ties", False):

@@ -10,8 +10,9 @@ what the method does there, four ways:
   be None (unchanged). The node that replaces the output must have role "out",
   and one that replaces the input role "in", each with the value it replaces
   as its first argument, so that folding can take the branch out again.
-- ``fold(weight, bias, kind)``: the merged (weight, bias), in float32, for the
-  weight as stored (``hf_conv1d`` stores (in, out)).
+- ``fold(weight, bias, kind)``: the merged (weight, bias), computed in the dtype of the
+  given weight (float32, or float64 for a float64 model), for the weight as stored
+  (``hf_conv1d`` stores (in, out)).
 - ``eager(module, x, y)``: the same computation in eager PyTorch (a forward
   hook, for ``generate()`` with a KV cache).
 - ``peft_state()``: the tensors PEFT saves for this site, by key suffix.

@@ -63,8 +63,8 @@ class DoraWeights(LoraWeights):
         return None, graph.call(aten.add.Tensor, (y, graph.cast(change, graph.dtype_of(graph.base), dtype)), "out")
 
     def fold(self, weight, bias, kind: str):
-        rows = self._rows(weight) + self.delta(torch.float32)
-        merged = (self.lora_magnitude_vector.float() / rows.norm(dim=1)).unsqueeze(1) * rows
+        rows = self._rows(weight) + self.delta(weight.dtype)
+        merged = (self.lora_magnitude_vector.to(weight.dtype) / rows.norm(dim=1)).unsqueeze(1) * rows
         return (merged.T if kind == "hf_conv1d" else merged), bias
 
     def eager(self, module, x, y):

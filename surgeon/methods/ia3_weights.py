@@ -35,7 +35,7 @@ class Ia3Weights(SiteAdapter):
         return None, graph.call(aten.mul.Tensor, (y, vector), "out")
 
     def fold(self, weight, bias, kind: str):
-        vector = self.ia3_l.detach().float().flatten()
+        vector = self.ia3_l.detach().to(weight.dtype).flatten()
         if self.config.feedforward:  # columns of the (out, in) weight: rows when stored (in, out)
             weight = weight * (vector.unsqueeze(1) if kind == "hf_conv1d" else vector)
             return weight, bias

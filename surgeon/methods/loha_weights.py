@@ -55,7 +55,7 @@ class LohaWeights(SiteAdapter):
         return None, graph.call(aten.add.Tensor, (y, graph.cast(d, graph.dtype_of(graph.base), dtype)), "out")
 
     def fold(self, weight, bias, kind: str):
-        return weight + self.delta(torch.float32), bias
+        return weight + self.delta(weight.dtype), bias
 
     def eager(self, module, x, y):
         return y + eager_dropped(self, module, x, True)

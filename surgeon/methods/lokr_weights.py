@@ -65,7 +65,7 @@ class LokrWeights(SiteAdapter):
         return None, graph.call(aten.add.Tensor, (y, graph.cast(d, graph.dtype_of(graph.base), dtype)), "out")
 
     def fold(self, weight, bias, kind: str):
-        return weight + self.delta(torch.float32), bias
+        return weight + self.delta(weight.dtype), bias
 
     def eager(self, module, x, y):
         return y + eager_dropped(self, module, x, self.config.rank_dropout_scale)

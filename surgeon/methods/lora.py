@@ -21,9 +21,11 @@ B0 = Q[:, :r], A0 = R[:r]. Both make the base the residual W - s B0 A0, so
 that the model starts equal to the base; surgeon leaves the user's weight
 alone and computes the residual in the graph (see lora_weights.py).
 
-On a Conv2d (groups 1), as PEFT: A is a convolution (r, in, kh, kw) with the
-base's stride and padding, B a 1x1 convolution (out, r, 1, 1);
-``y' = y + s * conv(conv(dropout(x), A), B)``; folding adds the composed kernel.
+On a Conv1d/2d/3d, as PEFT: A is a convolution (r, in, *kernel) with the
+base's stride, padding and dilation, B a 1x1 convolution (out, r/g, 1, ...)
+grouped as the base (g groups; r must divide by g);
+``y' = y + s * conv(conv(dropout(x), A), B)``; folding adds the composed
+kernel, which a grouped base cannot take (folding it is refused, as in PEFT).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def lora_scale(r: int, alpha: float | None, rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
 
 
-@register_method("lora", sites=("linear", "hf_conv1d", "embedding", "conv2d"))
+@register_method("lora", sites=("linear", "hf_conv1d", "embedding", "conv1d", "conv2d", "conv3d"))
 @dataclass(frozen=True)
 class LoraConfig:
     """Low-rank adaptation (Hu et al., 2021), with PEFT's defaults."""
@@ -63,10 +65,11 @@ class LoraConfig:
 
     def trainable_params(self, in_features: int, out_features: int, weight_shape: tuple = ()) -> int:
         """A (r x in) and B (out x r), plus B's bias (out) with ``bias``; a conv's A is (r, in, *kernel)."""
-        fan_in = in_features
-        if len(weight_shape) > 2:  # a convolution: A sees in x kernel
+        fan_in, b_width = in_features, self.r
+        if len(weight_shape) > 2:  # a convolution: A sees in x kernel; B is grouped as the base (in / weight_shape[1] groups)
             fan_in = in_features * math.prod(weight_shape[2:])
-        return self.r * (fan_in + out_features) + (out_features if self.bias else 0)
+            b_width = self.r // max(1, in_features // weight_shape[1])
+        return self.r * fan_in + out_features * b_width + (out_features if self.bias else 0)
 
     @property
     def scale(self) -> float:

@@ -32,9 +32,15 @@ class LoraWeights(SiteAdapter):
     def __init__(self, config, kind: str, in_features: int, out_features: int, *, dtype=torch.float32, device=None, weight=None, peers=()):
         super().__init__(config, kind, in_features, out_features)
         factory = {"dtype": dtype, "device": device}
-        kernel = tuple(weight.shape[2:]) if kind == "conv2d" else ()
+        kernel = tuple(weight.shape[2:]) if kind.startswith("conv") else ()
+        # A grouped convolution (weight (out, in/g, *k)): A sees every input channel, B is grouped (PEFT's layout).
+        self.groups = in_features // weight.shape[1] if kernel else 1
+        if config.r % self.groups:
+            from surgeon.grammar.diagnostics import PlanError
+
+            raise PlanError(f"LoRA on a convolution with {self.groups} groups needs a rank divisible by {self.groups}, not {config.r}")
         self.lora_A = nn.Parameter(torch.empty(config.r, in_features, *kernel, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, config.r, *((1,) * len(kernel)), **factory))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, config.r // self.groups, *((1,) * len(kernel)), **factory))
         self.lora_B_bias = nn.Parameter(torch.zeros(out_features, **factory)) if config.bias else None
         self.reset_parameters()
         self.residual = config.init in ("pissa", "olora") or config.init.startswith("pissa_niter_")
@@ -99,8 +105,16 @@ class LoraWeights(SiteAdapter):
     def delta(self, dtype=torch.float32) -> torch.Tensor:
         """scale * B @ A, shape (out, in) (a conv: the composed kernel (out, in, kh, kw)), in ``dtype``."""
         a, b = self.lora_A.to(dtype), self.lora_B.to(dtype)
-        if self.kind == "conv2d":  # B is 1x1: compose the kernels
-            return torch.einsum("or,rikl->oikl", b.flatten(1), a) * self.scale
+        if self.kind.startswith("conv"):  # B is 1x1: compose the kernels
+            if self.groups > 1:
+                from surgeon.passes import FoldError
+
+                raise FoldError(
+                    f"LoRA on a convolution with {self.groups} groups cannot be folded: its update B A is a full "
+                    f"kernel over all {self.in_features} input channels, the base kernel sees {self.in_features // self.groups} per group",
+                    hint="keep the adapter unmerged for this site (PEFT cannot merge it either)",
+                )
+            return (b.flatten(1) @ a.flatten(1)).view(b.shape[0], *a.shape[1:]) * self.scale
         if getattr(self, "residual", False):  # the residual base: W - s B0 A0
             return (b @ a - self.lora_B_initial.to(dtype) @ self.lora_A_initial.to(dtype)) * self.scale
         return (b @ a) * self.scale
@@ -117,10 +131,12 @@ class LoraWeights(SiteAdapter):
         if graph.training and self.config.dropout > 0:
             x_in = graph.call(aten.dropout.default, (x_in, self.config.dropout, True), "dropout")
         bias = (graph.param("lora_B_bias"),) if self.lora_B_bias is not None else ()
-        if self.kind == "conv2d":  # A: the base's kernel, stride and padding; B: 1x1
-            stride, padding = _conv_geometry(graph.base)
-            h = graph.call(aten.conv2d.default, (x_in, graph.param("lora_A"), None, stride, padding), "shrink")
-            d = graph.call(aten.conv2d.default, (h, graph.param("lora_B")) + bias, "expand")
+        if self.kind.startswith("conv"):  # A: the base's kernel, stride, padding, dilation; B: 1x1, grouped as the base
+            stride, padding, dilation = _conv_geometry(graph.base)
+            op, ones = graph.base.target, [1] * len(stride)
+            h = graph.call(op, (x_in, graph.param("lora_A"), None, stride, padding, dilation), "shrink")
+            b_bias = bias[0] if bias else None
+            d = graph.call(op, (h, graph.param("lora_B"), b_bias, ones, [0] * len(stride), ones, self.groups), "expand")
         else:
             h = graph.call(aten.linear.default, (x_in, graph.param("lora_A")), "shrink")
             d = graph.call(aten.linear.default, (h, graph.param("lora_B")) + bias, "expand")
@@ -133,14 +149,14 @@ class LoraWeights(SiteAdapter):
         return None, graph.call(aten.add.Tensor, (y, s), "out")
 
     def fold(self, weight, bias, kind: str):
-        delta = self.delta(torch.float32)
+        delta = self.delta(weight.dtype)
         weight = weight + (delta.T if kind in ("hf_conv1d", "embedding") else delta)
         if self.lora_B_bias is not None:
             if bias is None:
                 from surgeon.passes import FoldError
 
                 raise FoldError("cannot fold a LoRA bias into a module that has no bias")
-            bias = bias + self.lora_B_bias.float() * self.scale
+            bias = bias + self.lora_B_bias.to(bias.dtype) * self.scale
         return weight, bias
 
     def eager(self, module, x, y):
@@ -149,9 +165,10 @@ class LoraWeights(SiteAdapter):
         x0 = x_in = x.to(self.lora_A.dtype)
         if module.training and self.config.dropout > 0:
             x_in = F.dropout(x0, self.config.dropout, True)
-        if self.kind == "conv2d":
-            h = F.conv2d(x_in, self.lora_A, None, module.stride, module.padding)
-            return y + (F.conv2d(h, self.lora_B, self.lora_B_bias) * self.scale).to(y.dtype)
+        if self.kind.startswith("conv"):
+            conv = getattr(F, self.kind)
+            h = conv(x_in, self.lora_A, None, module.stride, module.padding, module.dilation)
+            return y + (conv(h, self.lora_B, self.lora_B_bias, groups=self.groups) * self.scale).to(y.dtype)
         d = F.linear(F.linear(x_in, self.lora_A), self.lora_B, self.lora_B_bias)
         if self.residual:
             d = d - F.linear(F.linear(x0, self.lora_A_initial), self.lora_B_initial)
@@ -218,11 +235,12 @@ class LoraWeights(SiteAdapter):
 
 
 def _conv_geometry(node) -> tuple:
-    """(stride, padding) of an aten.conv2d node (its defaults when not given)."""
+    """(stride, padding, dilation) of an aten.convNd node, its defaults filled in."""
+    n = len(node.args[1].meta["val"].shape) - 2 if "val" in node.args[1].meta else 2
     args = list(node.args) + [None] * (7 - len(node.args))
-    stride = args[3] if args[3] is not None else node.kwargs.get("stride", [1, 1])
-    padding = args[4] if args[4] is not None else node.kwargs.get("padding", [0, 0])
-    groups = args[6] if args[6] is not None else node.kwargs.get("groups", 1)
-    if groups != 1:
-        raise NotImplementedError("LoRA on a grouped convolution is not supported yet")
-    return stride, padding
+    names = ("stride", "padding", "dilation")
+    defaults = ([1] * n, [0] * n, [1] * n)
+    return tuple(
+        args[3 + i] if args[3 + i] is not None else node.kwargs.get(name, default)
+        for i, (name, default) in enumerate(zip(names, defaults))
+    )

@@ -13,7 +13,7 @@ from surgeon.methods import LoraConfig, get_method, method_names, register_metho
 def test_lora_signature_matches_its_config():
     sig = get_method("lora")
     assert sig.param_names == ("r", "alpha", "dropout", "rslora", "init", "bias")
-    assert sig.sites == ("linear", "hf_conv1d", "embedding", "conv2d")
+    assert sig.sites == ("linear", "hf_conv1d", "embedding", "conv1d", "conv2d", "conv3d")
     r = sig.get("r")
     assert (r.kind, r.required, r.gt) == ("int", True, 0)
     assert sig.get("alpha").optional and sig.get("alpha").kind == "float"
