@@ -60,8 +60,14 @@ def copy_graph_module(gm):
     return torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
 
 
-def fold_adapters(insertions, *, inplace: bool = False, originals: dict | None = None):
-    """A pass that folds every adapter of ``insertions``. With ``inplace``, ``originals`` records what it overwrote."""
+def fold_adapters(insertions, *, inplace: bool = False, originals: dict | None = None, weights: dict | None = None):
+    """A pass that folds every adapter of ``insertions``. With ``inplace``, ``originals`` records what it overwrote.
+
+    ``weights`` (adapter name -> w, default 1) folds each adapter with a
+    strength: ``W + w (fold(W) - W)``, the gated graph's interpolation, exact
+    at w = 1; an adapter with w = 0 is left out.
+    """
+    weights = weights or {}
 
     def fold_adapter_branches(gm) -> PassResult:
         import torch
@@ -83,7 +89,7 @@ def fold_adapters(insertions, *, inplace: bool = False, originals: dict | None =
                 wide = merge_dtype(weight.dtype)
                 new_weight, new_bias = weight.detach().to(wide), None if bias is None else bias.detach().to(wide)
                 for spec in specs:
-                    new_weight, new_bias = spec.module.fold(new_weight, new_bias, kind)
+                    new_weight, new_bias = _fold_one(spec, new_weight, new_bias, kind, weights.get(spec.adapter, 1.0))
                 # A tied weight (GPT-2's wte and lm_head read one tensor): most methods adapt this site
                 # only, so it gets its own weight; a method whose change the tied readers see
                 # (trainable tokens) writes into the shared weight.
@@ -107,6 +113,8 @@ def fold_adapters(insertions, *, inplace: bool = False, originals: dict | None =
         for node in reversed(list(gm.graph.nodes)):
             if "surgeon" in node.meta and not node.users:
                 gm.graph.erase_node(node)
+        if "surgeon_gates" in gm._buffers:
+            del gm._buffers["surgeon_gates"]
         for spec in insertions:  # the adapter parameters leave the folded module
             owner = gm.get_submodule(spec.path)
             prefix = attribute_prefix(spec.adapter)
@@ -115,6 +123,18 @@ def fold_adapters(insertions, *, inplace: bool = False, originals: dict | None =
         return PassResult(gm, True)
 
     return fold_adapter_branches
+
+
+def _fold_one(spec, weight, bias, kind: str, w: float):
+    if w == 0:
+        return weight, bias
+    folded, folded_bias = spec.module.fold(weight, bias, kind)
+    if w == 1:
+        return folded, folded_bias
+    weight = weight + w * (folded - weight)
+    if folded_bias is not None:
+        bias = folded_bias if bias is None else bias + w * (folded_bias - bias)
+    return weight, bias
 
 
 def _attr(gm, target: str):

@@ -9,7 +9,18 @@ For each site (a module path computing ``aten.linear`` or GPT-2's
     y' = y + scale * d               # scale = alpha / r, or alpha / sqrt(r) with rslora
 
 Several adapters on one site apply in order, each wrapping the output of the
-one before. The adapter's parameters are registered on the graph module at
+one before.
+
+Gates: with ``gates`` (a :class:`Gates`), how much each adapter acts is read
+from tensors, not decided in Python, so switching adapters never needs a new
+graph: either one float per adapter (the ``surgeon_gates`` buffer: 1 active,
+0 inactive, set by ``Compiled.set_active``), or, for a routed graph, one per
+batch row, ``adapter_ids == i`` from an ``adapter_ids`` input the pass adds
+(-1: no adapter). A method whose SiteAdapter sets ``applies_gate`` multiplies
+its change by ``graph.gate()`` itself (LoRA: into its scale, no extra pass over
+the output); for the others the pass interpolates, ``y + g (y' - y)`` (and
+``x + g (x' - x)`` for input-side methods), which is the method at g = 1, the
+base at g = 0, and linear in between, as folding with a weight is. The adapter's parameters are registered on the graph module at
 the site's path (``<path>.surgeon_<adapter>__<name>``): the very Parameter
 objects the compiled model owns, so every graph of one compiled model trains
 the same weights. Inserted nodes carry ``meta["surgeon"] = {adapter, site,
@@ -24,7 +35,19 @@ from dataclasses import dataclass
 from ._graph import Inserter, site_args, site_nodes
 from .pipeline import PassResult
 
-__all__ = ["Insertion", "insert_adapters", "attribute_prefix", "GraphBuilder"]
+__all__ = ["Insertion", "Gates", "insert_adapters", "attribute_prefix", "GraphBuilder"]
+
+GATES_BUFFER = "surgeon_gates"
+ROUTING_INPUT = "adapter_ids"
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Where adapters read how much they act: ``tensor[i]`` for ``names[i]``, or per batch row when ``routed``."""
+
+    names: tuple
+    tensor: object = None  # float32 (len(names),), shared with the compiled model
+    routed: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,10 +80,11 @@ def outermost(node):
 class GraphBuilder:
     """What a method's ``branch`` uses to rewrite one call of its site."""
 
-    def __init__(self, gm, node, spec: Insertion, training: bool):
+    def __init__(self, gm, node, spec: Insertion, training: bool, gate_of=None):
         import torch
 
         self.gm, self.node, self.spec, self.training = gm, node, spec, training
+        self._gate_of = gate_of
         self.aten = torch.ops.aten
         self.prefix = attribute_prefix(spec.adapter)
         self.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")}
@@ -80,6 +104,28 @@ class GraphBuilder:
     def bias(self):
         """The get_attr node of the base bias, or None."""
         return site_args(self.node, self.spec.kind)[2]
+
+    def gate(self, rank: int | None = None):
+        """This adapter's gate, float32: a scalar, or per batch row shaped to broadcast over the
+        site's output (``rank`` dimensions; default the base op's). None when the graph has no gates."""
+        if self._gate_of is None:
+            return None
+        if rank is None:
+            value = self.node.meta.get("val")
+            rank = value.dim() if value is not None else 2
+        return self._gate_of(self.spec.adapter, rank)
+
+    def gated(self, scale):
+        """``scale`` (a float or a node) times this adapter's gate; ``scale`` itself when the graph has no gates."""
+        gate = self.gate()
+        if gate is None:
+            return scale
+        return self.call(self.aten.mul.Tensor, (gate, scale), "gate")
+
+    @property
+    def routed(self) -> bool:
+        """Do gates differ per batch row (an ``adapter_ids`` input)?"""
+        return self._gate_of is not None and getattr(self._gate_of, "routed", False)
 
     def replace_weight(self, node, *, tied: bool = False) -> None:
         """Make the base op read ``node`` (role "weight") instead of its weight.
@@ -154,11 +200,12 @@ def _attr(gm, target: str):
     return obj
 
 
-def insert_adapters(insertions, *, training: bool):
-    """A pass that inserts every adapter branch of ``insertions`` into a graph module."""
+def insert_adapters(insertions, *, training: bool, gates: Gates | None = None):
+    """A pass that inserts every adapter branch of ``insertions`` into a graph module (gated by ``gates``)."""
 
     def insert_adapter_branches(gm) -> PassResult:
         changed = False
+        gate_of = _GateNodes(gm, gates) if gates is not None else None
         for spec in insertions:
             nodes = site_nodes(gm, spec.path, spec.kind)
             if not nodes:
@@ -170,11 +217,13 @@ def insert_adapters(insertions, *, training: bool):
             for name, buffer in spec.module.named_buffers(recurse=False):
                 owner.register_buffer(prefix + name, buffer)
             for node in nodes:
-                builder = GraphBuilder(gm, node, spec, training)
+                builder = GraphBuilder(gm, node, spec, training, gate_of)
                 x = site_args(node, spec.kind)[0]
                 current = outermost(node)
                 users = [u for u in current.users]
                 new_x, new_y = spec.module.branch(builder, x, current)
+                if gate_of is not None and not getattr(spec.module, "applies_gate", False):
+                    new_x, new_y = _interpolated(builder, x, new_x, "in"), _interpolated(builder, current, new_y, "out")
                 if new_x is not None:
                     node.replace_input_with(x, new_x)
                 if new_y is not None:
@@ -184,3 +233,97 @@ def insert_adapters(insertions, *, training: bool):
         return PassResult(gm, changed)
 
     return insert_adapter_branches
+
+
+def _interpolated(builder, value, new, role: str):
+    """``value + g (new - value)`` with role ``role`` (``new`` keeps its place in the chain as "ungated")."""
+    import torch
+
+    if new is None:
+        return None
+    aten = torch.ops.aten
+    new.meta["surgeon"] = {**new.meta["surgeon"], "role": f"ungated-{role}"}
+    meta_value = value.meta.get("val") if hasattr(value, "meta") else None
+    gate = builder.gate(meta_value.dim() if meta_value is not None else None)
+    dtype = builder.dtype_of(value)
+    if dtype is not None and dtype != torch.float32:
+        gate = _after(builder, role, new, aten._to_copy.default, (gate,), {"dtype": dtype})
+    change = _after(builder, role, new, aten.sub.Tensor, (new, value))
+    scaled = _after(builder, role, change, aten.mul.Tensor, (change, gate))
+    return _after(builder, role, scaled, aten.add.Tensor, (value, scaled), role=role)
+
+
+def _after(builder, side: str, anchor, op, args, kwargs=None, role: str = "gate"):
+    """A node right after ``anchor`` (input side: before the base op, where ``anchor`` lives)."""
+    if side == "in":
+        return builder.call_before(op, args, role, kwargs)
+    with builder.gm.graph.inserting_after(anchor):
+        node = builder.gm.graph.call_function(op, args, kwargs or {})
+    node.meta.update({k: v for k, v in builder.meta.items() if k != "surgeon"})
+    node.meta["surgeon"] = {**builder.meta["surgeon"], "role": role}
+    return node
+
+
+class _GateNodes:
+    """The gate nodes of one graph, made once per adapter (and per output rank when routed)."""
+
+    def __init__(self, gm, gates: Gates):
+        import torch
+
+        self.gm, self.gates, self.routed = gm, gates, gates.routed
+        self.index = {name: i for i, name in enumerate(gates.names)}
+        self.made: dict = {}
+        graph = gm.graph
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        aten = torch.ops.aten
+        meta = {"surgeon": {"adapter": None, "site": None, "method": None, "role": "gates"}}
+        if self.routed:
+            self.source = add_keyword_input(gm, ROUTING_INPUT)
+        else:
+            gm.register_buffer(GATES_BUFFER, gates.tensor)
+            with graph.inserting_after(placeholders[-1]):
+                self.source = graph.get_attr(GATES_BUFFER)
+        self.source.meta.update(meta)
+        self.cursor = self.source
+        self.aten, self.meta = aten, meta
+
+    def _call(self, op, args, kwargs=None):
+        with self.gm.graph.inserting_after(self.cursor):
+            node = self.gm.graph.call_function(op, args, kwargs or {})
+        node.meta.update(self.meta)
+        self.cursor = node
+        return node
+
+    def __call__(self, adapter: str, rank: int):
+        import torch
+
+        key = (adapter, rank if self.routed else 0)
+        if key not in self.made:
+            i = self.index[adapter]
+            if not self.routed:
+                self.made[key] = self._call(self.aten.select.int, (self.source, 0, i))
+            else:
+                rows = self.made.get((adapter, "rows"))
+                if rows is None:
+                    hit = self._call(self.aten.eq.Scalar, (self.source, i))
+                    rows = self.made[(adapter, "rows")] = self._call(self.aten._to_copy.default, (hit,), {"dtype": torch.float32})
+                self.made[key] = self._call(self.aten.view.default, (rows, [-1] + [1] * (rank - 1))) if rank > 1 else rows
+        return self.made[key]
+
+
+def add_keyword_input(gm, name: str):
+    """Give the graph module a new keyword input ``name`` (its pytree signature updated); its placeholder node."""
+    import torch
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_after(placeholders[-1]):
+        node = graph.placeholder(name)
+    info = graph._codegen.pytree_info
+    leaves = [object()] * info.in_spec.num_leaves
+    args, kwargs = tree_unflatten(leaves, info.in_spec)
+    _, in_spec = tree_flatten((args, {**kwargs, name: torch.empty(0)}))
+    graph._codegen.pytree_info = info._replace(orig_args=[*info.orig_args, name], in_spec=in_spec)
+    gm._in_spec = in_spec
+    return node

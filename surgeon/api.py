@@ -46,8 +46,9 @@ def plan(
 def _rules(rules) -> RuleSet:
     if isinstance(rules, RuleSet):
         return rules
-    if isinstance(rules, str) and not Path(rules).exists() and ("\n" in rules or rules.lstrip().startswith(("match", "adapter", "#"))):
-        return parse(rules)
+    if isinstance(rules, str) and ("\n" in rules or rules.lstrip().startswith(("match", "adapter", "#"))):
+        if "\n" in rules or not Path(rules).exists():  # rules text (a file name has no newline)
+            return parse(rules)
     return load_rules(rules)
 
 

@@ -21,6 +21,9 @@ __all__ = [
     "AdapterError",
     "peft_names",
     "peft_literal",
+    "peft_where",
+    "peft_targets",
+    "refuse",
     "lora_family_config",
     "lora_family_rules",
     "common",
@@ -107,7 +110,8 @@ def lora_family_config(sites, scale_of=None, rank_of=None) -> dict:
     )
 
 
-def _where(config: dict) -> str:
+def peft_where(config: dict) -> str:
+    """The where clause for a config's layers_to_transform ("" when it has none)."""
     layers = config.get("layers_to_transform")
     if layers is None:
         return ""
@@ -121,7 +125,7 @@ def lora_family_rules(config: dict, method: str, alpha_key: str = "lora_alpha", 
     """
     r, alpha = config["r"], config[alpha_key]
     targets = config["target_modules"]
-    where = _where(config)
+    where = peft_where(config)
     if targets == "all-linear":
         selector = "type(Linear), type(Conv1D)"
         where = " and ".join(filter(None, ['not name("*lm_head")', where]))

@@ -60,6 +60,8 @@ class DoraWeights(LoraWeights):
         lora = graph.call(aten.linear.default, (graph.call(aten.linear.default, (x_in, a), "shrink"), b), "expand")
         scaled = graph.call(aten.mul.Tensor, (graph.call(aten.mul.Tensor, (factor, lora), "dora"), self.scale), "dora")
         change = graph.call(aten.add.Tensor, (graph.call(aten.mul.Tensor, (graph.call(aten.sub.Tensor, (factor, 1), "dora"), base), "dora"), scaled), "dora")
+        if graph.gate() is not None:
+            change = graph.call(aten.mul.Tensor, (change, graph.gate()), "gate")
         return None, graph.call(aten.add.Tensor, (y, graph.cast(change, graph.dtype_of(graph.base), dtype)), "out")
 
     def fold(self, weight, bias, kind: str):

@@ -18,6 +18,7 @@ __all__ = ["LohaWeights", "module_kept", "rows_dropped", "eager_dropped", "one_p
 @site_adapter("loha")
 class LohaWeights(SiteAdapter):
     peft_type = "LOHA"
+    applies_gate = True
     peft_required = ("r", "alpha", "target_modules")
 
     def __init__(self, config, kind, in_features, out_features, *, dtype=torch.float32, device=None, weight=None, peers=()):
@@ -52,6 +53,8 @@ class LohaWeights(SiteAdapter):
         d = graph.call(aten.linear.default, (graph.cast(x, dtype), delta), "expand")
         if keep is not None:
             d = graph.call(aten.mul.Tensor, (d, keep), "module_dropout")
+        if graph.gate() is not None:
+            d = graph.call(aten.mul.Tensor, (d, graph.gate()), "gate")
         return None, graph.call(aten.add.Tensor, (y, graph.cast(d, graph.dtype_of(graph.base), dtype)), "out")
 
     def fold(self, weight, bias, kind: str):

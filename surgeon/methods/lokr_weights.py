@@ -19,6 +19,7 @@ __all__ = ["LokrWeights"]
 @site_adapter("lokr")
 class LokrWeights(SiteAdapter):
     peft_type = "LOKR"
+    applies_gate = True
     peft_required = ("r", "alpha", "target_modules")
 
     def __init__(self, config, kind, in_features, out_features, *, dtype=torch.float32, device=None, weight=None, peers=()):
@@ -62,6 +63,8 @@ class LokrWeights(SiteAdapter):
         d = graph.call(aten.linear.default, (graph.cast(x, dtype), delta), "expand")
         if keep is not None:
             d = graph.call(aten.mul.Tensor, (d, keep), "module_dropout")
+        if graph.gate() is not None:
+            d = graph.call(aten.mul.Tensor, (d, graph.gate()), "gate")
         return None, graph.call(aten.add.Tensor, (y, graph.cast(d, graph.dtype_of(graph.base), dtype)), "out")
 
     def fold(self, weight, bias, kind: str):

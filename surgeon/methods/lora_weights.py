@@ -27,6 +27,7 @@ __all__ = ["LoraWeights"]
 @site_adapter("lora")
 class LoraWeights(SiteAdapter):
     peft_type = "LORA"
+    applies_gate = True  # the gate multiplies the scale
     peft_required = ("r", "lora_alpha", "target_modules")
 
     def __init__(self, config, kind: str, in_features: int, out_features: int, *, dtype=torch.float32, device=None, weight=None, peers=()):
@@ -125,7 +126,7 @@ class LoraWeights(SiteAdapter):
             a_t = graph.call(aten.t.default, (graph.param("lora_A"),), "rows")
             h = graph.call(aten.embedding.default, (a_t, x), "shrink")
             d = graph.call(aten.linear.default, (h, graph.param("lora_B")), "expand")
-            s = graph.cast(graph.call(aten.mul.Tensor, (d, self.scale), "scale"), graph.dtype_of(graph.base), self.lora_A.dtype)
+            s = graph.cast(graph.call(aten.mul.Tensor, (d, graph.gated(self.scale)), "scale"), graph.dtype_of(graph.base), self.lora_A.dtype)
             return None, graph.call(aten.add.Tensor, (y, s), "out")
         x_in = graph.cast(x, self.lora_A.dtype)
         if graph.training and self.config.dropout > 0:
@@ -145,7 +146,7 @@ class LoraWeights(SiteAdapter):
             h0 = graph.call(aten.linear.default, (x0, graph.param("lora_A_initial")), "shrink")
             d0 = graph.call(aten.linear.default, (h0, graph.param("lora_B_initial")), "expand")
             d = graph.call(aten.sub.Tensor, (d, d0), "residual")
-        s = graph.cast(graph.call(aten.mul.Tensor, (d, self.scale), "scale"), graph.dtype_of(graph.base), self.lora_A.dtype)
+        s = graph.cast(graph.call(aten.mul.Tensor, (d, graph.gated(self.scale)), "scale"), graph.dtype_of(graph.base), self.lora_A.dtype)
         return None, graph.call(aten.add.Tensor, (y, s), "out")
 
     def fold(self, weight, bias, kind: str):

@@ -24,6 +24,7 @@ class TrainableTokensWeights(SiteAdapter):
     peft_type = "TRAINABLE_TOKENS"
     peft_required = ("token_indices", "target_modules")
     follows_ties = True  # tied readers of the embedding see the new rows (PEFT keeps them tied)
+    applies_gate = True
 
     def __init__(self, config, kind, in_features, out_features, *, dtype=torch.float32, device=None, weight=None, peers=()):
         super().__init__(config, kind, in_features, out_features)
@@ -48,7 +49,20 @@ class TrainableTokensWeights(SiteAdapter):
         aten = torch.ops.aten
         weight = graph.weight()
         rows = graph.cast_before(graph.param("trainable_tokens_delta"), graph.dtype_of(weight))
-        merged = graph.call_before(aten.index_copy.default, (weight, 0, graph.param("token_indices"), rows), "weight")
+        indices = graph.param("token_indices")
+        if graph.routed:
+            from surgeon.grammar.diagnostics import SurgeryError
+
+            raise SurgeryError(
+                "trainable_tokens cannot be routed per batch row: the embedding's rows are shared by the batch",
+                hint="switch it with set_active() instead of adapter_ids",
+            )
+        gate = graph.gate(0)
+        if gate is not None:  # rows lerp from the base rows to T: exactly one or the other at gate 0 and 1
+            base_rows = graph.call_before(aten.index_select.default, (weight, 0, indices), "gate")
+            gate = graph.call_before(aten._to_copy.default, (gate,), "gate", {"dtype": graph.dtype_of(weight)})
+            rows = graph.call_before(aten.lerp.Tensor, (base_rows, rows, gate), "gate")
+        merged = graph.call_before(aten.index_copy.default, (weight, 0, indices, rows), "weight")
         graph.replace_weight(merged, tied=True)
         return None, None
 

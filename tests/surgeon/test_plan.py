@@ -154,7 +154,7 @@ def test_a_method_that_cannot_adapt_anything_matched(captures):
         "r.surgery:1:1: error: lora cannot adapt any module this rule matches (LlamaRMSNorm x4)\n"
         '  match "*.input_layernorm" apply lora(r=8)\n'
         "  ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^\n"
-        "hint: lora adapts linear, hf_conv1d, embedding and conv2d sites; try type(Linear) or a glob that ends at a projection"
+        "hint: lora adapts linear, hf_conv1d, embedding, conv1d, conv2d and conv3d sites; try type(Linear) or a glob that ends at a projection"
     )
 
 

@@ -1,0 +1,206 @@
+"""VeRA on a site (torch; vera.py holds the config and the math).
+
+    A: (r, max in), B: (max out, r)   frozen, one pair per adapter
+    d: (r,) starts at d_initial       b: (out,) starts at zero       (trained)
+    y' = y + b * linear(d * linear(dropout(x), A[:, :in]), B[:out, :])
+
+Each site keeps ``vera_A``/``vera_B`` as buffers that are views of the
+adapter's one pair (its corner of it), so the projections cost their memory
+once per adapter, and loading a saved pair into it reaches every site. The
+sites of one adapter find that pair through their ``peers`` (the same plan
+site objects for all of them), and ``_apply`` keeps the sharing through
+``.to()`` and dtype conversions.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from surgeon.checkpoints.peft_format import AdapterError, peft_targets
+from surgeon.grammar.diagnostics import PlanError
+
+from .adapter import SiteAdapter, site_adapter
+
+__all__ = ["VeraWeights", "projections"]
+
+# PEFT saves the projections once, on its tuner ("base_model.", not under the model's "base_model.model.").
+SHARED_KEYS = ("base_model.vera_A", "base_model.vera_B")
+# (PEFT's config field, the vera() argument, PEFT's default): rules_from_peft writes only what differs.
+_DEFAULTS = (("d_initial", "d_initial", 0.1), ("projection_prng_key", "projection_prng_key", 0), ("vera_dropout", "dropout", 0.0))
+
+
+def _kaiming_uniform(shape: tuple, generator) -> torch.Tensor:
+    """Uniform in +-sqrt(3) * gain / sqrt(fan_in), gain sqrt(2), float32 on the CPU.
+
+    The bound is computed in PEFT's order of operations so that it, and every draw, is the same bit for bit.
+    """
+    bound = math.sqrt(3.0) * (math.sqrt(2) / math.sqrt(shape[1]))
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
+def projections(r: int, max_in: int, max_out: int, key: int) -> tuple:
+    """PEFT's (vera_A (r, max_in), vera_B (max_out, r)) for ``projection_prng_key`` ``key``: A drawn first."""
+    generator = torch.Generator(device="cpu").manual_seed(key)
+    return _kaiming_uniform((r, max_in), generator), _kaiming_uniform((max_out, r), generator)
+
+
+class _Projections:
+    """One adapter's A and B (plain tensors, not a module: each site registers views of them)."""
+
+    def __init__(self, a, b, peers):
+        self.a, self.b = a, b
+        self.peers = peers  # kept alive, so that the ids keying _SHARED stay theirs
+        self.users = 0  # sites viewing the pair
+        self.applied, self.seen = None, 0  # the conversion under way, and how many sites it reached
+
+    def convert(self, fn) -> None:
+        """Apply ``fn`` (one ``nn.Module._apply`` conversion) to the pair once, however many sites see it."""
+        if self.applied is not fn:
+            self.a, self.b, self.applied, self.seen = fn(self.a), fn(self.b), fn, 0
+        self.seen += 1
+        if self.seen >= self.users:  # every site has it: forget fn (a later call may reuse the object)
+            self.applied = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "applied": None, "seen": 0}  # a conversion's closure does not pickle
+
+
+# The pair of each adapter being built, by the ids of its plan sites; an entry lives as long as a site uses it.
+_SHARED: "weakref.WeakValueDictionary[tuple, _Projections]" = weakref.WeakValueDictionary()
+
+
+def _shared_projections(config, in_features, out_features, peers, dtype, device) -> _Projections:
+    peers = tuple(peers)
+    if len({p.config for p in peers}) > 1:
+        raise PlanError(
+            f"adapter '{peers[0].adapter}' gives its VeRA sites different arguments, but they share one A and B",
+            hint="use the same vera(...) arguments for every site of an adapter (as PEFT, which holds one VeRA config per adapter)",
+        )
+    key = tuple(id(p) for p in peers)
+    shared = _SHARED.get(key) if peers else None
+    if shared is None:
+        max_in = max((in_features, *(p.in_features for p in peers)))
+        max_out = max((out_features, *(p.out_features for p in peers)))
+        a, b = projections(config.r, max_in, max_out, config.projection_prng_key)
+        shared = _Projections(a.to(dtype=dtype, device=device), b.to(dtype=dtype, device=device), peers)
+        if peers:
+            _SHARED[key] = shared
+    return shared
+
+
+@site_adapter("vera")
+class VeraWeights(SiteAdapter):
+    peft_type = "VERA"
+    peft_required = ("r", "target_modules")
+
+    def __init__(self, config, kind, in_features, out_features, *, dtype=torch.float32, device=None, weight=None, peers=()):
+        super().__init__(config, kind, in_features, out_features)
+        factory = {"dtype": dtype, "device": device}
+        self.vera_lambda_b = nn.Parameter(torch.zeros(out_features, **factory))
+        self.vera_lambda_d = nn.Parameter(torch.full((config.r,), float(config.d_initial), **factory))
+        self._projections = _shared_projections(config, in_features, out_features, peers, dtype, device)
+        self._projections.users += 1
+        self._view()
+
+    def _view(self) -> None:
+        """This site's corner of the shared pair, as buffers (what the insert pass registers on the graph)."""
+        shared = self._projections
+        self.register_buffer("vera_A", shared.a[:, : self.in_features])
+        self.register_buffer("vera_B", shared.b[: self.out_features, :])
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module would convert each site's view into a tensor of its own: convert the
+        # adapter's pair once per conversion (the first site to see it) and view it again.
+        self._projections.convert(fn)
+        del self._buffers["vera_A"], self._buffers["vera_B"]
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._view()
+        return self
+
+    def delta(self, dtype=torch.float32) -> torch.Tensor:
+        """dW = diag(b) B_s diag(d) A_s, (out, in), in ``dtype``."""
+        b = self.vera_lambda_b.to(dtype).unsqueeze(-1) * self.vera_B.to(dtype)
+        a = self.vera_lambda_d.to(dtype).unsqueeze(-1) * self.vera_A.to(dtype)
+        return b @ a
+
+    def branch(self, graph, x, y):
+        aten = torch.ops.aten
+        dtype = self.vera_lambda_d.dtype
+        x_in = graph.cast(x, dtype)
+        if graph.training and self.config.dropout > 0:
+            x_in = graph.call(aten.dropout.default, (x_in, self.config.dropout, True), "dropout")
+        h = graph.call(aten.linear.default, (x_in, graph.param("vera_A")), "shrink")
+        h = graph.call(aten.mul.Tensor, (graph.param("vera_lambda_d"), h), "scale")
+        d = graph.call(aten.linear.default, (h, graph.param("vera_B")), "expand")
+        d = graph.call(aten.mul.Tensor, (graph.param("vera_lambda_b"), d), "scale")
+        return None, graph.call(aten.add.Tensor, (y, graph.cast(d, graph.dtype_of(graph.base), dtype)), "out")
+
+    def fold(self, weight, bias, kind: str):
+        delta = self.delta(torch.float32)
+        return weight + (delta.T if kind == "hf_conv1d" else delta), bias
+
+    def eager(self, module, x, y):
+        x = x.to(self.vera_lambda_d.dtype)
+        if module.training and self.config.dropout > 0:
+            x = F.dropout(x, self.config.dropout, True)
+        d = self.vera_lambda_b * F.linear(self.vera_lambda_d * F.linear(x, self.vera_A), self.vera_B)
+        return y + d.to(y.dtype)
+
+    def peft_state(self) -> dict:
+        return {"vera_lambda_b": self.vera_lambda_b, "vera_lambda_d": self.vera_lambda_d}
+
+    @classmethod
+    def peft_shared_state(cls, modules: list) -> dict:
+        if not modules or not modules[0].config.save_projection:
+            return {}
+        shared = modules[0]._projections
+        return dict(zip(SHARED_KEYS, (shared.a, shared.b)))
+
+    @classmethod
+    def peft_config(cls, sites) -> dict:
+        config = sites[0].config  # the same for every site (checked when the sites were built)
+        return dict(
+            r=config.r,
+            target_modules=[s.path for s in sites],
+            projection_prng_key=config.projection_prng_key,
+            save_projection=config.save_projection,
+            vera_dropout=config.dropout,
+            d_initial=config.d_initial,
+            fan_in_fan_out=any(s.kind == "hf_conv1d" for s in sites),
+            bias="none",
+            init_weights=True,
+            layers_to_transform=None,
+            layers_pattern=None,
+        )
+
+    @classmethod
+    def rules_from_peft(cls, config: dict) -> list:
+        if config.get("bias", "none") != "none":
+            raise AdapterError(f"VERA's bias={config['bias']!r} (training the base model's biases) is not supported yet")
+        arguments = f"r={config['r']}"
+        for key, name, default in _DEFAULTS:
+            if config.get(key, default) != default:
+                arguments += f", {name}={config[key]!r}"
+        if not config.get("save_projection", True):
+            arguments += ", save_projection=false"
+        targets, where = config["target_modules"], []
+        if targets == "all-linear":
+            selector, where = "type(Linear), type(Conv1D)", ['not name("*lm_head")']
+        else:
+            selector = peft_targets(targets)
+        layers = config.get("layers_to_transform")
+        if layers is not None:
+            where.append(f"layer in {list(layers) if isinstance(layers, list) else [layers]}")
+        if selector is None:
+            return []
+        return [f"match {selector}{' where ' + ' and '.join(where) if where else ''} apply vera({arguments})"]
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.config.r}"
