@@ -1,0 +1,115 @@
+"""Many adapters on one graph: switching (against PEFT's set_adapter / disable_adapter), routing per row, weighted folds."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+import surgeon
+from surgeon.demos import build_demo
+from surgeon.grammar import SurgeryError
+
+from ._peft_reference import inputs
+from .methods._checks import randomize_all
+
+RULES = """\
+adapter "a" {
+  match "*.self_attn.{q,v}_proj" apply lora(r=4, alpha=8)
+}
+adapter "b" {
+  match "*.self_attn.{q,k}_proj" apply lora(r=8, alpha=8)
+  match "*.mlp.down_proj" apply loha(r=2, alpha=4)
+}
+adapter "c" {
+  match "*.mlp.up_proj" apply ia3()
+  match "*.self_attn.o_proj" apply dora(r=2, alpha=2)
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def many():
+    compiled = surgeon.compile("demo:llama", RULES).eval()
+    randomize_all(compiled, seed=5, std=0.1)
+    return compiled
+
+
+def _logits(compiled, **extra):
+    with torch.no_grad():
+        return compiled(**inputs(batch=4), **extra).logits
+
+
+def test_switching_needs_no_new_graph_and_equals_pefts_set_adapter_and_disable(many):
+    """Adapters a and b are LoRA only on their LoRA sites: build PEFT's twin with both adapters."""
+    compiled = surgeon.compile("demo:llama", 'adapter "a" { match "*.self_attn.{q,v}_proj" apply lora(r=4, alpha=8) }\n'
+                               'adapter "b" { match "*.self_attn.{q,k}_proj" apply lora(r=8, alpha=8) }').eval()
+    randomize_all(compiled, seed=1, std=0.1)
+    peft = get_peft_model(build_demo("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), adapter_name="a")
+    peft.add_adapter("b", LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "k_proj"]))
+    modules = dict(peft.named_modules())
+    with torch.no_grad():
+        for name, path, module in compiled.sites():
+            modules[f"base_model.model.{path}"].lora_A[name].weight.copy_(module.lora_A)
+            modules[f"base_model.model.{path}"].lora_B[name].weight.copy_(module.lora_B)
+    peft.eval()
+    graph = compiled.graph(**inputs(batch=4))
+    for active in (["a"], ["b"], ["a", "b"]):
+        compiled.set_active(active)
+        peft.base_model.set_adapter(active)
+        with torch.no_grad():
+            torch.testing.assert_close(_logits(compiled), peft(**inputs(batch=4)).logits, rtol=1e-5, atol=1e-5)
+    with compiled.disabled(), peft.disable_adapter(), torch.no_grad():
+        torch.testing.assert_close(_logits(compiled), peft(**inputs(batch=4)).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(_logits(compiled), build_demo("llama").eval()(**inputs(batch=4)).logits, rtol=0, atol=0)
+    assert compiled.active_adapters == ("a", "b")  # restored after the context
+    assert compiled.graph(**inputs(batch=4)) is graph and len(compiled._graphs) == 1  # nothing captured again
+
+
+def test_only_active_adapters_train(many):
+    many.set_active("b")
+    assert all(not p.requires_grad for p in many.adapters["a"].parameters())
+    assert all(p.requires_grad for p in many.adapters["b"].parameters())
+    before = {n: p.detach().clone() for n, p in many.named_parameters()}
+    optimizer = torch.optim.AdamW([p for _, p in many.named_parameters()], lr=1e-2, weight_decay=0.1)
+    many.train()
+    many(**inputs()).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    many.eval()
+    changed = {n for n, p in many.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith("adapters.b.") for n in changed)
+    many.set_active(["a", "b", "c"])
+
+
+def test_routing_a_mixed_batch_equals_each_row_alone(many):
+    ids = torch.tensor([0, 1, -1, 2, 1, 0])
+    batch = inputs(batch=6)
+    with torch.no_grad():
+        routed = many(**batch, adapter_ids=ids).logits
+        for row, adapter in enumerate(ids.tolist()):
+            many.set_active([] if adapter < 0 else [many.adapter_names[adapter]])
+            alone = many(**{k: v[row : row + 1] for k, v in batch.items()}).logits
+            torch.testing.assert_close(routed[row : row + 1], alone, rtol=1e-5, atol=1e-5)
+    many.set_active(["a", "b", "c"])
+    assert many.adapter_names == ("a", "b", "c")
+
+
+def test_bad_adapter_ids_and_names_are_clear_errors(many):
+    with pytest.raises(SurgeryError, match=r"ids are -1 \(no adapter\) or 0..2"):
+        many(**inputs(), adapter_ids=torch.tensor([0, 3]))
+    with pytest.raises(SurgeryError, match="1-D integer tensor"):
+        many(**inputs(), adapter_ids=torch.tensor([0.0, 1.0]))
+    with pytest.raises(SurgeryError, match="no adapter named 'd'"):
+        many.set_active("d")
+
+
+def test_folding_chosen_adapters_with_chosen_weights(many):
+    weights = {"a": 1.0, "b": 0.5, "c": 0.0}
+    folded = many.fold(adapters=weights)  # verifies itself against the graph with those gates
+    many.set_gates(weights)
+    try:
+        expected = _logits(many)
+    finally:
+        many.set_active(["a", "b", "c"])
+    with torch.no_grad():
+        torch.testing.assert_close(folded(**inputs(batch=4), use_cache=False).logits, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(expected, _logits(many))
