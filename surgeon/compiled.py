@@ -136,6 +136,14 @@ class Compiled(nn.Module):
         """Every adapter, in the order declared in the rules, then loaded (``adapter_ids`` index this)."""
         return tuple(self.rules.adapter_names)
 
+    def merge(self, name: str, sources: dict, combination: str = "linear", **options) -> str:
+        """A new adapter ``name``: ``combination`` of ``sources`` (name -> weight), as PEFT's
+        ``add_weighted_adapter`` (``density``, ``majority_sign``, ``svd_rank``, ``svd_clamp``;
+        see surgeon/merging.py for each type's math; ``linear`` is exact, without PEFT's cross terms)."""
+        from .combine import merge_adapters
+
+        return merge_adapters(self, name, sources, combination, **options)
+
     # --- which adapters act -------------------------------------------------------------
 
     @property

@@ -1,0 +1,82 @@
+"""Making a new adapter from weighted adapters (``Compiled.merge``; the math is in merging.py).
+
+For every site that at least one source adapter adapts, in plan order, the
+sources' LoRA factors there are merged by :func:`surgeon.merging.merge_lora_site`
+(with the weights of the sources present at that site, as PEFT does). The
+result is an ordinary LoRA adapter, with the merged rank of each site and
+alpha = r (scale 1, the scales being folded into the factors): it is planned
+from generated rules, so it saves, loads, folds, switches and routes like any
+other. Sources must be LoRA adapters on linear or GPT-2 Conv1D sites; their
+``train`` modules are not merged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from surgeon.grammar import parse
+from surgeon.grammar.diagnostics import SurgeryError
+
+from .merging import check_merge_args, merge_lora_site
+
+__all__ = ["merge_adapters"]
+
+
+def merge_adapters(compiled, name: str, sources: dict, combination: str = "linear", **options) -> str:
+    """Add adapter ``name`` = ``combination`` of ``sources`` (adapter name -> weight); returns ``name``."""
+    try:
+        check_merge_args(combination, **options)
+    except (ValueError, TypeError) as exc:
+        raise SurgeryError(f"merge {name!r}: {exc}") from None
+    if not sources:
+        raise SurgeryError(f"merge {name!r}: name at least one adapter to merge")
+    unknown = [a for a in sources if a not in compiled.adapter_names]
+    if unknown:
+        raise SurgeryError(f"merge {name!r}: no adapter named {', '.join(map(repr, unknown))}",
+                           hint=f"adapters: {', '.join(compiled.adapter_names)}")
+    if name in sources:
+        raise SurgeryError(f"merge {name!r}: the merged adapter cannot replace one of its sources")
+    by_path: dict = {}
+    for site in compiled.plan.sites:
+        if site.adapter not in sources:
+            continue
+        if site.method != "lora" or site.kind not in ("linear", "hf_conv1d") or getattr(compiled.adapter_module(site.adapter, site.path), "residual", False):
+            raise SurgeryError(
+                f"merge {name!r}: adapter {site.adapter!r} has {site.method} on {site.path} ({site.kind}); "
+                "merging takes LoRA adapters on linear layers",
+                hint="PEFT's add_weighted_adapter has the same limit",
+            )
+        by_path.setdefault(site.path, []).append(site.adapter)
+    if not by_path:
+        raise SurgeryError(f"merge {name!r}: the adapters {', '.join(sources)} adapt no module")
+    merged = {}
+    for path, adapters in by_path.items():
+        factors = []
+        for adapter in adapters:
+            module = compiled.adapter_module(adapter, path)
+            factors.append((module.lora_A.detach().float(), module.lora_B.detach().float(), module.scale))
+        try:
+            weights = [sources[a] for a in adapters]
+            merged[path] = merge_lora_site(factors, weights, combination, single_as_linear=len(sources) == 1, **options)
+        except ValueError as exc:
+            raise SurgeryError(f"merge {name!r} at {path}: {exc}") from None
+    by_rank: dict = {}
+    for path, (a, _, _) in merged.items():
+        by_rank.setdefault(a.shape[0], []).append(path)
+    text = "".join(
+        f"match {', '.join(_literal_glob(p) for p in paths)} apply lora(r={rank}, alpha={rank})\n"
+        for rank, paths in by_rank.items()
+    )
+    compiled.add_adapter(name, parse(text, path=f"<merge {name}>"))
+    with torch.no_grad():
+        for path, (a, b, _) in merged.items():
+            module = compiled.adapter_module(name, path)
+            module.lora_A.copy_(a)
+            module.lora_B.copy_(b)
+    return name
+
+
+def _literal_glob(path: str) -> str:
+    """A glob matching exactly ``path`` (glob characters made literal)."""
+    escaped = "".join("\\" + c if c in "*?[]{}\\" else c for c in path)
+    return '"' + escaped.replace('"', '\\"') + '"'
