@@ -163,11 +163,18 @@ class BuildRules(Transformer):
         header = Span(meta.line, meta.column, name.end_line, name.end_column, meta.start_pos, name.end_pos)
         return ir.Adapter(self._string(name), rules, span=header)
 
+    def merge_statement(self, meta, children):
+        name, call = children[1], children[3]
+        return ir.Merge(self._string(name), call, span=span_of(meta))
+
     def start(self, meta, children):
         # Top-level rules form the adapter "default", declared where its first rule stands.
         adapters: list = []
         default_rules: list = []
+        merges = [c for c in children if isinstance(c, ir.Merge)]
         for child in children:
+            if isinstance(child, ir.Merge):
+                continue
             if isinstance(child, ir.Rule):
                 if not default_rules:
                     adapters.append(None)  # placeholder for "default"
@@ -177,4 +184,4 @@ class BuildRules(Transformer):
         if default_rules:
             first = default_rules[0].span
             adapters[adapters.index(None)] = ir.Adapter(ir.DEFAULT_ADAPTER, tuple(default_rules), span=first)
-        return adapters
+        return adapters, merges

@@ -19,7 +19,7 @@ from . import rules as ir
 from .diagnostics import Diagnostic, Span, closest
 from .glob import GlobError, compile_glob
 from .signature import MethodSignature
-from .vocabulary import MODULE_TYPES, PREDICATE_FIELDS
+from .vocabulary import MERGE_OPTIONS, MERGE_TYPES, MODULE_TYPES, PREDICATE_FIELDS
 
 __all__ = ["check_rules", "default_methods"]
 
@@ -46,7 +46,9 @@ def check_rules(
     """The rule set with each method call's ``config`` filled in, and the findings."""
     checker = _Checker(default_methods() if methods is None else dict(methods))
     adapters = tuple(checker.adapter(a) for a in rule_set.adapters)
-    return ir.RuleSet(adapters, path=rule_set.path), checker.diagnostics
+    for merge in rule_set.merges:
+        checker.merge(merge)
+    return ir.RuleSet(adapters, path=rule_set.path, merges=rule_set.merges), checker.diagnostics
 
 
 class _Checker:
@@ -57,6 +59,45 @@ class _Checker:
 
     def error(self, code: str, message: str, span: Span | None, hint: str | None = None) -> None:
         self.diagnostics.append(Diagnostic(code, message, span, hint))
+
+    # merges
+    def merge(self, merge: ir.Merge) -> None:
+        call, name = merge.call, merge.name
+        if name in self.seen_adapters:
+            self.error("duplicate-adapter", f"merge '{name}' names an adapter that already exists", merge.span,
+                       "give the merged adapter a new name")
+        self.seen_adapters.setdefault(name, merge.span)
+        if call.name not in MERGE_TYPES:
+            self.error("unknown-combination", f"unknown combination type '{call.name}'", call.span,
+                       _suggest(call.name, MERGE_TYPES, "combination types: " + ", ".join(MERGE_TYPES)))
+            return
+        takes = MERGE_TYPES[call.name]
+        weights = 0
+        for arg in call.arguments:
+            if arg.name is None:
+                self.error("positional-argument", f"arguments of {call.name} must be named", arg.value_span,
+                           "write ADAPTER=WEIGHT for each adapter, and OPTION=VALUE")
+            elif arg.name in MERGE_OPTIONS:
+                if arg.name not in takes:
+                    self.error("unknown-argument", f"{call.name} does not take {arg.name}", arg.span,
+                               f"{call.name} takes: {', '.join(takes) or 'adapter weights only'}")
+                elif not _merge_option_ok(arg.name, arg.value):
+                    self.error("out-of-range", f"{arg.name} must be {MERGE_OPTIONS[arg.name]}, got {ir.format_value(arg.value)}",
+                               arg.value_span)
+            elif isinstance(arg.value, bool) or not isinstance(arg.value, (int, float)) or not math.isfinite(arg.value):
+                self.error("bad-type", f"the weight of adapter '{arg.name}' must be a number, got {ir.format_value(arg.value)}",
+                           arg.value_span, "write ADAPTER=WEIGHT, e.g. math=0.7")
+            elif arg.name == name:
+                self.error("bad-argument", f"merge '{name}' cannot take itself as a source", arg.span)
+                weights += 1
+            else:
+                weights += 1
+        if "density" in takes and "density" not in call.kwargs:
+            self.error("missing-argument", f"{call.name} needs the argument 'density'", call.span,
+                       f"density: {MERGE_OPTIONS['density']}")
+        if not weights and not any(a.name is None for a in call.arguments):
+            self.error("missing-argument", f"merge '{name}' names no adapter", call.span,
+                       f"write {call.name}(ADAPTER=WEIGHT, ...)")
 
     # adapters and rules
     def adapter(self, adapter: ir.Adapter) -> ir.Adapter:
@@ -237,3 +278,12 @@ class _Checker:
             return False
         values[arg.name] = converted
         return True
+
+
+def _merge_option_ok(name: str, value) -> bool:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if name == "density" or name == "svd_clamp":
+        return number and 0 < value <= 1
+    if name == "svd_rank":
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    return value in ("total", "frequency")

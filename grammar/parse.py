@@ -25,7 +25,7 @@ from .signature import MethodSignature
 __all__ = ["parse", "load_rules", "parse_unchecked", "TERMINAL_WORDS", "KEYWORDS"]
 
 KEYWORDS = (
-    "match", "where", "apply", "skip", "train", "adapter", "type", "name", "and", "or", "not", "in", "true", "false",
+    "match", "where", "apply", "skip", "train", "adapter", "merge", "type", "name", "and", "or", "not", "in", "true", "false",
 )
 
 # How each terminal is named in a diagnostic ("expected a quoted glob, ...").
@@ -55,7 +55,7 @@ TERMINAL_WORDS = {
 _VALUE_TERMINALS = {"INT", "FLOAT", "STRING", "TRUE", "FALSE", "LSQB"}
 # Order in which expected terminals are listed: the likeliest fix first.
 _ORDER = [
-    "APPLY", "SKIP", "TRAIN", "WHERE", "MATCH", "ADAPTER", "STRING", "REGEX", "TYPE", "NAME", "NAME_TEST", "NOT",
+    "APPLY", "SKIP", "TRAIN", "WHERE", "MATCH", "ADAPTER", "MERGE", "STRING", "REGEX", "TYPE", "NAME", "NAME_TEST", "NOT",
     "LPAR", "INT", "FLOAT", "TRUE", "FALSE", "LSQB", "COMPARE", "IN", "RANGE", "EQUALS", "AND", "OR", "COMMA",
     "RPAR", "RSQB", "LBRACE", "RBRACE", "_NL", "$END",
 ]
@@ -107,7 +107,7 @@ def parse(text: str, path: str | None = None, methods: Mapping[str, MethodSignat
     errors = [d for d in diagnostics if d.is_error]
     if errors:
         raise RulesError(diagnostics)
-    return ir.RuleSet(checked.adapters, path=path, warnings=tuple(diagnostics), source=text)
+    return ir.RuleSet(checked.adapters, path=path, warnings=tuple(diagnostics), source=text, merges=checked.merges)
 
 
 def load_rules(path: str | Path, methods: Mapping[str, MethodSignature] | None = None) -> ir.RuleSet:
@@ -185,10 +185,10 @@ def parse_unchecked(text: str, path: str | None = None) -> tuple[ir.RuleSet, lis
         return ir.RuleSet(path=path), diagnostics
     builder = BuildRules(text)
     try:
-        adapters = builder.transform(tree)
+        adapters, merges = builder.transform(tree)
     except VisitError as exc:  # pragma: no cover - a bug in the builder, not in the user's text
         raise exc.orig_exc from None
-    return ir.RuleSet(tuple(adapters), path=path), diagnostics + builder.diagnostics
+    return ir.RuleSet(tuple(adapters), path=path, merges=tuple(merges)), diagnostics + builder.diagnostics
 
 
 def _too_deep(tree):

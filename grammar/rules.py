@@ -44,6 +44,7 @@ __all__ = [
     "Action",
     "Rule",
     "Adapter",
+    "Merge",
     "RuleSet",
     "DEFAULT_ADAPTER",
 ]
@@ -344,13 +345,30 @@ class Adapter:
 
 
 @dataclass(frozen=True)
+class Merge:
+    """``merge "NAME" = TYPE(adapter=weight, ..., option=value)``: a new adapter of weighted adapters."""
+
+    name: str
+    call: MethodCall  # the combination type; keyword arguments: adapter weights and the type's options
+    span: Span | None = _no_span()
+
+    def weights(self, options: tuple) -> dict:
+        """Adapter name -> weight (the arguments that are not among ``options``)."""
+        return {a.name: a.value for a in self.call.arguments if a.name not in options}
+
+    def __str__(self) -> str:
+        return f"merge {_quote(self.name)} = {self.call}"
+
+
+@dataclass(frozen=True)
 class RuleSet:
-    """Every adapter of a rules file, in the order they were declared."""
+    """Every adapter of a rules file, in the order they were declared, then its merges."""
 
     adapters: tuple = ()
     path: str | None = field(default=None, compare=False)
     warnings: tuple = field(default=(), compare=False, repr=False)
     source: str | None = field(default=None, compare=False, repr=False)  # the text it was parsed from
+    merges: tuple = ()
 
     def source_line(self, line: int) -> str | None:
         """Line ``line`` (1-based) of the text this rule set was parsed from."""
@@ -375,7 +393,8 @@ class RuleSet:
         raise KeyError(name)
 
     def to_text(self) -> str:
-        return "\n".join(adapter.to_text() for adapter in self.adapters)
+        text = "\n".join(adapter.to_text() for adapter in self.adapters)
+        return text + "".join(f"\n{merge}\n" for merge in self.merges)
 
     def __str__(self) -> str:
         return self.to_text()

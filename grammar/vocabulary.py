@@ -8,7 +8,7 @@ then checked against the model, not against this list.
 
 from __future__ import annotations
 
-__all__ = ["PREDICATE_FIELDS", "MODULE_TYPES"]
+__all__ = ["PREDICATE_FIELDS", "MODULE_TYPES", "MERGE_TYPES", "MERGE_OPTIONS"]
 
 # field -> what it means (all are numbers; a module without the property never matches).
 PREDICATE_FIELDS = {
@@ -34,4 +34,27 @@ MODULE_TYPES = {
     ),
     "transformers.pytorch_utils": ("Conv1D",),
     "bitsandbytes.nn": ("Linear4bit", "Linear8bitLt"),
+}
+
+# merge "NAME" = TYPE(...): the combination types and the options each takes (surgeon/merging.py does
+# the math; a test keeps the two in step, so that checking a file never has to import torch).
+MERGE_OPTIONS = {
+    "density": "the fraction of entries kept, 0 < density <= 1",
+    "majority_sign": '"total" or "frequency": how ties elects the sign',
+    "svd_rank": "the rank of an svd merge (an integer > 0; default the largest rank)",
+    "svd_clamp": "a quantile in (0, 1] the svd factors are clamped to",
+}
+_PRUNED = ("density",)
+MERGE_TYPES = {
+    "linear": (),
+    "cat": (),
+    "svd": ("svd_rank", "svd_clamp"),
+    "ties": ("density", "majority_sign"),
+    "ties_svd": ("density", "majority_sign", "svd_rank", "svd_clamp"),
+    "dare_linear": _PRUNED,
+    "dare_linear_svd": _PRUNED + ("svd_rank", "svd_clamp"),
+    "dare_ties": ("density", "majority_sign"),
+    "dare_ties_svd": ("density", "majority_sign", "svd_rank", "svd_clamp"),
+    "magnitude_prune": _PRUNED,
+    "magnitude_prune_svd": _PRUNED + ("svd_rank", "svd_clamp"),
 }

@@ -26,7 +26,7 @@ from ._graph import site_args, site_nodes
 from .insert import attribute_prefix
 from .pipeline import PassResult
 
-__all__ = ["merge_dtype", "fold_adapters", "unfold_inplace", "verify_fold", "FoldError", "copy_graph_module", "TOLERANCES"]
+__all__ = ["merge_dtype", "fold_weighted", "fold_adapters", "unfold_inplace", "verify_fold", "FoldError", "copy_graph_module", "TOLERANCES"]
 
 # Roles of the nodes that stand in for a value of the base graph (the site's output, input or
 # weight), each with the value it replaces as its first argument.
@@ -89,7 +89,7 @@ def fold_adapters(insertions, *, inplace: bool = False, originals: dict | None =
                 wide = merge_dtype(weight.dtype)
                 new_weight, new_bias = weight.detach().to(wide), None if bias is None else bias.detach().to(wide)
                 for spec in specs:
-                    new_weight, new_bias = _fold_one(spec, new_weight, new_bias, kind, weights.get(spec.adapter, 1.0))
+                    new_weight, new_bias = fold_weighted(spec, new_weight, new_bias, kind, weights.get(spec.adapter, 1.0))
                 # A tied weight (GPT-2's wte and lm_head read one tensor): most methods adapt this site
                 # only, so it gets its own weight; a method whose change the tied readers see
                 # (trainable tokens) writes into the shared weight.
@@ -125,7 +125,8 @@ def fold_adapters(insertions, *, inplace: bool = False, originals: dict | None =
     return fold_adapter_branches
 
 
-def _fold_one(spec, weight, bias, kind: str, w: float):
+def fold_weighted(spec, weight, bias, kind: str, w: float):
+    """One adapter folded with strength w: W + w (fold(W) - W), exact at w = 1, nothing at w = 0."""
     if w == 0:
         return weight, bias
     folded, folded_bias = spec.module.fold(weight, bias, kind)

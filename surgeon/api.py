@@ -83,4 +83,24 @@ def compile(
     compiled = Compiled(captured, rule_set, build_plan(rule_set, captured), passes=passes, lint=lint, adapter_dtype=adapter_dtype)
     if adapter is not None:
         load_adapter(compiled, adapter)
+    apply_merges(compiled, rule_set)
     return compiled
+
+
+def apply_merges(compiled, rule_set) -> None:
+    """Make the adapters of the rules' ``merge`` statements, in order (their sources are built or loaded by now)."""
+    from surgeon.grammar import SurgeryError
+    from surgeon.grammar.vocabulary import MERGE_OPTIONS
+
+    for merge in rule_set.merges:
+        options = {k: v for k, v in merge.call.kwargs.items() if k in MERGE_OPTIONS}
+        try:
+            compiled.merge(merge.name, merge.weights(tuple(MERGE_OPTIONS)), merge.call.name, **options)
+        except SurgeryError as exc:  # located at the merge statement
+            from dataclasses import replace
+
+            from surgeon.grammar.diagnostics import PlanError
+
+            line = rule_set.source_line(merge.span.line) if merge.span else None
+            located = [replace(d, span=merge.span, file=rule_set.path or "<rules>", source_line=line) for d in exc.diagnostics]
+            raise PlanError(located) from None

@@ -85,6 +85,19 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--fold", action="store_true", help="also write the merged model: OUT/merged/ and OUT/merged.pt2")
     output_format(compile_)
 
+    merge = command(
+        "merge",
+        _merge,
+        "merge adapters into new ones (ties, svd, ...) and save them in PEFT's format",
+        "Load the adapters of ADAPTERS (a folder as save_adapter or PEFT writes it: 'default' at the top, named "
+        "adapters in subfolders), make each NEW = TYPE(ADAPTER=WEIGHT, ..., OPTION=VALUE) as a rules file's merge "
+        "statement would, and write the new adapters to OUT/NEW/.",
+    )
+    merge.add_argument("adapters", metavar="ADAPTERS", help="the folder of the adapters to merge")
+    merge.add_argument("merges", nargs="+", metavar="NEW=TYPE(...)", help='e.g. "combo=ties(math=0.7, code=0.3, density=0.5)"')
+    merge.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder")
+    merge.add_argument("--fold", action="store_true", help="also write OUT/NEW/merged/, the model with NEW folded in")
+
     from_peft = command(
         "rules-from-peft",
         _rules_from_peft,
@@ -327,6 +340,37 @@ def _compile(args: argparse.Namespace) -> int:
     print(f"compiled {args.model}: {totals['sites']} adapter sites, {totals['trainable_params']:,} trainable parameters")
     for path in written:
         print(f"  wrote {path}{'/' if path.is_dir() else ''}")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from surgeon.grammar import SurgeryError, parse
+
+    _quiet_libraries()
+    try:
+        import surgeon
+        from surgeon.checkpoints.peft import rules_from_peft_folder
+
+        statements = []
+        for text in args.merges:
+            name, equals, expression = text.partition("=")
+            if not equals or not name.strip():
+                raise SurgeryError(f"cannot read {text!r} as NEW=TYPE(...)", hint='e.g. "combo=ties(math=0.7, code=0.3, density=0.5)"')
+            statements.append(f'merge "{name.strip()}" = {expression.strip()}\n')
+        rules = parse(rules_from_peft_folder(args.adapters) + "\n" + "".join(statements), path="<merge>")
+        compiled = surgeon.compile(args.model, rules, adapter=args.adapters).eval()
+        names = [m.name for m in rules.merges]
+        compiled.save_adapter(Path(args.out), adapters=names)
+        for name in names:
+            print(f"merged {name}: {sum(1 for s in compiled.plan.sites if s.adapter == name)} sites; wrote {Path(args.out) / name}/")
+            if args.fold:
+                compiled.set_active(name)
+                compiled.save_pretrained(Path(args.out) / name / "merged")
+                print(f"  wrote {Path(args.out) / name / 'merged'}/")
+    except SurgeryError as error:
+        return _print_errors(error, "human")
     return 0
 
 

@@ -121,8 +121,10 @@ class Compiled(nn.Module):
         from .plan import build_plan
 
         merged_rules = tuple(rule for adapter in rules.adapters for rule in adapter.rules)
-        kept = tuple(a for a in self.rules.adapters if a.name != name)
-        new_rules = ir.RuleSet(kept + (ir.Adapter(name, merged_rules),), path=rules.path, source=rules.source)
+        new = ir.Adapter(name, merged_rules)
+        names = self.rules.adapter_names  # a replaced adapter keeps its place (adapter_ids index it)
+        adapters = tuple(new if a.name == name else a for a in self.rules.adapters) + (() if name in names else (new,))
+        new_rules = ir.RuleSet(adapters, path=rules.path, source=rules.source, merges=self.rules.merges)
         plan = build_plan(new_rules, self.captured)
         if name in self.adapters:
             del self.adapters[name]
@@ -383,18 +385,27 @@ class Compiled(nn.Module):
         unfold_inplace(self._inplace_originals)
         self._graphs.clear()
 
-    def merged_state_dict(self) -> dict:
-        """The base model's state dict with every adapter folded in (new tensors; nothing changes in place)."""
+    def merged_state_dict(self, adapters: dict | None = None) -> dict:
+        """The base model's state dict with the adapters folded in (new tensors; nothing changes in place).
+
+        ``adapters`` (name -> weight) as for :meth:`fold`; default the active adapters with their gates.
+        """
+        from surgeon.passes.fold import fold_weighted
+
+        weights = self._fold_weights(adapters)
         state = dict(self.base_model.state_dict())
         merged: dict = {}  # weight name -> (weight, bias) in the merge dtype, folded adapter after adapter
         with torch.no_grad():
             for site in self.plan.sites:
+                if weights.get(site.adapter, 0.0) == 0:
+                    continue
                 name, bias_name = f"{site.path}.weight", f"{site.path}.bias"
                 wide = merge_dtype(state[name].dtype)
                 weight, bias = merged.get(name) or (state[name].to(wide), state[bias_name].to(wide) if bias_name in state else None)
-                merged[name] = self.adapter_module(site.adapter, site.path).fold(weight, bias, site.kind)
+                spec = Insertion(site.path, site.kind, site.adapter, self.adapter_module(site.adapter, site.path))
+                merged[name] = fold_weighted(spec, weight, bias, site.kind, weights[site.adapter])
             for site in self.plan.sites:  # tied readers that see the change get the merged weight too
-                if getattr(self.adapter_module(site.adapter, site.path), "follows_ties", False):
+                if weights.get(site.adapter, 0.0) and getattr(self.adapter_module(site.adapter, site.path), "follows_ties", False):
                     for tied in site.tied_with:
                         if tied in state:
                             merged[tied] = merged[f"{site.path}.weight"]
@@ -405,8 +416,10 @@ class Compiled(nn.Module):
                     state[bias_name] = bias.to(state[bias_name].dtype)
             for key, module in self.trained.items():
                 path = key.replace("__", ".")
+                w = max((weights.get(t.adapter, 0.0) for t in self.plan.trained if t.path == path), default=0.0)
                 for name, param in module.state_dict().items():
-                    state[f"{path}.{name}"] = param.detach()
+                    base = state[f"{path}.{name}"]
+                    state[f"{path}.{name}"] = param.detach() if w == 1 else base if w == 0 else torch.lerp(base, param.detach().to(base.dtype), w)
         return state
 
     # --- hooks for eager use ---------------------------------------------------------------
@@ -446,10 +459,11 @@ class Compiled(nn.Module):
 
         return load_adapter(self, directory, name)
 
-    def save_pretrained(self, directory) -> None:
+    def save_pretrained(self, directory, adapters: dict | None = None) -> None:
+        """The folded model (``adapters``: name -> weight, default the active ones) as a Hugging Face checkpoint."""
         from .checkpoints.merged import save_merged
 
-        save_merged(self, directory)
+        save_merged(self, directory, adapters)
 
     def export(self, path, *, fold: bool = True, args: tuple = (), kwargs: dict | None = None) -> None:
         from .checkpoints.program import export_program_file

@@ -20,7 +20,7 @@ from .atomic import output_folder
 __all__ = ["save_merged"]
 
 
-def save_merged(compiled, directory) -> None:
+def save_merged(compiled, directory, adapters: dict | None = None) -> None:
     model = compiled.base_model
     if not hasattr(model, "save_pretrained"):
         raise SurgeryError(
@@ -28,7 +28,12 @@ def save_merged(compiled, directory) -> None:
             hint="use compiled.export(path) for a .pt2 program, or compiled.merged_state_dict()",
         )
     # Adapters whose change the tied readers see too (trainable tokens) keep the tie; others would break it.
-    folded = {f"{path}.weight" for _, path, adapter in compiled.sites() if not getattr(adapter, "follows_ties", False)}
+    weights = compiled._fold_weights(adapters)
+    folded = {
+        f"{path}.weight"
+        for name, path, adapter in compiled.sites()
+        if weights.get(name, 0.0) and not getattr(adapter, "follows_ties", False)
+    }
     for group in compiled.captured.ties:
         touched = folded & set(group)
         if touched and getattr(model.config, "tie_word_embeddings", False):
@@ -37,7 +42,7 @@ def save_merged(compiled, directory) -> None:
                 f"{', '.join(sorted(set(group) - touched))} and folding would untie them",
                 hint="do not adapt a tied weight, or set config.tie_word_embeddings = False first",
             )
-    state = compiled.merged_state_dict()
+    state = compiled.merged_state_dict(adapters)
     directory = output_folder(directory)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:

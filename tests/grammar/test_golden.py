@@ -64,6 +64,7 @@ DIAGNOSTIC_CODES = {
     "unterminated-string": "unterminated-string",
     "unclosed-bracket": "unclosed-bracket",
     "encoding": "encoding",
+    "unknown-combination": "unknown-combination",
 }
 
 

@@ -79,3 +79,37 @@ def test_merge_errors_are_clear(two):
         two.merge("x", {"nope": 1.0})
     with pytest.raises(SurgeryError, match="unknown combination type 'best'"):
         two.merge("x", WEIGHTS, "best")
+
+
+def test_merge_statements_of_a_rules_file_run_after_the_adapters_are_loaded(two, tmp_path):
+    from surgeon.grammar.vocabulary import MERGE_OPTIONS, MERGE_TYPES
+    from surgeon.merging import COMBINATIONS
+
+    # the language's table (torch-free) and the math's registry agree
+    assert {n: set(p) for n, p in MERGE_TYPES.items()} == {n: set(c.params) for n, c in COMBINATIONS.items()}
+    assert set(MERGE_OPTIONS) == set().union(*(c.params for c in COMBINATIONS.values()))
+    two.save_adapter(tmp_path, adapters=["math", "code"])
+    text = RULES + 'merge "combo" = ties(math=0.7, code=0.3, density=0.5)\n'
+    compiled = surgeon.compile("demo:llama", text, adapter=tmp_path).eval()
+    assert compiled.adapter_names == ("math", "code", "combo")
+    two.merge("combo_api", WEIGHTS, "ties", density=0.5)
+    compiled.set_active("combo")
+    two.set_active("combo_api")
+    torch.testing.assert_close(_logits(compiled), _logits(two), rtol=1e-6, atol=1e-6)
+    with pytest.raises(SurgeryError, match=r"<rules>:3:1: error: merge 'x': no adapter named 'other'"):
+        surgeon.compile("demo:llama", RULES + 'merge "x" = linear(other=1.0)\n')
+
+
+def test_the_merge_command_writes_peft_adapters(two, tmp_path):
+    from peft import PeftModel
+
+    from surgeon.cli import main
+
+    two.save_adapter(tmp_path / "in", adapters=["math", "code"])
+    assert main(["merge", "demo:llama", str(tmp_path / "in"), "combo=ties(math=0.7, code=0.3, density=0.5)", "-o", str(tmp_path / "out")]) == 0
+    two.merge("combo_cli", WEIGHTS, "ties", density=0.5)
+    two.set_active("combo_cli")
+    theirs = PeftModel.from_pretrained(build_demo("llama"), tmp_path / "out" / "combo").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(**inputs()).logits, _logits(two), rtol=1e-5, atol=1e-5)
+    assert main(["merge", "demo:llama", str(tmp_path / "in"), "combo=tie(math=1)", "-o", str(tmp_path / "bad")]) == 1
