@@ -138,6 +138,29 @@ class Compiled(nn.Module):
         """Every adapter, in the order declared in the rules, then loaded (``adapter_ids`` index this)."""
         return tuple(self.rules.adapter_names)
 
+    def swap_adapter(self, name: str, directory) -> None:
+        """Replace adapter ``name``'s LoRA weights by those of the PEFT adapter in ``directory``, in place.
+
+        No graph is captured again and a ``torch.compile``d model is not
+        recompiled: smaller ranks are zero-padded and scales folded into B (see
+        surgeon/swap.py); a larger rank is an error naming the rank to compile for.
+        """
+        from .checkpoints.program import lora_sites
+        from .swap import swapped_factors
+
+        sites = lora_sites(self).get(name, {})
+        others = [s.path for s in self.plan.sites if s.adapter == name and s.path not in sites]
+        if not sites or others:
+            from surgeon.grammar.diagnostics import SurgeryError
+
+            raise SurgeryError(f"adapter {name!r} is not made of plain LoRA on linear layers only, which a swap needs"
+                               + (f" ({others[0]})" if others else ""), hint="load_adapter() replaces any adapter (a new graph)")
+        with torch.no_grad():
+            for path, (a, b) in swapped_factors(sites, directory).items():
+                module = self.adapter_module(name, path)
+                module.lora_A.copy_(a)
+                module.lora_B.copy_(b)
+
     def merge(self, name: str, sources: dict, combination: str = "linear", **options) -> str:
         """A new adapter ``name``: ``combination`` of ``sources`` (name -> weight), as PEFT's
         ``add_weighted_adapter`` (``density``, ``majority_sign``, ``svd_rank``, ``svd_clamp``;

@@ -7,6 +7,7 @@ keep dynamic batch and sequence dimensions.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from surgeon.grammar.diagnostics import SurgeryError
@@ -33,8 +34,18 @@ def export_program_file(compiled, path, *, fold: bool = True, args: tuple = (), 
         program = torch.export.export(
             graph, args, kwargs, dynamic_shapes=dynamic_shapes(args, kwargs, compiled.hugging_face), strict=False
         )
+    extra = {} if fold else {"surgeon.json": json.dumps(lora_sites(compiled))}  # what a hot swap needs to know
     with atomic_path(path) as tmp:
-        torch.export.save(program, str(tmp))
+        torch.export.save(program, str(tmp), extra_files=extra)
+
+
+def lora_sites(compiled) -> dict:
+    """adapter -> path -> (rank, scale, in, out) of its plain LoRA sites."""
+    found: dict = {}
+    for adapter, path, module in compiled.sites():
+        if module.method == "lora" and module.kind in ("linear", "hf_conv1d") and not getattr(module, "residual", False):
+            found.setdefault(adapter, {})[path] = (module.config.r, module.scale, module.in_features, module.out_features)
+    return found
 
 
 def load_program(path):
