@@ -68,9 +68,12 @@ class AdapterSwitching:
     def set_active(self, names=None, weights=None) -> None:
         """Make ``names`` (one, several, or None for none) the adapters that act, without a new graph.
 
-        The others stop acting and stop training (their parameters get
-        ``requires_grad=False``, as PEFT's ``set_adapter`` does); ``weights``
-        gives each active adapter its own strength (default 1).
+        ``weights`` gives each active adapter its own strength (default 1).
+        The others stop acting, and in training stop training too: their
+        parameters get ``requires_grad=False``, as PEFT's ``set_adapter`` does
+        (in eval mode that waits for ``.train()``, so that switching adapters
+        while serving a ``torch.compile``d model changes tensors only and never
+        recompiles).
         """
         names = [names] if isinstance(names, str) else list(names or ())
         unknown = [n for n in names if n not in self.adapter_names]
@@ -79,15 +82,26 @@ class AdapterSwitching:
 
             raise SurgeryError(f"no adapter named {', '.join(map(repr, unknown))}", hint=f"adapters: {', '.join(self.adapter_names)}")
         weights = dict(zip(names, weights)) if weights is not None else {n: 1.0 for n in names}
-        with torch.no_grad():
-            self.adapter_gates.copy_(torch.tensor([float(weights.get(n, 0.0)) for n in self.adapter_names]))
+        self.set_gates(weights)
+        if self.training:
+            self._train_active_only()
+
+    def _train_active_only(self) -> None:
+        """requires_grad on the parameters of active adapters (and of modules they train) only."""
+        active = set(self.active_adapters)
         for name in self.adapter_names:
             for p in (self.adapters[name].parameters() if name in self.adapters else ()):
-                p.requires_grad_(name in weights)
+                p.requires_grad_(name in active)
         for t_path in {t.path for t in self.plan.trained}:
             owners = {t.adapter for t in self.plan.trained if t.path == t_path}
             for p in self.trained[site_key(t_path)].parameters():
-                p.requires_grad_(bool(owners & set(weights)))
+                p.requires_grad_(bool(owners & active))
+
+    def train(self, mode: bool = True):
+        result = super().train(mode)
+        if mode:
+            self._train_active_only()
+        return result
 
     def disabled(self):
         """``with compiled.disabled():`` runs the base model (every gate 0), then restores the gates."""

@@ -66,11 +66,12 @@ def test_switching_needs_no_new_graph_and_equals_pefts_set_adapter_and_disable(m
 
 def test_only_active_adapters_train(many):
     many.set_active("b")
+    assert all(p.requires_grad for p in many.adapters["a"].parameters())  # eval: tensors only (no recompiles)
+    many.train()
     assert all(not p.requires_grad for p in many.adapters["a"].parameters())
     assert all(p.requires_grad for p in many.adapters["b"].parameters())
     before = {n: p.detach().clone() for n, p in many.named_parameters()}
     optimizer = torch.optim.AdamW([p for _, p in many.named_parameters()], lr=1e-2, weight_decay=0.1)
-    many.train()
     many(**inputs()).loss.backward()
     optimizer.step()
     optimizer.zero_grad()
