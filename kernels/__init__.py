@@ -1,7 +1,14 @@
 """surgeon.kernels: fused Triton adapter kernels and their plain-torch fallbacks.
 
 Kernels know nothing of graphs or rules: each is a kernel, a validating launch
-wrapper, a torch reference, a parity test and a benchmark.
+wrapper, a torch reference, a parity test and a benchmark. Importing this
+package never imports Triton (``triton_mode()`` looks for it); the kernels
+are defined on their first launch.
+
+- ``lora_linear.py``: ``x W^T + b + s (x A^T) B^T`` (shrink, then the base GEMM
+  with the expand in its epilogue), registered as ``torch.ops.surgeon.lora_linear``.
 """
 
-__all__: list[str] = []
+from ._triton import TritonMissing, triton_mode
+
+__all__ = ["triton_mode", "TritonMissing"]

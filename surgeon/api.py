@@ -61,11 +61,14 @@ def compile(
     passes: dict | None = None,
     adapter_dtype: Any = None,
     lint: bool = True,
+    kernels: str = "auto",
 ):
     """Adapt ``model`` as ``rules`` say, or as the PEFT adapter folder ``adapter`` says (and load its weights).
 
     ``passes`` adds graph passes of your own at named points (surgeon.passes.POINTS),
-    e.g. ``{"after_insert": [my_pass]}``. Returns a :class:`surgeon.compiled.Compiled`.
+    e.g. ``{"after_insert": [my_pass]}``. ``kernels``: "auto" (the fused Triton
+    kernels on a GPU with Triton, torch ops elsewhere), "triton" or "torch".
+    Returns a :class:`surgeon.compiled.Compiled`.
     """
     from surgeon.grammar import SurgeryError
 
@@ -80,7 +83,9 @@ def compile(
         rule_set = parse(rules_from_peft_folder(adapter), path=f"{adapter} (adapter_config.json as rules)")
     opened = model if hasattr(model, "example_kwargs") else open_model(model, weights=True, example_inputs=example_inputs)
     captured = capture(opened)
-    compiled = Compiled(captured, rule_set, build_plan(rule_set, captured), passes=passes, lint=lint, adapter_dtype=adapter_dtype)
+    compiled = Compiled(
+        captured, rule_set, build_plan(rule_set, captured), passes=passes, lint=lint, adapter_dtype=adapter_dtype, kernels=kernels
+    )
     if adapter is not None:
         load_adapter(compiled, adapter)
     apply_merges(compiled, rule_set)

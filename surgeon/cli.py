@@ -83,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder")
     compile_.add_argument("--adapter", metavar="DIR", help="a PEFT-format adapter folder to load (its rules too, without RULES)")
     compile_.add_argument("--fold", action="store_true", help="also write the merged model: OUT/merged/ and OUT/merged.pt2")
+    compile_.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto",
+                          help="fused Triton kernels (auto: on a GPU with Triton) or plain torch ops")
     output_format(compile_)
 
     merge = command(
@@ -314,7 +316,9 @@ def _compile(args: argparse.Namespace) -> int:
         if out.exists() and not out.is_dir():
             output_folder(out)  # the error for an output path that is a file, before any work
         rules = load_rules(args.rules) if args.rules else None  # every rule error before any capture
-        compiled = step(f"compile {args.model}", lambda: surgeon.compile(args.model, rules, adapter=args.adapter))
+        compiled = step(
+            f"compile {args.model}", lambda: surgeon.compile(args.model, rules, adapter=args.adapter, kernels=args.kernels)
+        )
         output_folder(out)  # made only once there is something to write
         write_text(out / "plan.json", json.dumps(compiled.plan.to_json(), indent=2) + "\n")
         written.append(out / "plan.json")

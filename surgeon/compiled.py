@@ -28,6 +28,7 @@ from surgeon.grammar import rules as ir
 from surgeon.passes import Insertion, Pipeline, copy_graph_module, fold_adapters, insert_adapters, unfold_inplace, verify_fold
 from surgeon.passes.fold import merge_dtype
 from surgeon.passes.insert import ROUTING_INPUT, Gates
+from surgeon.passes.lower import lower_adapters
 
 from .export import bind_program, export_program, widen_inputs
 from .methods.adapter import SiteAdapter, adapter_class
@@ -43,7 +44,7 @@ class Compiled(AdapterSwitching, nn.Module):
     """The adapted model. Build it with :func:`surgeon.compile`."""
 
     def __init__(self, captured, rule_set: ir.RuleSet, plan: Plan, *, passes: dict | None = None, lint: bool = True,
-                 adapter_dtype: torch.dtype | None = None):
+                 adapter_dtype: torch.dtype | None = None, kernels: str = "auto"):
         super().__init__()
         opened = captured.model
         self.base_model = opened.module
@@ -59,6 +60,7 @@ class Compiled(AdapterSwitching, nn.Module):
         self.plan = plan
         self.user_passes = dict(passes or {})
         self.lint = lint
+        self.kernels = _checked_kernels(kernels)
         self.hugging_face = opened.is_hugging_face
         self.example_args, self.example_kwargs = opened.example_args, opened.example_kwargs
         for p in self.base_model.parameters():
@@ -169,14 +171,27 @@ class Compiled(AdapterSwitching, nn.Module):
             kwargs = {**kwargs, "use_cache": False}
         return kwargs
 
-    def graph(self, *args, training: bool | None = None, **kwargs):
-        """The adapted graph module for this call signature (captured on first use)."""
+    def graph(self, *args, training: bool | None = None, lowered: bool | None = None, **kwargs):
+        """The adapted graph module for this call signature (captured on first use).
+
+        ``lowered``: LoRA branches as fused kernel calls (default: as ``kernels`` decides).
+        """
         kwargs = self._with_defaults(kwargs)
         training = self.training if training is None else training
-        key = (training,) + self._key(args, kwargs)[1:]  # a routed call (adapter_ids) has a graph of its own
+        lowered = self.lowers() if lowered is None else lowered
+        key = (training, lowered) + self._key(args, kwargs)[1:]  # a routed call (adapter_ids) has a graph of its own
         if key not in self._graphs:
-            self._graphs[key] = self._capture(args, kwargs, training)
+            self._graphs[key] = self._capture(args, kwargs, training, lowered)
         return self._graphs[key]
+
+    def lowers(self) -> bool:
+        """Do graphs call the fused kernels? "triton": yes; "torch": no; "auto": on a GPU with Triton."""
+        if self.kernels != "auto":
+            return self.kernels == "triton"
+        from surgeon.kernels import triton_mode
+
+        device = next(iter(self.base_model.parameters()), torch.empty(0)).device
+        return device.type == "cuda" and triton_mode() == "gpu"
 
     def base_graph(self, *args, training: bool = False, **kwargs):
         """The base model's graph, without adapters, for this call signature."""
@@ -192,7 +207,7 @@ class Compiled(AdapterSwitching, nn.Module):
         finally:
             model.train(was)
 
-    def _capture(self, args, kwargs, training: bool):
+    def _capture(self, args, kwargs, training: bool, lowered: bool = False):
         routed = ROUTING_INPUT in kwargs
         kwargs = {k: v for k, v in kwargs.items() if k != ROUTING_INPUT}
         if routed and self.plan.trained:
@@ -221,7 +236,10 @@ class Compiled(AdapterSwitching, nn.Module):
                 setattr(gm.get_submodule(owner_path), leaf, param)
         gates = Gates(self.adapter_names, self.adapter_gates, routed)
         insert = insert_adapters(self._insertions(), training=training, gates=gates)
-        pipeline = Pipeline.with_points({"insert": [insert, gate_trained_modules(self)]}, self.user_passes)
+        core = {"insert": [insert, gate_trained_modules(self)]}
+        if lowered:
+            core["lower"] = [lower_adapters(routed=routed)]
+        pipeline = Pipeline.with_points(core, self.user_passes)
         return pipeline.run(gm, lint=self.lint).graph_module
 
     def forward(self, *args, **kwargs):
@@ -259,7 +277,7 @@ class Compiled(AdapterSwitching, nn.Module):
         weights = self._fold_weights(adapters)
         args = args or self.example_args
         kwargs = self._with_defaults(dict(kwargs) if kwargs is not None else dict(self.example_kwargs))
-        unfolded = self.graph(*args, training=False, **kwargs)
+        unfolded = self.graph(*args, training=False, lowered=False, **kwargs)  # folding reads the plain branches
         folded = copy_graph_module(unfolded)
         fold_pass = fold_adapters(self._insertions(), inplace=inplace, originals=self._inplace_originals, weights=weights)
         stages = Pipeline.with_points({"fold": [fold_trained_modules(self, weights), fold_pass]}, self.user_passes)
@@ -407,3 +425,22 @@ def _swap_module_params(target: nn.Module, source: nn.Module):
             setattr(target.get_submodule(owner_path) if owner_path else target, leaf, param)
 
     return _Handles(restore)
+
+
+KERNELS = ("auto", "triton", "torch")
+
+
+def _checked_kernels(kernels: str) -> str:
+    from surgeon.grammar.diagnostics import SurgeryError
+
+    if kernels not in KERNELS:
+        raise SurgeryError(f"kernels={kernels!r} is not one of {', '.join(KERNELS)}")
+    if kernels == "triton":
+        from surgeon.kernels import triton_mode
+
+        if triton_mode() is None:
+            raise SurgeryError(
+                "kernels='triton' needs Triton and a GPU (or TRITON_INTERPRET=1 set before import, for the CPU interpreter)",
+                hint="pip install 'surgeon[triton]' on a CUDA machine; kernels='auto' picks the torch ops elsewhere",
+            )
+    return kernels

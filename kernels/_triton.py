@@ -1,0 +1,37 @@
+"""Is Triton usable here, and how: on a GPU, as its CPU interpreter, or not at all."""
+
+from __future__ import annotations
+
+import functools
+
+__all__ = ["triton_mode", "TritonMissing"]
+
+
+class TritonMissing(RuntimeError):
+    """Triton kernels were asked for where Triton cannot run."""
+
+
+@functools.lru_cache(maxsize=None)
+def triton_mode() -> str | None:
+    """"gpu", "interpret" (TRITON_INTERPRET=1 was set before Triton was imported), or None.
+
+    The interpreter is checked first: the driver query raises on a machine
+    without a GPU even when the interpreter is on.
+    """
+    try:
+        import triton
+    except ImportError:
+        return None
+    try:
+        if triton.knobs.runtime.interpret:
+            return "interpret"
+    except AttributeError:  # pragma: no cover - older Triton
+        import os
+
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return "interpret"
+    try:
+        triton.runtime.driver.active  # noqa: B018 - raises without an active GPU driver
+    except Exception:
+        return None
+    return "gpu"

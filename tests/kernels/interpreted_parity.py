@@ -1,0 +1,76 @@
+"""Triton kernels against their torch references, under the Triton interpreter (CPU).
+
+Run only through tests/kernels/test_lora_linear.py, which starts a pytest
+session with TRITON_INTERPRET=1 set before anything imports Triton. Shapes are
+small and odd (not multiples of the tile sizes): the interpreter is slow.
+"""
+
+import os
+
+import pytest
+import torch
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (see test_lora_linear.py)"
+
+import surgeon  # noqa: E402
+from surgeon.kernels import triton_mode  # noqa: E402
+from surgeon.kernels.lora_linear import lora_linear, lora_linear_torch, lora_linear_triton  # noqa: E402
+
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 6e-2}
+
+
+def _tensors(dtype, m=(2, 19), k=40, n=37, r=5, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda *shape, std=1.0: (torch.randn(*shape, generator=g) * std).to(dtype)  # noqa: E731
+    return make(*m, k), make(n, k, std=0.2), make(n) if bias else None, make(r, k, std=0.2), make(n, r, std=0.2), torch.tensor(1.7)
+
+
+def test_the_interpreter_is_on():
+    assert triton_mode() == "interpret"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [dict(m=(2, 19), k=40, n=37, r=5), dict(m=(1,), k=17, n=70, r=16, bias=False), dict(m=(33,), k=64, n=16, r=1)])
+def test_fused_forward_equals_the_reference(dtype, shape):
+    x, w, b, a, bb, s = _tensors(dtype, **shape)
+    got = lora_linear_triton(x, w, b, a, bb, s)
+    expected = lora_linear_torch(*(t.double() if t is not None else None for t in (x, w, b, a, bb, s)))
+    assert got.dtype == dtype and got.shape == expected.shape
+    torch.testing.assert_close(got.double(), expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * expected.abs().max().item())
+
+
+def test_the_op_takes_the_kernels_and_its_gradients_equal_the_references():
+    x, w, b, a, bb, s = _tensors(torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (x, a, bb)]
+    ours = lora_linear(leaves[0], w, b, leaves[1], leaves[2], s)
+    ours.square().sum().backward()
+    refs = [t.clone().requires_grad_() for t in (x, a, bb)]
+    lora_linear_torch(refs[0], w, b, refs[1], refs[2], s).square().sum().backward()
+    for mine, theirs in zip(leaves, refs):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_the_wrapper_refuses_what_the_kernel_cannot_take():
+    x, w, b, a, bb, s = _tensors(torch.float32)
+    with pytest.raises(TypeError, match="share one of"):
+        lora_linear_triton(x.half(), w, b, a, bb, s)
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        lora_linear_triton(x, w, b, a, bb[:, :3], s)
+
+
+def test_a_compiled_model_lowered_to_the_kernels_equals_the_torch_graph():
+    rules = 'match "*.self_attn.{q,v}_proj" apply lora(r=4, alpha=8)\nmatch "*.mlp.up_proj" apply ia3()'
+    batch = {"input_ids": torch.arange(14).reshape(2, 7) * 5 + 3, "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    fused = surgeon.compile("demo:llama", rules, kernels="triton").eval()
+    plain = surgeon.compile("demo:llama", rules, kernels="torch").eval()
+    with torch.no_grad():
+        for (_, _, f), (_, _, p) in zip(fused.sites(), plain.sites()):
+            for x, y in zip(f.parameters(), p.parameters()):
+                x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(x.numel())) * 0.2)
+                y.copy_(x)
+    graph = fused.graph(**batch)
+    calls = [n for n in graph.graph.nodes if n.target is torch.ops.surgeon.lora_linear.default]
+    assert len(calls) == 8  # q and v of 4 layers; ia3 stays plain aten ops
+    with torch.no_grad():
+        torch.testing.assert_close(fused(**batch).logits, plain(**batch).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused.fold(kwargs=batch)(**batch, use_cache=False).logits, plain(**batch).logits, rtol=1e-4, atol=1e-5)

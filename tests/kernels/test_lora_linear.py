@@ -1,0 +1,79 @@
+"""The fused LoRA linear op: its torch path (gradcheck in float64, opcheck, export, torch.compile), and the
+Triton kernels under the interpreter in a session of their own."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import surgeon
+from surgeon.grammar import SurgeryError
+from surgeon.kernels.lora_linear import lora_linear, lora_linear_torch
+
+HERE = Path(__file__).parent
+
+
+def _args(dtype=torch.float64, requires_grad=False):
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 5, 12), (7, 12), (7,), (3, 12), (7, 3)]
+    tensors = [torch.randn(*s, generator=g, dtype=dtype).requires_grad_(requires_grad) for s in shapes]
+    return (*tensors, torch.tensor(0.7, dtype=dtype))
+
+
+def test_the_torch_path_passes_gradcheck_in_float64():
+    *tensors, scale = _args(requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: lora_linear(*t, scale), tuple(tensors))
+
+
+def test_the_op_registration_is_sound():
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch (torch.library.opcheck)."""
+    results = torch.library.opcheck(lora_linear, _args(torch.float32, requires_grad=True))
+    assert set(results.values()) == {"SUCCESS"}
+
+
+def test_exported_programs_keep_the_op_and_torch_compile_traces_it_whole():
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            _, self.w, self.b, self.a, self.bb, self.s = (torch.nn.Parameter(t, requires_grad=False) for t in _args(torch.float32))
+
+        def forward(self, x):
+            return lora_linear(x, self.w, self.b, self.a, self.bb, self.s)
+
+    layer, x = Layer(), torch.randn(2, 4, 12)
+    program = torch.export.export(layer, (x,))
+    assert any(n.target is torch.ops.surgeon.lora_linear.default for n in program.graph.nodes)
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, backend=counter, fullgraph=True)
+    torch.testing.assert_close(compiled(x), lora_linear_torch(x, layer.w, layer.b, layer.a, layer.bb, layer.s))
+    assert counter.frame_count == 1
+
+
+def test_kernels_triton_without_triton_or_a_gpu_is_a_clear_error():
+    from surgeon.kernels import triton_mode
+
+    if triton_mode() is not None:
+        pytest.skip("Triton runs here")
+    with pytest.raises(SurgeryError, match="kernels='triton' needs Triton and a GPU"):
+        surgeon.compile("demo:llama", 'match "*.q_proj" apply lora(r=2)', kernels="triton")
+    assert not surgeon.compile("demo:llama", 'match "*.q_proj" apply lora(r=2)').lowers()  # auto: torch ops on CPU
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (pip install '.[triton]')")
+def test_triton_kernels_under_the_interpreter():
+    """The kernels' parity tests, in a pytest session that sets TRITON_INTERPRET=1 before Triton is imported."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "interpreted_parity.py")],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout
