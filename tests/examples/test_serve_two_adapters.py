@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_serving_example_routes_a_mixed_batch(tmp_path):
     done = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "serve_two_adapters.py"), "--steps", "3", "--out", str(tmp_path)],
+        [sys.executable, str(ROOT / "examples" / "serve_two_adapters.py"), "--steps", "1", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=300,
