@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from _timing import alternate
 from forward import SIZES, build
 
 RULES = """\
@@ -68,17 +67,8 @@ def main() -> None:
         "both adapters summed": active(["a", "b"]),
         "routed batch (a, b, a, b)": lambda: routed(**inputs, adapter_ids=ids),
     }
-    times = {name: [] for name in runs}
     with torch.no_grad():
-        for _ in range(3):
-            for fn in runs.values():
-                fn()
-        for _ in range(args.repeats):
-            for name, fn in runs.items():
-                started = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - started)
-    median = {name: statistics.median(t) for name, t in times.items()}
+        median = alternate(runs, args.repeats)
     base_t, single_t = median["base graph"], median["one adapter (b, r=16)"]
     print(f"routed forward, {args.size} Llama, batch {batch} x seq {inputs['input_ids'].shape[1]}, "
           f"{args.threads} threads, {args.repeats} rounds")

@@ -55,25 +55,37 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def shrink(x_ptr, a_ptr, h_ptr, M, K, R, sxm, sxk, sar, sak, shm, shr,
-               BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    def shrink(x_ptr, a_ptr, ids_ptr, h_ptr, M, K, R, sxm, sxk, saa, sar, sak, shm, shr,
+               BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+               ROUTED: tl.constexpr):
         rm = tl.program_id(0) * BM + tl.arange(0, BM)
         rr = tl.arange(0, BR)
         acc = tl.zeros((BM, BR), dtype=tl.float32)
+        if ROUTED:  # each row its own adapter: A gathered per row (a (BM, BR, BK) tile), -1 rows none
+            ids = tl.load(ids_ptr + rm, mask=rm < M, other=-1)
+            valid = ids >= 0
+            row_a = tl.where(valid, ids, 0)
         for k0 in range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
             x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :] * sxk, mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-            a = tl.load(a_ptr + rr[None, :] * sar + rk[:, None] * sak, mask=(rr[None, :] < R) & (rk[:, None] < K), other=0.0)
-            if UPCAST:
-                x, a = x.to(tl.float32), a.to(tl.float32)
-            acc += tl.dot(x, a, input_precision=PRECISION)
+            if ROUTED:
+                a3 = tl.load(
+                    a_ptr + row_a[:, None, None] * saa + rr[None, :, None] * sar + rk[None, None, :] * sak,
+                    mask=valid[:, None, None] & (rr[None, :, None] < R) & (rk[None, None, :] < K), other=0.0,
+                )
+                acc += tl.sum(x.to(tl.float32)[:, None, :] * a3.to(tl.float32), axis=2)
+            else:
+                a = tl.load(a_ptr + rr[None, :] * sar + rk[:, None] * sak, mask=(rr[None, :] < R) & (rk[:, None] < K), other=0.0)
+                if UPCAST:
+                    x, a = x.to(tl.float32), a.to(tl.float32)
+                acc += tl.dot(x, a, input_precision=PRECISION)
         tl.store(h_ptr + rm[:, None] * shm + rr[None, :] * shr, acc, mask=(rm[:, None] < M) & (rr[None, :] < R))
 
     @triton.jit
-    def base_and_expand(x_ptr, w_ptr, b_ptr, h_ptr, lb_ptr, s_ptr, y_ptr, M, N, K, R,
-                        sxm, sxk, swn, swk, shm, shr, sbn, sbr, sym, syn,
+    def base_and_expand(x_ptr, w_ptr, b_ptr, h_ptr, lb_ptr, s_ptr, ids_ptr, y_ptr, M, N, K, R,
+                        sxm, sxk, swn, swk, shm, shr, sba, sbn, sbr, sym, syn,
                         HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
-                        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                        UPCAST: tl.constexpr, PRECISION: tl.constexpr, ROUTED: tl.constexpr):
         rm = tl.program_id(0) * BM + tl.arange(0, BM)
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -87,8 +99,19 @@ def _kernels():
         # epilogue: the adapter, then the bias, added to the accumulator before the one store of y
         rr = tl.arange(0, BR)
         h = tl.load(h_ptr + rm[:, None] * shm + rr[None, :] * shr, mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
-        bt = tl.load(lb_ptr + rn[None, :] * sbn + rr[:, None] * sbr, mask=(rn[None, :] < N) & (rr[:, None] < R), other=0.0)
-        acc += tl.load(s_ptr).to(tl.float32) * tl.dot(h, bt.to(tl.float32), input_precision="ieee")
+        if ROUTED:  # B and the scale gathered per row
+            ids = tl.load(ids_ptr + rm, mask=rm < M, other=-1)
+            valid = ids >= 0
+            row_b = tl.where(valid, ids, 0)
+            b3 = tl.load(
+                lb_ptr + row_b[:, None, None] * sba + rn[None, :, None] * sbn + rr[None, None, :] * sbr,
+                mask=valid[:, None, None] & (rn[None, :, None] < N) & (rr[None, None, :] < R), other=0.0,
+            )
+            scales = tl.load(s_ptr + row_b, mask=valid, other=0.0).to(tl.float32)
+            acc += scales[:, None] * tl.sum(h[:, None, :] * b3.to(tl.float32), axis=2)
+        else:
+            bt = tl.load(lb_ptr + rn[None, :] * sbn + rr[:, None] * sbr, mask=(rn[None, :] < N) & (rr[:, None] < R), other=0.0)
+            acc += tl.load(s_ptr).to(tl.float32) * tl.dot(h, bt.to(tl.float32), input_precision="ieee")
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         y_mask = (rm[:, None] < M) & (rn[None, :] < N)
@@ -139,7 +162,6 @@ def lora_linear_triton(x, weight, bias, lora_a, lora_b, scale):
     if mode == "gpu" and x.device.type != "cuda":
         raise ValueError(f"Triton runs on the GPU here; the tensors are on {x.device}")
     kernels = _kernels()
-    cdiv = kernels["triton"].cdiv
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     m, k = x2.shape
@@ -149,16 +171,26 @@ def lora_linear_triton(x, weight, bias, lora_a, lora_b, scale):
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     h = torch.empty((m, r), dtype=torch.float32, device=x.device)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    _launch(kernels, x2, weight, bias, lora_a.unsqueeze(0), lora_b.unsqueeze(0), scale.reshape(1), None, h, y, blocks, upcast, precision)
+    return y.reshape(*lead, n)
+
+
+def _launch(kernels, x2, weight, bias, a_stack, b_stack, scales, ids, h, y, blocks, upcast, precision) -> None:
+    """Both kernels over x2 (M, K); a_stack (n, R, K), b_stack (n, N, R): one adapter, or one per row with ``ids``."""
+    cdiv = kernels["triton"].cdiv
+    m, k = x2.shape
+    n, r = b_stack.shape[1], b_stack.shape[2]
+    routed = ids is not None
+    ids = ids if routed else h  # an unused pointer
     kernels["shrink"][(cdiv(m, blocks["BM"]),)](
-        x2, lora_a, h, m, k, r, *x2.stride(), *lora_a.stride(), *h.stride(),
-        BM=blocks["BM"], BK=blocks["BK"], BR=blocks["BR"], UPCAST=upcast, PRECISION=precision,
+        x2, a_stack, ids, h, m, k, r, *x2.stride(), *a_stack.stride(), *h.stride(),
+        BM=blocks["BM"], BK=blocks["BK"], BR=blocks["BR"], UPCAST=upcast, PRECISION=precision, ROUTED=routed,
     )
     kernels["base_and_expand"][(cdiv(m, blocks["BM"]), cdiv(n, blocks["BN"]))](
-        x2, weight, bias if bias is not None else y, h, lora_b, scale.reshape(1), y, m, n, k, r,
-        *x2.stride(), *weight.stride(), *h.stride(), *lora_b.stride(), *y.stride(),
-        HAS_BIAS=bias is not None, UPCAST=upcast, PRECISION=precision, **blocks,
+        x2, weight, bias if bias is not None else y, h, b_stack, scales, ids, y, m, n, k, r,
+        *x2.stride(), *weight.stride(), *h.stride(), *b_stack.stride(), *y.stride(),
+        HAS_BIAS=bias is not None, UPCAST=upcast, PRECISION=precision, ROUTED=routed, **blocks,
     )
-    return y.reshape(*lead, n)
 
 
 def _use_triton(x) -> bool:
@@ -187,12 +219,22 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    """dx = g W + s (g B) A;  dA = s (g B)^T x;  dB = s g^T (x A^T);  dW = g^T x and db = sum g if they train."""
+    """dx = g W + s (g B) A;  dA = s (g B)^T x;  dB = s g^T (x A^T);  dW = g^T x and db = sum g if they train.
+
+    dx has the forward's shape of computation with W^T, B^T, A^T in the roles of W, A, B, so where the
+    kernels run it is the same two kernels on transposed views (no copies): the skinny ``(g B) A`` is
+    added in the epilogue of ``g W``.
+    """
     x, weight, lora_a, lora_b, scale = ctx.saved_tensors
     needs = ctx.needs_input_grad
     g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
     gb = g2 @ lora_b  # (M, R): the skinny product every adapter gradient uses
-    dx = (grad @ weight + (gb @ lora_a).reshape(*grad.shape[:-1], -1) * scale) if needs[0] else None
+    dx = None
+    if needs[0]:
+        if _use_triton(grad) and grad.dtype == weight.dtype:
+            dx = lora_linear_triton(grad, weight.T, None, lora_b.T, lora_a.T, scale)
+        else:
+            dx = grad @ weight + (gb @ lora_a).reshape(*grad.shape[:-1], -1) * scale
     dw = g2.T @ x2 if needs[1] else None
     db = g2.sum(0) if ctx.has_bias and needs[2] else None
     da = (gb.T @ x2) * scale if needs[3] else None

@@ -74,3 +74,45 @@ def test_a_compiled_model_lowered_to_the_kernels_equals_the_torch_graph():
     with torch.no_grad():
         torch.testing.assert_close(fused(**batch).logits, plain(**batch).logits, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(fused.fold(kwargs=batch)(**batch, use_cache=False).logits, plain(**batch).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dx_is_the_forward_kernels_on_transposed_views(dtype, monkeypatch):
+    """dx = g W + s (g B) A through lora_linear_triton(g, W^T, None, B^T, A^T, s), as the op's backward calls it."""
+    import surgeon.kernels.lora_linear as module
+
+    x, w, b, a, bb, s = _tensors(dtype, m=(21,), k=33, n=40, r=3)
+    calls = []
+    real = module.lora_linear_triton
+    monkeypatch.setattr(module, "lora_linear_triton", lambda *args: calls.append(args[0].shape) or real(*args))
+    leaf = x.clone().requires_grad_()
+    out = lora_linear(leaf, w, b, a, bb, s)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    out.backward(g)
+    assert calls == [x.shape, g.shape]  # the forward, then dx
+    expected = g.double() @ w.double() + (g.double() @ bb.double()) @ a.double() * 1.7
+    torch.testing.assert_close(leaf.grad.double(), expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_routed_kernels_equal_each_row_with_its_own_adapter(dtype):
+    from surgeon.kernels.routed_lora import routed_lora_linear, routed_lora_linear_torch, stack_adapters
+
+    g = torch.Generator().manual_seed(3)
+    k, n = 36, 45
+    adapters = [((torch.randn(r, k, generator=g) * 0.2).to(dtype), (torch.randn(n, r, generator=g) * 0.2).to(dtype), s)
+                for r, s in ((3, 2.0), (8, 0.5), (1, 1.0))]
+    a_stack, b_stack, scales = stack_adapters(adapters)
+    x = torch.randn(5, 3, k, generator=g).to(dtype)  # 5 requests of 3 tokens
+    w, b = (torch.randn(n, k, generator=g) * 0.2).to(dtype), torch.randn(n, generator=g).to(dtype)
+    ids = torch.tensor([2, -1, 0, 1, 0])
+    got = routed_lora_linear(x, w, b, a_stack, b_stack, scales, ids)
+    for row, i in enumerate(ids.tolist()):  # each request alone, in float64
+        xr = x[row].double()
+        expected = xr @ w.double().T + b.double()
+        if i >= 0:
+            a, bb, s = adapters[i]
+            expected = expected + (xr @ a.double().T) @ bb.double().T * s
+        torch.testing.assert_close(got[row].double(), expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * expected.abs().max().item())
+    reference = routed_lora_linear_torch(x.double(), w.double(), b.double(), a_stack.double(), b_stack.double(), scales.double(), ids)
+    torch.testing.assert_close(got.double(), reference, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * reference.abs().max().item())

@@ -77,3 +77,19 @@ def test_triton_kernels_under_the_interpreter():
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and "skipped" not in done.stdout
+
+
+def test_the_routed_op_s_torch_path_equals_rows_alone_and_registers_soundly():
+    from surgeon.kernels.routed_lora import routed_lora_linear, stack_adapters
+
+    g = torch.Generator().manual_seed(1)
+    adapters = [(torch.randn(r, 12, generator=g), torch.randn(7, r, generator=g), s) for r, s in ((2, 1.5), (4, 0.5))]
+    stacks = stack_adapters(adapters)
+    x, w, b = torch.randn(3, 5, 12, generator=g), torch.randn(7, 12, generator=g), torch.randn(7, generator=g)
+    ids = torch.tensor([1, -1, 0])
+    got = routed_lora_linear(x, w, b, *stacks, ids)
+    for row, i in enumerate(ids.tolist()):
+        alone = lora_linear_torch(x[row], w, b, *adapters[i]) if i >= 0 else torch.nn.functional.linear(x[row], w, b)
+        torch.testing.assert_close(got[row], alone, rtol=1e-5, atol=1e-5)
+    results = torch.library.opcheck(routed_lora_linear, (x, w, b, *stacks, ids))
+    assert set(results.values()) == {"SUCCESS"}
