@@ -7,6 +7,8 @@ are defined on their first launch.
 
 - ``lora_linear.py``: ``x W^T + b + s (x A^T) B^T`` (shrink, then the base GEMM
   with the expand in its epilogue), registered as ``torch.ops.surgeon.lora_linear``.
+- ``routed_lora.py``: each row with its own adapter, ``torch.ops.surgeon.routed_lora_linear``.
+- ``dora.py``: DoRA's factored row norm and ``torch.ops.surgeon.dora_linear``.
 """
 
 from ._triton import TritonMissing, triton_mode

@@ -1,6 +1,7 @@
 """DoRA on a site (torch; dora.py holds the config and the math).
 
-Forward, as PEFT's ``DoraLinearLayer`` (n = ||W + s B A||_row, detached)::
+Forward, as PEFT's ``DoraLinearLayer`` (n = ||W + s B A||_row, detached; the
+graph computes it factored, without the (out, in) matrix B A: see _factored_norm)::
 
     y' = y + (m / n - 1) * (x W^T) + (m / n) * s * (dropout(x) A^T B^T)
 
@@ -44,9 +45,7 @@ class DoraWeights(LoraWeights):
         a, b, m = graph.param("lora_A"), graph.param("lora_B"), graph.param("lora_magnitude_vector")
         weight = graph.cast(graph.weight(), dtype)
         rows = graph.call(aten.t.default, (weight,), "rows") if self.kind == "hf_conv1d" else weight
-        delta = graph.call(aten.detach.default, (graph.call(aten.mm.default, (b, a), "delta"),), "delta")
-        merged = graph.call(aten.add.Tensor, (rows, graph.call(aten.mul.Tensor, (delta, self.scale), "delta")), "merged")
-        norm = graph.call(aten.detach.default, (graph.call(aten.linalg_vector_norm.default, (merged, 2, [1]), "norm"),), "norm")
+        norm = self._factored_norm(graph, rows, a, b)
         factor = graph.call(aten.div.Tensor, (m, norm), "factor")
         x_in = graph.cast(x, dtype)
         if graph.training and self.config.dropout > 0:
@@ -63,6 +62,24 @@ class DoraWeights(LoraWeights):
         if graph.gate() is not None:
             change = graph.call(aten.mul.Tensor, (change, graph.gate()), "gate")
         return None, graph.call(aten.add.Tensor, (y, graph.cast(change, graph.dtype_of(graph.base), dtype)), "out")
+
+    def _factored_norm(self, graph, rows, a, b):
+        """||W + s B A||_row without the (out, in) matrix B A: sqrt(||W||^2 + 2 s <W A^T, B> + s^2 <B (A A^T), B>).
+
+        Two skinny products, (out, r) and (r, r), instead of two (out, in)
+        temporaries per forward; detached, as PEFT detaches the norm.
+        """
+        aten, s = torch.ops.aten, self.scale
+        a, b = (graph.call(aten.detach.default, (p,), "norm") for p in (a, b))
+        a_t = graph.call(aten.t.default, (a,), "norm")
+        wa = graph.call(aten.mm.default, (rows, a_t), "norm")  # (out, r)
+        baa = graph.call(aten.mm.default, (b, graph.call(aten.mm.default, (a, a_t), "norm")), "norm")  # B (A A^T)
+        w_sq = graph.call(aten.sum.dim_IntList, (graph.call(aten.mul.Tensor, (rows, rows), "norm"), [1]), "norm")
+        cross = graph.call(aten.sum.dim_IntList, (graph.call(aten.mul.Tensor, (b, wa), "norm"), [1]), "norm")
+        ba_sq = graph.call(aten.sum.dim_IntList, (graph.call(aten.mul.Tensor, (baa, b), "norm"), [1]), "norm")
+        total = graph.call(aten.add.Tensor, (w_sq, graph.call(aten.mul.Tensor, (cross, 2 * s), "norm")), "norm")
+        total = graph.call(aten.add.Tensor, (total, graph.call(aten.mul.Tensor, (ba_sq, s * s), "norm")), "norm")
+        return graph.call(aten.detach.default, (graph.call(aten.sqrt.default, (total,), "norm"),), "norm")
 
     def fold(self, weight, bias, kind: str):
         rows = self._rows(weight) + self.delta(weight.dtype)

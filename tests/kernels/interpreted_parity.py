@@ -116,3 +116,17 @@ def test_routed_kernels_equal_each_row_with_its_own_adapter(dtype):
         torch.testing.assert_close(got[row].double(), expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * expected.abs().max().item())
     reference = routed_lora_linear_torch(x.double(), w.double(), b.double(), a_stack.double(), b_stack.double(), scales.double(), ids)
     torch.testing.assert_close(got.double(), reference, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * reference.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dora_row_norm_and_linear_equal_the_direct_computation(dtype):
+    from surgeon.kernels.dora import dora_linear, dora_row_norm_triton
+
+    x, w, b, a, bb, s = _tensors(dtype, m=(3, 7), k=45, n=50, r=6)
+    direct = (w.double() + 1.7 * bb.double() @ a.double()).norm(dim=1)  # ||W + s B A|| with B A materialised
+    norm = dora_row_norm_triton(w, a, bb, 1.7)
+    torch.testing.assert_close(norm.double(), direct, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+    magnitude = w.double().norm(dim=1).float() * 1.3
+    y = dora_linear(x, w, b, a, bb, s, magnitude)
+    expected = (x.double() @ w.double().T + (x.double() @ a.double().T) @ bb.double().T * 1.7) * (magnitude.double() / direct) + b.double()
+    torch.testing.assert_close(y.double(), expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * expected.abs().max().item())

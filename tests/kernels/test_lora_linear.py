@@ -93,3 +93,29 @@ def test_the_routed_op_s_torch_path_equals_rows_alone_and_registers_soundly():
         torch.testing.assert_close(got[row], alone, rtol=1e-5, atol=1e-5)
     results = torch.library.opcheck(routed_lora_linear, (x, w, b, *stacks, ids))
     assert set(results.values()) == {"SUCCESS"}
+
+
+def test_the_dora_op_matches_pefts_dora_layer():
+    """Against PEFT's own DoRA linear (use_dora=True) on the same weights: output and gradients. (No gradcheck:
+    the norm is detached by design, as in PEFT, so finite differences through it disagree on purpose.)"""
+    from peft import LoraConfig, get_peft_model
+
+    from surgeon.kernels.dora import dora_linear
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 9))
+    peft = get_peft_model(model, LoraConfig(r=3, lora_alpha=6, target_modules=["0"], use_dora=True))
+    layer = peft.base_model.model[0]
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+        layer.lora_magnitude_vector["default"].weight.mul_(1.2)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    m = layer.lora_magnitude_vector["default"].weight
+    x = torch.randn(4, 12)
+    ours = dora_linear(x, layer.base_layer.weight, layer.base_layer.bias, a, b, torch.tensor(2.0), m)
+    theirs = peft(x)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(ours.square().sum(), (a, b, m))
+    expected = torch.autograd.grad(theirs.square().sum(), (a, b, m))
+    for mine, reference in zip(grads, expected):
+        torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-5)
