@@ -3,13 +3,16 @@
 A pass is a function from a ``torch.fx.GraphModule`` to a :class:`PassResult`
 (the module, and whether it changed); :class:`Pipeline` runs named stages,
 lints after each pass and names the one that failed. The built-in passes:
-``insert_adapters`` (add each adapter method's branch at its sites) and
-``fold_adapters`` (merge them into the base weights, giving back the base graph).
+``insert_adapters`` (add each adapter method's branch at its sites, gated per
+adapter or routed per row), ``lower_adapters`` (plain LoRA branches to the
+fused kernel op) and ``fold_adapters`` (merge them into the base weights,
+giving back the base graph).
 """
 
 from ._graph import adapter_nodes, module_path
 from .fold import FoldError, copy_graph_module, fold_adapters, unfold_inplace, verify_fold
-from .insert import GraphBuilder, Insertion, insert_adapters
+from .insert import Gates, GraphBuilder, Insertion, insert_adapters
+from .lower import lower_adapters
 from .pipeline import POINTS, PassError, PassResult, Pipeline, run_passes
 
 __all__ = [
@@ -20,6 +23,8 @@ __all__ = [
     "run_passes",
     "insert_adapters",
     "Insertion",
+    "Gates",
+    "lower_adapters",
     "GraphBuilder",
     "fold_adapters",
     "unfold_inplace",
