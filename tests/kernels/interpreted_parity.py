@@ -130,3 +130,22 @@ def test_dora_row_norm_and_linear_equal_the_direct_computation(dtype):
     y = dora_linear(x, w, b, a, bb, s, magnitude)
     expected = (x.double() @ w.double().T + (x.double() @ a.double().T) @ bb.double().T * 1.7) * (magnitude.double() / direct) + b.double()
     torch.testing.assert_close(y.double(), expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * expected.abs().max().item())
+
+
+def test_a_routed_graph_lowered_to_the_routed_kernels_equals_the_torch_graph():
+    rules = ('adapter "a" { match "*.self_attn.{q,v}_proj" apply lora(r=4, alpha=8) }\n'
+             'adapter "b" { match "*.self_attn.q_proj" apply lora(r=2)\n match "*.mlp.up_proj" apply ia3() }\n')
+    batch = {"input_ids": torch.arange(21).reshape(3, 7) * 5 + 3, "attention_mask": torch.ones(3, 7, dtype=torch.long)}
+    ids = torch.tensor([1, -1, 0])
+    fused = surgeon.compile("demo:llama", rules, kernels="triton").eval()
+    plain = surgeon.compile("demo:llama", rules, kernels="torch").eval()
+    with torch.no_grad():
+        for (_, _, f), (_, _, p) in zip(fused.sites(), plain.sites()):
+            for x, y in zip(f.parameters(), p.parameters()):
+                x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(x.numel())) * 0.2)
+                y.copy_(x)
+    graph = fused.graph(**batch, adapter_ids=ids)
+    calls = [n for n in graph.graph.nodes if n.target is torch.ops.surgeon.routed_lora_linear.default]
+    assert len(calls) == 8  # q (a and b) and v (a) in 4 layers; ia3 stays aten ops
+    with torch.no_grad():
+        torch.testing.assert_close(fused(**batch, adapter_ids=ids).logits, plain(**batch, adapter_ids=ids).logits, rtol=1e-5, atol=1e-5)
