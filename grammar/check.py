@@ -73,7 +73,12 @@ class _Checker:
             return
         takes = MERGE_TYPES[call.name]
         weights = 0
+        seen: set = set()
         for arg in call.arguments:
+            if arg.name is not None and arg.name in seen:
+                self.error("duplicate-argument", f"'{arg.name}' is given twice", arg.span, "give each adapter and option once")
+                continue
+            seen.add(arg.name)
             if arg.name is None:
                 self.error("positional-argument", f"arguments of {call.name} must be named", arg.value_span,
                            "write ADAPTER=WEIGHT for each adapter, and OPTION=VALUE")

@@ -78,7 +78,9 @@ def routed_lora_linear_triton(x, weight, bias, a_stack, b_stack, scales, ids):
     upcast = mode == "interpret" and x.dtype == torch.bfloat16
     h = torch.empty((m, rank), dtype=torch.float32, device=x.device)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    _launch(_kernels(), x2, weight, bias, a_stack, b_stack, scales.float(), row_ids.to(torch.int32).contiguous(), h, y,
+    scales = scales.to(device=x.device, dtype=torch.float32)  # a graph may build them on the CPU
+    row_ids = row_ids.to(device=x.device, dtype=torch.int32).contiguous()
+    _launch(_kernels(), x2, weight, bias, a_stack, b_stack, scales, row_ids, h, y,
             blocks, upcast, "ieee" if x.dtype == torch.float32 else "tf32")
     return y.reshape(*x.shape[:-1], n)
 

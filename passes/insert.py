@@ -110,9 +110,18 @@ class GraphBuilder:
         site's output (``rank`` dimensions; default the base op's). None when the graph has no gates."""
         if self._gate_of is None:
             return None
+        value = self.node.meta.get("val")
         if rank is None:
-            value = self.node.meta.get("val")
             rank = value.dim() if value is not None else 2
+        if self.routed and rank and not self._gate_of.keeps_batch(value):
+            from surgeon.grammar.diagnostics import PlanError
+
+            raise PlanError(
+                f"{self.spec.path} computes on rows that are not the batch's (its output is {tuple(value.shape)}), "
+                "so adapter_ids cannot route it",
+                hint="GPT-2's Conv1D flattens batch and sequence; route models whose linears keep the batch first, "
+                "or use set_active()",
+            )
         return self._gate_of(self.spec.adapter, rank)
 
     def gated(self, scale):
@@ -120,6 +129,11 @@ class GraphBuilder:
         gate = self.gate()
         if gate is None:
             return scale
+        import torch
+
+        first = next(iter(self.spec.module.parameters()), None)
+        if first is not None and first.dtype != torch.float32:  # keep the adapter's dtype (bf16 adapters, routed)
+            gate = self.call(self.aten._to_copy.default, (gate,), "gate", {"dtype": first.dtype})
         return self.call(self.aten.mul.Tensor, (gate, scale), "gate")
 
     @property
@@ -134,6 +148,14 @@ class GraphBuilder:
         tied output layer) reads ``node`` too.
         """
         weight = self.weight()
+        if weight.op != "get_attr":
+            from surgeon.grammar.diagnostics import PlanError
+
+            raise PlanError(
+                f"{self.spec.path}: two adapters rewrite this weight ({self.spec.adapter!r} is the second); "
+                "one trainable_tokens adapter per embedding",
+                hint="list all the token ids in one trainable_tokens rule, or use set_active() between adapters",
+            )
         readers = [self.node]
         if tied:
             tensor = _attr(self.gm, weight.target)
@@ -246,9 +268,10 @@ def _interpolated(builder, value, new, role: str):
     meta_value = value.meta.get("val") if hasattr(value, "meta") else None
     gate = builder.gate(meta_value.dim() if meta_value is not None else None)
     dtype = builder.dtype_of(value)
+    anchor = new
     if dtype is not None and dtype != torch.float32:
-        gate = _after(builder, role, new, aten._to_copy.default, (gate,), {"dtype": dtype})
-    change = _after(builder, role, new, aten.sub.Tensor, (new, value))
+        gate = anchor = _after(builder, role, anchor, aten._to_copy.default, (gate,), {"dtype": dtype})
+    change = _after(builder, role, anchor, aten.sub.Tensor, (new, value))
     scaled = _after(builder, role, change, aten.mul.Tensor, (change, gate))
     return _after(builder, role, scaled, aten.add.Tensor, (value, scaled), role=role)
 
@@ -277,6 +300,8 @@ class _GateNodes:
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         aten = torch.ops.aten
         meta = {"surgeon": {"adapter": None, "site": None, "method": None, "role": "gates"}}
+        inputs = [n.meta.get("val") for n in placeholders]
+        self.batch = next((v.shape[0] for v in inputs if hasattr(v, "shape") and len(v.shape) > 0), None)
         if self.routed:
             self.source = add_keyword_input(gm, ROUTING_INPUT)
         else:
@@ -286,6 +311,12 @@ class _GateNodes:
         self.source.meta.update(meta)
         self.cursor = self.source
         self.aten, self.meta = aten, meta
+
+    def keeps_batch(self, value) -> bool:
+        """Is the first dimension of ``value`` the batch (that of the model's first tensor input)?"""
+        if value is None or self.batch is None or value.dim() == 0:
+            return value is None or self.batch is None
+        return str(value.shape[0]) == str(self.batch)
 
     def _call(self, op, args, kwargs=None):
         with self.gm.graph.inserting_after(self.cursor):

@@ -22,8 +22,12 @@ from .merging import check_merge_args, merge_lora_site
 __all__ = ["merge_adapters"]
 
 
-def merge_adapters(compiled, name: str, sources: dict, combination: str = "linear", **options) -> str:
-    """Add adapter ``name`` = ``combination`` of ``sources`` (adapter name -> weight); returns ``name``."""
+def merge_adapters(compiled, name: str, sources: dict, combination: str = "linear", *, replace: bool = False, **options) -> str:
+    """Add adapter ``name`` = ``combination`` of ``sources`` (adapter name -> weight); returns ``name``.
+
+    The new adapter starts inactive (its sources are what it is made of: running both would count them
+    twice); ``set_active(name)`` uses it.
+    """
     try:
         check_merge_args(combination, **options)
     except (ValueError, TypeError) as exc:
@@ -36,14 +40,18 @@ def merge_adapters(compiled, name: str, sources: dict, combination: str = "linea
                            hint=f"adapters: {', '.join(compiled.adapter_names)}")
     if name in sources:
         raise SurgeryError(f"merge {name!r}: the merged adapter cannot replace one of its sources")
+    if name in compiled.adapter_names and not replace:
+        raise SurgeryError(f"merge {name!r}: an adapter of that name exists", hint="merge(..., replace=True) replaces it")
     by_path: dict = {}
     for site in compiled.plan.sites:
         if site.adapter not in sources:
             continue
-        if site.method != "lora" or site.kind not in ("linear", "hf_conv1d") or getattr(compiled.adapter_module(site.adapter, site.path), "residual", False):
+        module = compiled.adapter_module(site.adapter, site.path)
+        if site.method != "lora" or site.kind not in ("linear", "hf_conv1d") or module.residual or module.lora_B_bias is not None:
             raise SurgeryError(
-                f"merge {name!r}: adapter {site.adapter!r} has {site.method} on {site.path} ({site.kind}); "
-                "merging takes LoRA adapters on linear layers",
+                f"merge {name!r}: adapter {site.adapter!r} has {site.method} on {site.path} ({site.kind}"
+                f"{', with a bias on B' if site.method == 'lora' and module.lora_B_bias is not None else ''}); "
+                "merging takes plain LoRA adapters on linear layers",
                 hint="PEFT's add_weighted_adapter has the same limit",
             )
         by_path.setdefault(site.path, []).append(site.adapter)
@@ -54,7 +62,8 @@ def merge_adapters(compiled, name: str, sources: dict, combination: str = "linea
         factors = []
         for adapter in adapters:
             module = compiled.adapter_module(adapter, path)
-            factors.append((module.lora_A.detach().float(), module.lora_B.detach().float(), module.scale))
+            wide = torch.promote_types(module.lora_A.dtype, torch.float32)  # float64 adapters merge in float64
+            factors.append((module.lora_A.detach().to(wide), module.lora_B.detach().to(wide), module.scale))
         try:
             weights = [sources[a] for a in adapters]
             merged[path] = merge_lora_site(factors, weights, combination, single_as_linear=len(sources) == 1, **options)
@@ -68,6 +77,7 @@ def merge_adapters(compiled, name: str, sources: dict, combination: str = "linea
         for rank, paths in by_rank.items()
     )
     compiled.add_adapter(name, parse(text, path=f"<merge {name}>"))
+    compiled.set_gates({**dict(zip(compiled.adapter_names, compiled.adapter_gates.tolist())), name: 0.0})
     with torch.no_grad():
         for path, (a, b, _) in merged.items():
             module = compiled.adapter_module(name, path)

@@ -122,7 +122,12 @@ class Compiled(AdapterSwitching, nn.Module):
         if name in self.adapters:
             del self.adapters[name]
         self.rules, self.plan = new_rules, plan
-        self.__dict__["_gate_names"] = tuple(n for n in self._gate_names if n != name)
+        self._forget_gate(name)  # a replaced adapter starts active again; the others keep theirs
+        for key in [k for k in self.trained if k.replace("__", ".") not in {t.path for t in plan.trained}]:
+            del self.trained[key]  # a train copy no adapter trains any more
+        for t in plan.trained:  # the replaced adapter's train modules start again from the base
+            if t.adapter == name and site_key(t.path) in self.trained and len({u.adapter for u in plan.trained if u.path == t.path}) == 1:
+                del self.trained[site_key(t.path)]
         self._build(plan, self.adapter_dtype)
         self.invalidate()
 
@@ -250,11 +255,13 @@ class Compiled(AdapterSwitching, nn.Module):
         """
         kwargs = self._with_defaults(kwargs)
         if ROUTING_INPUT in kwargs:
-            kwargs[ROUTING_INPUT] = self._checked_ids(kwargs[ROUTING_INPUT])
+            kwargs[ROUTING_INPUT] = self._checked_ids(kwargs[ROUTING_INPUT], args, kwargs)
         return self.graph(*args, **kwargs)(*args, **kwargs)
 
     def _apply(self, fn, *args, **kwargs):
         result = super()._apply(fn, *args, **kwargs)
+        if self.adapter_gates.dtype != torch.float32:  # .half() / .to(bf16) would round weights like 0.7
+            self.adapter_gates = self.adapter_gates.float()
         self._graphs.clear()  # graphs hold constants of the old device or dtype: capture again
         return result
 
@@ -359,8 +366,8 @@ class Compiled(AdapterSwitching, nn.Module):
         """
         model = self.base_model if model is None else model
         handles = []
-        for _, path, adapter in self.sites():
-            hook = adapter.hook()
+        for name, path, adapter in self.sites():
+            hook = _gated_hook(adapter.hook(), self.adapter_gates, self.adapter_names.index(name))
             paths = [path]
             if getattr(adapter, "follows_ties", False):  # tied readers (lm_head) see the change too
                 paths += [name.rpartition(".")[0] for name in adapter.tied_with]
@@ -444,3 +451,22 @@ def _checked_kernels(kernels: str) -> str:
                 hint="pip install 'surgeon[triton]' on a CUDA machine; kernels='auto' picks the torch ops elsewhere",
             )
     return kernels
+
+
+def _gated_hook(hook, gates, index: int):
+    """``hook`` read through the adapter's gate, as the graphs do: skipped at 0, interpolated in between."""
+    pre = getattr(hook, "is_pre_hook", False)
+
+    def gated(module, args, *output):
+        gate = float(gates[index])
+        if gate == 0:
+            return None
+        result = hook(module, args, *output)
+        if gate == 1 or result is None:
+            return result
+        if pre:  # the new input tuple: interpolate its first element
+            return (args[0] + gate * (result[0] - args[0]),) + tuple(result[1:])
+        return output[0] + gate * (result - output[0])
+
+    gated.is_pre_hook = pre
+    return gated

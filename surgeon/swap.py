@@ -100,6 +100,9 @@ def swap_program_adapter(program, directory, name: str = "default", out=None):
     """
     from .checkpoints.atomic import atomic_path
 
+    from .checkpoints.program import register_ops
+
+    register_ops()
     extra = {PROGRAM_METADATA: ""}
     program = torch.export.load(str(program), extra_files=extra)
     if not extra[PROGRAM_METADATA]:

@@ -23,6 +23,12 @@ def site_key(path: str) -> str:
 class AdapterSwitching:
     """Mixed into :class:`surgeon.compiled.Compiled`."""
 
+    def _forget_gate(self, name: str) -> None:
+        """Drop ``name``'s gate (it starts afresh when rebuilt), keeping every other adapter's."""
+        kept = {n: g for n, g in zip(self._gate_names, self.adapter_gates.tolist()) if n != name}
+        self.__dict__["_gate_names"] = tuple(kept)
+        self.adapter_gates = torch.tensor(list(kept.values()), dtype=torch.float32, device=self.adapter_gates.device)
+
     def _sync_gates(self) -> None:
         """One gate per adapter name, in ``adapter_names`` order; new adapters start active."""
         old = dict(zip(getattr(self, "_gate_names", ()), self.adapter_gates.tolist()))
@@ -53,13 +59,13 @@ class AdapterSwitching:
                 module.lora_A.copy_(a)
                 module.lora_B.copy_(b)
 
-    def merge(self, name: str, sources: dict, combination: str = "linear", **options) -> str:
+    def merge(self, name: str, sources: dict, combination: str = "linear", *, replace: bool = False, **options) -> str:
         """A new adapter ``name``: ``combination`` of ``sources`` (name -> weight), as PEFT's
         ``add_weighted_adapter`` (``density``, ``majority_sign``, ``svd_rank``, ``svd_clamp``;
         see surgeon/merging.py for each type's math; ``linear`` is exact, without PEFT's cross terms)."""
         from .combine import merge_adapters
 
-        return merge_adapters(self, name, sources, combination, **options)
+        return merge_adapters(self, name, sources, combination, replace=replace, **options)
 
     @property
     def active_adapters(self) -> tuple:
@@ -81,6 +87,10 @@ class AdapterSwitching:
             from surgeon.grammar.diagnostics import SurgeryError
 
             raise SurgeryError(f"no adapter named {', '.join(map(repr, unknown))}", hint=f"adapters: {', '.join(self.adapter_names)}")
+        if weights is not None and len(list(weights)) != len(names):
+            from surgeon.grammar.diagnostics import SurgeryError
+
+            raise SurgeryError(f"set_active got {len(names)} adapters and {len(list(weights))} weights", hint="one weight per adapter")
         weights = dict(zip(names, weights)) if weights is not None else {n: 1.0 for n in names}
         self.set_gates(weights)
         if self.training:
@@ -120,12 +130,16 @@ class AdapterSwitching:
 
         return context()
 
-    def _checked_ids(self, ids):
+    def _checked_ids(self, ids, args=(), kwargs=None):
+        kwargs = {k: v for k, v in (kwargs or {}).items() if k != "adapter_ids"}
         from surgeon.grammar.diagnostics import SurgeryError
 
-        ids = torch.as_tensor(ids)
+        ids = torch.as_tensor(ids, device=self.adapter_gates.device)  # on the model's device
         if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex():
             raise SurgeryError(f"adapter_ids must be a 1-D integer tensor (one id per batch row), not {tuple(ids.shape)} {ids.dtype}")
+        batch = next((t.shape[0] for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+        if batch is not None and ids.shape[0] != batch:
+            raise SurgeryError(f"adapter_ids has {ids.shape[0]} ids for a batch of {batch} rows", hint="one id per batch row (-1: none)")
         if not torch.compiler.is_compiling() and ids.numel() and (ids.min() < -1 or ids.max() >= len(self.adapter_names)):
             raise SurgeryError(
                 f"adapter_ids holds {int(ids.min())}..{int(ids.max())}; ids are -1 (no adapter) or 0..{len(self.adapter_names) - 1}",

@@ -43,13 +43,23 @@ def lora_sites(compiled) -> dict:
     """adapter -> path -> (rank, scale, in, out) of its plain LoRA sites."""
     found: dict = {}
     for adapter, path, module in compiled.sites():
-        if module.method == "lora" and module.kind in ("linear", "hf_conv1d") and not getattr(module, "residual", False):
+        plain = not getattr(module, "residual", False) and module.lora_B_bias is None if module.method == "lora" else False
+        if module.method == "lora" and module.kind in ("linear", "hf_conv1d") and plain:
             found.setdefault(adapter, {})[path] = (module.config.r, module.scale, module.in_features, module.out_features)
     return found
+
+
+def register_ops() -> None:
+    """Import the kernel ops a lowered program may call (torch.export.load resolves them by name)."""
+    import importlib
+
+    for module in ("surgeon.kernels.lora_linear", "surgeon.kernels.routed_lora", "surgeon.kernels.dora"):
+        importlib.import_module(module)
 
 
 def load_program(path):
     """The saved program, ready to call (``.module()(**inputs)``)."""
     import torch
 
+    register_ops()
     return torch.export.load(str(path))

@@ -113,3 +113,12 @@ def test_the_merge_command_writes_peft_adapters(two, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(theirs(**inputs()).logits, _logits(two), rtol=1e-5, atol=1e-5)
     assert main(["merge", "demo:llama", str(tmp_path / "in"), "combo=tie(math=1)", "-o", str(tmp_path / "bad")]) == 1
+
+
+def test_a_merge_starts_inactive_and_never_replaces_silently(two):
+    two.set_active(["math", "code"])
+    two.merge("fresh", WEIGHTS, "cat")
+    assert two.active_adapters == ("math", "code")  # running it with its sources would count them twice
+    with pytest.raises(SurgeryError, match="an adapter of that name exists"):
+        two.merge("fresh", WEIGHTS, "linear")
+    two.merge("fresh", WEIGHTS, "linear", replace=True)

@@ -66,3 +66,10 @@ def test_a_larger_rank_or_another_site_is_a_clear_error(served, tmp_path):
     elsewhere = _saved(tmp_path, "elsewhere", 'match "*.self_attn.k_proj" apply lora(r=4)', seed=5)
     with pytest.raises(SurgeryError, match="adapts model.layers.0.self_attn.k_proj, where this program has no LoRA site"):
         served.swap_adapter("default", elsewhere)
+
+
+def test_a_site_with_a_bias_on_b_is_not_swapped_silently(tmp_path):
+    biased = surgeon.compile("demo:llama", 'match "*.self_attn.q_proj" apply lora(r=4, bias=true)')
+    folder = _saved(tmp_path, "plain", 'match "*.self_attn.q_proj" apply lora(r=2)', seed=6)
+    with pytest.raises(SurgeryError, match="not made of plain LoRA"):
+        biased.swap_adapter("default", folder)

@@ -99,6 +99,8 @@ def test_bad_adapter_ids_and_names_are_clear_errors(many):
         many(**inputs(), adapter_ids=torch.tensor([0, 3]))
     with pytest.raises(SurgeryError, match="1-D integer tensor"):
         many(**inputs(), adapter_ids=torch.tensor([0.0, 1.0]))
+    with pytest.raises(SurgeryError, match="3 ids for a batch of 2 rows"):
+        many(**inputs(), adapter_ids=torch.tensor([0, 1, 2]))
     with pytest.raises(SurgeryError, match="no adapter named 'd'"):
         many.set_active("d")
 
@@ -114,3 +116,41 @@ def test_folding_chosen_adapters_with_chosen_weights(many):
     with torch.no_grad():
         torch.testing.assert_close(folded(**inputs(batch=4), use_cache=False).logits, expected, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(expected, _logits(many))
+
+
+def test_replacing_an_adapter_keeps_the_other_adapters_gates(many):
+    many.set_active("b")
+    many.add_adapter("a", surgeon.parse('match "*.self_attn.v_proj" apply lora(r=2)'))
+    assert many.active_adapters == ("a", "b")  # the new "a" starts active; "c" stays off, "b" on
+    many.set_active(["a", "b", "c"])
+
+
+def test_routing_refuses_sites_that_flatten_the_batch():
+    gpt2 = surgeon.compile("demo:gpt2", 'adapter "a" { match "*.c_attn" apply lora(r=2) }').eval()
+    with pytest.raises(SurgeryError, match="cannot route it"):
+        gpt2(**inputs(batch=3), adapter_ids=torch.tensor([0, -1, 0]))
+
+
+def test_gated_methods_on_a_bfloat16_model():
+    """IA3 on outputs and VeRA are interpolated by the gate; in bf16 the gate is cast before use."""
+    model = build_demo("llama").to(torch.bfloat16)
+    compiled = surgeon.compile(model, 'match "*.self_attn.k_proj" apply ia3()\nmatch "*.self_attn.q_proj" apply vera(r=4)').eval()
+    with torch.no_grad():
+        out = compiled(**inputs()).logits
+        with compiled.disabled():
+            base = compiled(**inputs()).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    torch.testing.assert_close(base, build_demo("llama").to(torch.bfloat16).eval()(**inputs()).logits, rtol=0, atol=0)
+
+
+def test_eager_hooks_follow_the_gates(many):
+    eager = build_demo("llama").eval()
+    many.set_active("a")
+    try:
+        handles = many.attach(eager)
+        with torch.no_grad():
+            torch.testing.assert_close(eager(**inputs()).logits, _logits(many)[:2], rtol=1e-5, atol=1e-5)
+    finally:
+        for handle in handles:
+            handle.remove()
+        many.set_active(["a", "b", "c"])
