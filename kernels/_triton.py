@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 
-__all__ = ["triton_mode", "TritonMissing"]
+__all__ = ["triton_mode", "TritonMissing", "KERNELS", "check_kernels"]
 
 
 class TritonMissing(RuntimeError):
@@ -35,3 +35,21 @@ def triton_mode() -> str | None:
     except Exception:
         return None
     return "gpu"
+
+
+KERNELS = ("auto", "triton", "torch")
+
+
+def check_kernels(kernels: str) -> str:
+    """``kernels`` itself when it is one of KERNELS and can run here; a SurgeryError otherwise."""
+    from surgeon.grammar.diagnostics import SurgeryError
+
+    if kernels not in KERNELS:
+        raise SurgeryError(f"kernels={kernels!r} is not one of {', '.join(KERNELS)}")
+    if kernels == "triton":
+        if triton_mode() is None:
+            raise SurgeryError(
+                "kernels='triton' needs Triton and a GPU (or TRITON_INTERPRET=1 set before import, for the CPU interpreter)",
+                hint="pip install 'surgeon[triton]' on a CUDA machine; kernels='auto' picks the torch ops elsewhere",
+            )
+    return kernels

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["module_path", "site_nodes", "site_args", "adapter_nodes", "Inserter", "SITE_OPS"]
+__all__ = ["attribute", "module_path", "site_nodes", "site_args", "adapter_nodes", "Inserter", "SITE_OPS"]
+
+
+def attribute(gm, target: str):
+    """The tensor (or module) a get_attr ``target`` names on ``gm``."""
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def module_path(node) -> str | None:

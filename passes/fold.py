@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from surgeon.grammar.diagnostics import SurgeryError
 
-from ._graph import site_args, site_nodes
+from ._graph import attribute, site_args, site_nodes
 from .insert import attribute_prefix
 from .pipeline import PassResult
 
@@ -84,8 +84,8 @@ def fold_adapters(insertions, *, inplace: bool = False, originals: dict | None =
             for (path, kind), specs in by_site.items():
                 base = site_nodes(gm, path, kind)[0]
                 _, weight_node, bias_node = site_args(base, kind)
-                weight = _attr(gm, weight_node.target)
-                bias = _attr(gm, bias_node.target) if bias_node is not None and bias_node.op == "get_attr" else None
+                weight = attribute(gm, weight_node.target)
+                bias = attribute(gm, bias_node.target) if bias_node is not None and bias_node.op == "get_attr" else None
                 wide = merge_dtype(weight.dtype)
                 new_weight, new_bias = weight.detach().to(wide), None if bias is None else bias.detach().to(wide)
                 for spec in specs:
@@ -138,18 +138,11 @@ def fold_weighted(spec, weight, bias, kind: str, w: float):
     return weight, bias
 
 
-def _attr(gm, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _set(gm, targets: list, value, inplace: bool, originals: dict | None, shared_ok: bool = False) -> None:
     """Give every attribute in ``targets`` (one tensor, or a tied group) the value ``value``."""
     import torch
 
-    current = _attr(gm, targets[0])
+    current = attribute(gm, targets[0])
     if inplace:
         if not shared_ok and _shared(gm, targets[0], current):
             raise FoldError(
@@ -169,14 +162,14 @@ def _set(gm, targets: list, value, inplace: bool, originals: dict | None, shared
 
 def _targets_of(gm, tensor) -> list:
     """Every get_attr target of the graph that holds ``tensor``."""
-    return list(dict.fromkeys(n.target for n in gm.graph.nodes if n.op == "get_attr" and _attr(gm, n.target) is tensor))
+    return list(dict.fromkeys(n.target for n in gm.graph.nodes if n.op == "get_attr" and attribute(gm, n.target) is tensor))
 
 
 def _used_elsewhere(gm, weight_node, base) -> bool:
     """Does any op other than this site's base op (and its adapter nodes) read this weight?"""
-    tensor = _attr(gm, weight_node.target)
+    tensor = attribute(gm, weight_node.target)
     for node in gm.graph.nodes:
-        if node.op != "get_attr" or _attr(gm, node.target) is not tensor:
+        if node.op != "get_attr" or attribute(gm, node.target) is not tensor:
             continue
         for user in node.users:
             if user is not base and "surgeon" not in user.meta:
@@ -188,7 +181,7 @@ def _own_attribute(gm, base, weight_node, target: str):
     """A new get_attr node for ``base``'s weight under ``target``, holding the same tensor for now."""
     owner_path, _, name = target.rpartition(".")
     owner = gm.get_submodule(owner_path) if _has_module(gm, owner_path) else _make_module(gm, owner_path)
-    setattr(owner, name, _attr(gm, weight_node.target))
+    setattr(owner, name, attribute(gm, weight_node.target))
     with gm.graph.inserting_before(base):
         node = gm.graph.get_attr(target)
     base.replace_input_with(weight_node, node)

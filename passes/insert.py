@@ -32,7 +32,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ._graph import Inserter, site_args, site_nodes
+from ._graph import Inserter, attribute, site_args, site_nodes
 from .pipeline import PassResult
 
 __all__ = ["Insertion", "Gates", "insert_adapters", "attribute_prefix", "GraphBuilder"]
@@ -158,9 +158,9 @@ class GraphBuilder:
             )
         readers = [self.node]
         if tied:
-            tensor = _attr(self.gm, weight.target)
+            tensor = attribute(self.gm, weight.target)
             for other in self.gm.graph.nodes:
-                if other.op == "get_attr" and _attr(self.gm, other.target) is tensor:
+                if other.op == "get_attr" and attribute(self.gm, other.target) is tensor:
                     readers += [(u, other) for u in other.users if u is not node and "surgeon" not in u.meta]
         for reader in readers:
             user, old = reader if isinstance(reader, tuple) else (reader, weight)
@@ -211,15 +211,8 @@ class GraphBuilder:
     def _needs_cast(self, node, dtype, source=None) -> bool:
         current = self.dtype_of(node) or source
         if node.op == "get_attr" and current is None:  # an adapter parameter: its dtype is known
-            current = _attr(self.gm, node.target).dtype
+            current = attribute(self.gm, node.target).dtype
         return dtype is not None and current is not None and current != dtype
-
-
-def _attr(gm, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def insert_adapters(insertions, *, training: bool, gates: Gates | None = None):

@@ -22,6 +22,7 @@ site's (-1: none), so each row runs only its own adapter.
 
 from __future__ import annotations
 
+from ._graph import attribute
 from .pipeline import PassResult
 
 __all__ = ["lower_adapters"]
@@ -168,5 +169,4 @@ def _routed_branch(out, inner, y, aten):
 
 def _rank(node) -> int:
     """The rank of a LoRA A parameter node (its rows)."""
-    owner, _, leaf = node.target.rpartition(".")
-    return getattr(node.graph.owning_module.get_submodule(owner), leaf).shape[0]
+    return attribute(node.graph.owning_module, node.target).shape[0]

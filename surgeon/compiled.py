@@ -33,6 +33,8 @@ from surgeon.passes.lower import lower_adapters
 from .export import bind_program, export_program, widen_inputs
 from .methods.adapter import SiteAdapter, adapter_class
 from .plan import Plan
+from surgeon.kernels import check_kernels
+
 from .switching import AdapterSwitching, fold_trained_modules, gate_trained_modules, site_key
 
 __all__ = ["Compiled"]
@@ -60,7 +62,7 @@ class Compiled(AdapterSwitching, nn.Module):
         self.plan = plan
         self.user_passes = dict(passes or {})
         self.lint = lint
-        self.kernels = _checked_kernels(kernels)
+        self.kernels = check_kernels(kernels)
         self.hugging_face = opened.is_hugging_face
         self.example_args, self.example_kwargs = opened.example_args, opened.example_kwargs
         for p in self.base_model.parameters():
@@ -358,27 +360,10 @@ class Compiled(AdapterSwitching, nn.Module):
     # --- hooks for eager use ---------------------------------------------------------------
 
     def attach(self, model: nn.Module | None = None) -> list:
-        """Make an eager model (default: the base model) run with these adapters.
+        """Make an eager model (default: the base model) run with these adapters (see surgeon/eager.py)."""
+        from .eager import attach
 
-        Each site module gets a forward hook adding ``scale * B(A(dropout(x)))``
-        with the compiled model's own parameters, so ``generate()`` with its KV
-        cache uses the adapters. Returns the hook handles (``.remove()`` detaches).
-        """
-        model = self.base_model if model is None else model
-        handles = []
-        for name, path, adapter in self.sites():
-            hook = _gated_hook(adapter.hook(), self.adapter_gates, self.adapter_names.index(name))
-            paths = [path]
-            if getattr(adapter, "follows_ties", False):  # tied readers (lm_head) see the change too
-                paths += [name.rpartition(".")[0] for name in adapter.tied_with]
-            for module in map(model.get_submodule, paths):
-                if getattr(hook, "is_pre_hook", False):  # an input-side method (IA3 on a feed-forward site)
-                    handles.append(module.register_forward_pre_hook(hook))
-                else:
-                    handles.append(module.register_forward_hook(hook))
-        for key, trained in self.trained.items():
-            handles.append(_swap_module_params(model.get_submodule(key.replace("__", ".")), trained))
-        return handles
+        return attach(self, self.base_model if model is None else model)
 
     # --- checkpoints ---------------------------------------------------------------------
 
@@ -410,63 +395,3 @@ def _outputs(gm, args, kwargs):
     from torch.utils._pytree import tree_map
 
     return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
-
-
-class _Handles:
-    def __init__(self, restore):
-        self.restore = restore
-
-    def remove(self):
-        self.restore()
-
-
-def _swap_module_params(target: nn.Module, source: nn.Module):
-    saved = {n: p for n, p in target.named_parameters()}
-    for name, param in source.named_parameters():
-        owner_path, _, leaf = name.rpartition(".")
-        setattr(target.get_submodule(owner_path) if owner_path else target, leaf, param)
-
-    def restore():
-        for name, param in saved.items():
-            owner_path, _, leaf = name.rpartition(".")
-            setattr(target.get_submodule(owner_path) if owner_path else target, leaf, param)
-
-    return _Handles(restore)
-
-
-KERNELS = ("auto", "triton", "torch")
-
-
-def _checked_kernels(kernels: str) -> str:
-    from surgeon.grammar.diagnostics import SurgeryError
-
-    if kernels not in KERNELS:
-        raise SurgeryError(f"kernels={kernels!r} is not one of {', '.join(KERNELS)}")
-    if kernels == "triton":
-        from surgeon.kernels import triton_mode
-
-        if triton_mode() is None:
-            raise SurgeryError(
-                "kernels='triton' needs Triton and a GPU (or TRITON_INTERPRET=1 set before import, for the CPU interpreter)",
-                hint="pip install 'surgeon[triton]' on a CUDA machine; kernels='auto' picks the torch ops elsewhere",
-            )
-    return kernels
-
-
-def _gated_hook(hook, gates, index: int):
-    """``hook`` read through the adapter's gate, as the graphs do: skipped at 0, interpolated in between."""
-    pre = getattr(hook, "is_pre_hook", False)
-
-    def gated(module, args, *output):
-        gate = float(gates[index])
-        if gate == 0:
-            return None
-        result = hook(module, args, *output)
-        if gate == 1 or result is None:
-            return result
-        if pre:  # the new input tuple: interpolate its first element
-            return (args[0] + gate * (result[0] - args[0]),) + tuple(result[1:])
-        return output[0] + gate * (result - output[0])
-
-    gated.is_pre_hook = pre
-    return gated

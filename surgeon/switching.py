@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from surgeon.passes._graph import attribute
 from surgeon.passes.insert import GATES_BUFFER
 
 __all__ = ["AdapterSwitching", "gate_trained_modules", "fold_trained_modules", "site_key"]
@@ -222,7 +223,7 @@ def fold_trained_modules(compiled, weights: dict):
             base_node, copy_node = node.args[0], node.args[1]
             owners = {t.adapter for t in compiled.plan.trained if t.path == record["site"]}
             w = max(weights.get(a, 0.0) for a in owners)
-            base, trained = _get(gm, base_node.target), _get(gm, copy_node.target)
+            base, trained = attribute(gm, base_node.target), attribute(gm, copy_node.target)
             with torch.no_grad():
                 value = trained if w == 1 else base if w == 0 else torch.lerp(base, trained.detach(), w)
             target = copy_node.target if w == 1 else base_node.target if w == 0 else f"{base_node.target}_folded"
@@ -237,15 +238,10 @@ def fold_trained_modules(compiled, weights: dict):
             if node.meta.get("surgeon", {}).get("role") == "trained" and not node.users:
                 gm.graph.erase_node(node)
         for name, module in list(gm.named_modules()):
-            for attribute in [a for a in (*module._buffers, *module._parameters) if a.startswith("surgeon_base__")]:
-                if not any(n.op == "get_attr" and n.target == f"{name}.{attribute}".lstrip(".") for n in gm.graph.nodes):
-                    delattr(module, attribute)
+            for leaf in [a for a in (*module._buffers, *module._parameters) if a.startswith("surgeon_base__")]:
+                if not any(n.op == "get_attr" and n.target == f"{name}.{leaf}".lstrip(".") for n in gm.graph.nodes):
+                    delattr(module, leaf)
         return PassResult(gm, changed)
 
     return fold_trained_module_parameters
-
-
-def _get(gm, target: str):
-    owner_path, _, leaf = target.rpartition(".")
-    return getattr(gm.get_submodule(owner_path) if owner_path else gm, leaf)
 

@@ -12,7 +12,7 @@ from surgeon.checkpoints.peft_format import AdapterError, lora_family_config, lo
 
 from .adapter import SiteAdapter, site_adapter
 
-__all__ = ["LohaWeights", "module_kept", "rows_dropped", "eager_dropped", "one_per_adapter", "dropout_arguments"]
+__all__ = ["LohaWeights", "delta_branch", "module_kept", "rows_dropped", "eager_dropped", "one_per_adapter", "dropout_arguments"]
 
 
 @site_adapter("loha")
@@ -44,18 +44,13 @@ class LohaWeights(SiteAdapter):
 
     def branch(self, graph, x, y):
         aten = torch.ops.aten
-        dtype = self.hada_w1_a.dtype
-        w1 = graph.call(aten.mm.default, (graph.param("hada_w1_a"), graph.param("hada_w1_b")), "w1")
-        w2 = graph.call(aten.mm.default, (graph.param("hada_w2_a"), graph.param("hada_w2_b")), "w2")
-        keep = module_kept(graph, self.config, self.hada_w1_a)
-        delta = graph.call(aten.mul.Tensor, (graph.call(aten.mul.Tensor, (w1, w2), "delta"), self.scale), "delta")
-        delta = rows_dropped(graph, delta, self.config.rank_dropout, True, self.out_features, self.hada_w1_a)
-        d = graph.call(aten.linear.default, (graph.cast(x, dtype), delta), "expand")
-        if keep is not None:
-            d = graph.call(aten.mul.Tensor, (d, keep), "module_dropout")
-        if graph.gate() is not None:
-            d = graph.call(aten.mul.Tensor, (d, graph.gate()), "gate")
-        return None, graph.call(aten.add.Tensor, (y, graph.cast(d, graph.dtype_of(graph.base), dtype)), "out")
+
+        def delta():
+            w1 = graph.call(aten.mm.default, (graph.param("hada_w1_a"), graph.param("hada_w1_b")), "w1")
+            w2 = graph.call(aten.mm.default, (graph.param("hada_w2_a"), graph.param("hada_w2_b")), "w2")
+            return graph.call(aten.mul.Tensor, (graph.call(aten.mul.Tensor, (w1, w2), "delta"), self.scale), "delta")
+
+        return delta_branch(self, graph, x, y, delta, rescale=True)
 
     def fold(self, weight, bias, kind: str):
         return weight + self.delta(weight.dtype), bias
@@ -80,6 +75,21 @@ class LohaWeights(SiteAdapter):
 
 # The LyCORIS family's training-time dropouts (LoHa and LoKr), as PEFT draws them: first
 # u ~ U(0,1) for the module (the adapter acts when u > p), then one u per output row.
+
+
+def delta_branch(adapter, graph, x, y, delta, rescale: bool):
+    """``y + x dW^T`` for a method that builds the full dW (``delta()`` adds its nodes), with the
+    LyCORIS dropouts in training (the module's draw first, as PEFT) and the adapter's gate."""
+    aten = torch.ops.aten
+    like = next(adapter.parameters())
+    keep = module_kept(graph, adapter.config, like)
+    dw = rows_dropped(graph, delta(), adapter.config.rank_dropout, rescale, adapter.out_features, like)
+    d = graph.call(aten.linear.default, (graph.cast(x, like.dtype), dw), "expand")
+    if keep is not None:
+        d = graph.call(aten.mul.Tensor, (d, keep), "module_dropout")
+    if graph.gate() is not None:
+        d = graph.call(aten.mul.Tensor, (d, graph.gate()), "gate")
+    return None, graph.call(aten.add.Tensor, (y, graph.cast(d, graph.dtype_of(graph.base), like.dtype)), "out")
 
 
 def module_kept(graph, config, like):

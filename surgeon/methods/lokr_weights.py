@@ -10,7 +10,7 @@ from torch import nn
 from surgeon.checkpoints.peft_format import AdapterError, lora_family_config, lora_family_rules, refuse
 
 from .adapter import SiteAdapter, site_adapter
-from .loha_weights import dropout_arguments, eager_dropped, module_kept, one_per_adapter, rows_dropped
+from .loha_weights import delta_branch, dropout_arguments, eager_dropped, one_per_adapter
 from .lokr import lokr_shapes
 
 __all__ = ["LokrWeights"]
@@ -54,18 +54,11 @@ class LokrWeights(SiteAdapter):
                 return graph.param(name)
             return graph.call(aten.mm.default, (graph.param(f"{name}_a"), graph.param(f"{name}_b")), "factor")
 
-        like = next(self.parameters())
-        dtype = like.dtype
-        keep = module_kept(graph, self.config, like)
-        kron = graph.call(aten.kron.default, (factor("lokr_w1"), factor("lokr_w2")), "delta")
-        delta = graph.call(aten.mul.Tensor, (kron, self.scale), "delta")
-        delta = rows_dropped(graph, delta, self.config.rank_dropout, self.config.rank_dropout_scale, self.out_features, like)
-        d = graph.call(aten.linear.default, (graph.cast(x, dtype), delta), "expand")
-        if keep is not None:
-            d = graph.call(aten.mul.Tensor, (d, keep), "module_dropout")
-        if graph.gate() is not None:
-            d = graph.call(aten.mul.Tensor, (d, graph.gate()), "gate")
-        return None, graph.call(aten.add.Tensor, (y, graph.cast(d, graph.dtype_of(graph.base), dtype)), "out")
+        def delta():
+            kron = graph.call(aten.kron.default, (factor("lokr_w1"), factor("lokr_w2")), "delta")
+            return graph.call(aten.mul.Tensor, (kron, self.scale), "delta")
+
+        return delta_branch(self, graph, x, y, delta, rescale=self.config.rank_dropout_scale)
 
     def fold(self, weight, bias, kind: str):
         return weight + self.delta(weight.dtype), bias

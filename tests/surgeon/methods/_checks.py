@@ -115,3 +115,15 @@ def check_training_draws_match(compiled, reference, demo: str, seed: int = 0) ->
         reference.eval()
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(ours, plain, atol=1e-4)
+
+
+def check_diagnostic_codes(cases) -> None:
+    """Each (surgery text, code): parsing it fails with exactly that one diagnostic."""
+    import pytest
+
+    from surgeon.grammar import SurgeryError, parse
+
+    for text, code in cases:
+        with pytest.raises(SurgeryError) as caught:
+            parse(text)
+        assert [d.code for d in caught.value.diagnostics] == [code], text

@@ -6,10 +6,11 @@ from peft import TrainableTokensConfig, get_peft_model
 
 import surgeon
 from surgeon.demos import build_demo
-from surgeon.grammar import SurgeryError, parse
+from surgeon.grammar import SurgeryError
 
 from .._peft_reference import inputs
 from ._checks import (
+    check_diagnostic_codes,
     CompiledCases,
     check_files_both_ways_fold_and_unfold,
     check_logits_and_gradients,
@@ -80,15 +81,14 @@ def test_trainable_tokens_files_both_ways_fold_and_unfold(compiled_tokens, case,
 
 
 def test_trainable_tokens_arguments_are_checked():
-    for text, code in (
-        ('match "x" apply trainable_tokens(indices=[-1])', "out-of-range"),
-        ('match "x" apply trainable_tokens(indices=[1, 2, 1])', "bad-argument"),
-        ('match "x" apply trainable_tokens(indices=[])', "bad-argument"),
-        ('match "x" apply trainable_tokens()', "missing-argument"),
-    ):
-        with pytest.raises(SurgeryError) as caught:
-            parse(text)
-        assert [d.code for d in caught.value.diagnostics] == [code], text
+    check_diagnostic_codes(
+        (
+            ('match "x" apply trainable_tokens(indices=[-1])', "out-of-range"),
+            ('match "x" apply trainable_tokens(indices=[1, 2, 1])', "bad-argument"),
+            ('match "x" apply trainable_tokens(indices=[])', "bad-argument"),
+            ('match "x" apply trainable_tokens()', "missing-argument"),
+        )
+    )
 
 
 def test_a_token_id_beyond_the_vocabulary_is_a_clear_error():
