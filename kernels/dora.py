@@ -8,8 +8,10 @@
 reads B's rows and the (R, R) ``A A^T`` (made by torch, r^2 numbers) and
 writes n (N floats). Bytes ``e (N K + R K + N R) + 4 N``, FLOPs ``2 N K R``
 (no (N, K) temporary, against two for ``||W + s B A||`` done directly).
-``dora_linear`` then runs the fused LoRA linear kernels with ``m / n`` as a
-per-column scale applied in the epilogue, before the bias: y is written once.
+``dora_linear`` then runs the fused LoRA linear kernels with two per-column
+vectors applied in the epilogue, ``c x W^T + d (x A^T) B^T`` before the bias
+(c = m / n, d = s m / n for an adapter alone; the gate g of several adapters
+enters as c = 1 + g (m/n - 1), d = g s m/n): y is written once.
 """
 
 from __future__ import annotations
@@ -89,56 +91,79 @@ def dora_row_norm_triton(weight, lora_a, lora_b, scale):
     return norm
 
 
-def dora_linear_torch(x, weight, bias, lora_a, lora_b, scale, magnitude):
-    """PEFT's DoRA (no dropout): (m / n) (x W^T + s x A^T B^T) + b, n detached."""
-    factor = (magnitude / dora_row_norm_torch(weight, lora_a.detach(), lora_b.detach(), scale)).to(x.dtype)
-    return (F.linear(x, weight) + F.linear(F.linear(x, lora_a), lora_b) * scale) * factor + (0 if bias is None else bias)
+def _columns(magnitude, norm, scale, gate):
+    """Per output column (c, d) with y = c x W^T + d (x A^T) B^T + b: c = 1 + g (m/n - 1), d = g s m/n.
+
+    The graph's DoRA site computes ``y0 + b + g ((f - 1) y0 + f s B A x)`` with f = m / n and g the adapter's
+    gate (1 when it alone is active); for g = 1 this is PEFT's ``f (y0 + s B A x) + b``.
+    """
+    f = magnitude.float() / norm
+    g = gate.float()
+    return 1 + g * (f - 1), g * scale.float() * f
+
+
+def dora_linear_torch(x, weight, bias, lora_a, lora_b, scale, magnitude, gate=None):
+    """PEFT's DoRA (no dropout), gated: c (x W^T) + d (x A^T) B^T + b (see ``_columns``), n detached."""
+    gate = torch.ones((), device=x.device) if gate is None else gate
+    c, d = _columns(magnitude, dora_row_norm_torch(weight, lora_a.detach(), lora_b.detach(), scale), scale, gate)
+    out = F.linear(x, weight) * c.to(x.dtype) + F.linear(F.linear(x, lora_a), lora_b) * d.to(x.dtype)
+    return out + (0 if bias is None else bias)
 
 
 @torch.library.custom_op("surgeon::dora_linear", mutates_args=())
 def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-                lora_b: torch.Tensor, scale: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-    """DoRA linear: the row-norm kernel, then the fused LoRA kernels with m / n in the epilogue (torch elsewhere)."""
+                lora_b: torch.Tensor, scale: torch.Tensor, magnitude: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """DoRA linear: the row-norm kernel, then the fused LoRA kernels with (c, d) in the epilogue (torch elsewhere)."""
     if not (_use_triton(x) and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
-        return dora_linear_torch(x, weight, bias, lora_a, lora_b, scale, magnitude)
+        return dora_linear_torch(x, weight, bias, lora_a, lora_b, scale, magnitude, gate)
     _check(x, weight, bias, lora_a, lora_b, scale)
-    columns = (magnitude.float() / dora_row_norm_triton(weight, lora_a, lora_b, scale)).contiguous()
+    if gate.numel() != 1 or magnitude.shape != (weight.shape[0],):
+        raise ValueError(f"gate must hold one number and magnitude one per output row; got {tuple(gate.shape)}, {tuple(magnitude.shape)}")
+    c, d = (t.contiguous() for t in _columns(magnitude, dora_row_norm_triton(weight, lora_a, lora_b, scale), scale, gate))
     x2 = x.reshape(-1, x.shape[-1])
     m, n, r = x2.shape[0], weight.shape[0], lora_a.shape[0]
     h = torch.empty((m, r), dtype=torch.float32, device=x.device)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     upcast = triton_mode() == "interpret" and x.dtype == torch.bfloat16
     _launch(_kernels(), x2, weight, bias, lora_a.unsqueeze(0), lora_b.unsqueeze(0), scale.float().reshape(1), None, h, y,
-            _blocks(m, n, x2.shape[1], r), upcast, "ieee" if x.dtype == torch.float32 else "tf32", columns=columns)
+            _blocks(m, n, x2.shape[1], r), upcast, "ieee" if x.dtype == torch.float32 else "tf32", columns=(c, d))
     return y.reshape(*x.shape[:-1], n)
 
 
 @dora_linear.register_fake
-def _(x, weight, bias, lora_a, lora_b, scale, magnitude):
+def _(x, weight, bias, lora_a, lora_b, scale, magnitude, gate):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def _setup(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, scale, magnitude = inputs
-    ctx.save_for_backward(x, weight, lora_a, lora_b, scale, magnitude)
+    x, weight, bias, lora_a, lora_b, scale, magnitude, gate = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b, scale, magnitude, gate)
 
 
 def _backward(ctx, grad):
-    """With f = m / n (n detached) and u = x W^T + s x A^T B^T: dm = sum_rows(g u) / n; g' = g f flows
-    into the LoRA gradients (dx = g' W + s (g' B) A, dA = s (g' B)^T x, dB = s g'^T (x A^T))."""
-    x, weight, lora_a, lora_b, scale, magnitude = ctx.saved_tensors
+    """With y = c u0 + d u1 + b, u0 = x W^T, u1 = (x A^T) B^T, c = 1 + g (m/n - 1), d = g s m/n (n detached):
+    g' = grad: dx = (g' c) W + ((g' d) B) A, dA = ((g' d) B)^T x, dB = (g' d)^T (x A^T),
+    dm = (g / n) sum_rows(g' (u0 + s u1)), dgate = sum(g' ((m/n - 1) u0 + s (m/n) u1))."""
+    x, weight, lora_a, lora_b, scale, magnitude, gate = ctx.saved_tensors
     needs = ctx.needs_input_grad
     norm = dora_row_norm_torch(weight, lora_a, lora_b, scale)
-    factor = (magnitude / norm).to(grad.dtype)
+    c, d = (t.to(grad.dtype) for t in _columns(magnitude, norm, scale, gate))
     g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
     h = x2 @ lora_a.T
-    gf = g2 * factor
-    gb = gf @ lora_b
-    dx = (gf @ weight + (gb @ lora_a) * scale).reshape(x.shape) if needs[0] else None
-    da = (gb.T @ x2) * scale if needs[3] else None
-    db = (gf.T @ h) * scale if needs[4] else None
-    dm = ((g2 * (x2 @ weight.T + (h @ lora_b.T) * scale)).sum(0) / norm).to(magnitude.dtype) if needs[6] else None
-    return dx, None, None, da, db, None, dm
+    gd = g2 * d
+    gb = gd @ lora_b
+    dx = ((g2 * c) @ weight + gb @ lora_a).reshape(x.shape) if needs[0] else None
+    da = gb.T @ x2 if needs[3] else None
+    db = gd.T @ h if needs[4] else None
+    dm = dgate = None
+    if needs[6] or needs[7]:
+        u0, u1 = x2 @ weight.T, h @ lora_b.T
+        if needs[6]:
+            dm = ((g2 * (u0 + u1 * scale)).sum(0) * gate / norm).to(magnitude.dtype)
+        if needs[7]:
+            f = (magnitude.float() / norm).to(grad.dtype)
+            dgate = (g2 * ((f - 1) * u0 + f * scale * u1)).sum().to(gate.dtype).reshape(gate.shape)
+    return dx, None, None, da, db, None, dm, dgate
 
 
 dora_linear.register_autograd(_backward, setup_context=_setup)

@@ -82,7 +82,7 @@ def _kernels():
         tl.store(h_ptr + rm[:, None] * shm + rr[None, :] * shr, acc, mask=(rm[:, None] < M) & (rr[None, :] < R))
 
     @triton.jit
-    def base_and_expand(x_ptr, w_ptr, b_ptr, h_ptr, lb_ptr, s_ptr, ids_ptr, c_ptr, y_ptr, M, N, K, R,
+    def base_and_expand(x_ptr, w_ptr, b_ptr, h_ptr, lb_ptr, s_ptr, ids_ptr, c_ptr, d_ptr, y_ptr, M, N, K, R,
                         sxm, sxk, swn, swk, shm, shr, sba, sbn, sbr, sym, syn,
                         HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
                         UPCAST: tl.constexpr, PRECISION: tl.constexpr, ROUTED: tl.constexpr, COL_SCALE: tl.constexpr):
@@ -111,9 +111,13 @@ def _kernels():
             acc += scales[:, None] * tl.sum(h[:, None, :] * b3.to(tl.float32), axis=2)
         else:
             bt = tl.load(lb_ptr + rn[None, :] * sbn + rr[:, None] * sbr, mask=(rn[None, :] < N) & (rr[:, None] < R), other=0.0)
-            acc += tl.load(s_ptr).to(tl.float32) * tl.dot(h, bt.to(tl.float32), input_precision="ieee")
-        if COL_SCALE:  # DoRA: each output column times m / ||W + s B A||_row, before the bias
-            acc *= tl.load(c_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            lora = tl.dot(h, bt.to(tl.float32), input_precision="ieee")
+            if COL_SCALE:  # DoRA: per output column, c times the base product plus d times the adapter's
+                c = tl.load(c_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+                d = tl.load(d_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+                acc = acc * c[None, :] + lora * d[None, :]
+            else:
+                acc += tl.load(s_ptr).to(tl.float32) * lora
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         y_mask = (rm[:, None] < M) & (rn[None, :] < N)
@@ -179,7 +183,8 @@ def lora_linear_triton(x, weight, bias, lora_a, lora_b, scale):
 
 def _launch(kernels, x2, weight, bias, a_stack, b_stack, scales, ids, h, y, blocks, upcast, precision, columns=None) -> None:
     """Both kernels over x2 (M, K); a_stack (n, R, K), b_stack (n, N, R): one adapter, or one per row with ``ids``;
-    ``columns`` (N,) scales each output column before the bias (DoRA)."""
+    ``columns``: two (N,) vectors (c, d) making each output column ``c x W^T + d (x A^T) B^T`` before the bias
+    (DoRA; ``scales`` is then unused)."""
     cdiv = kernels["triton"].cdiv
     m, k = x2.shape
     n, r = b_stack.shape[1], b_stack.shape[2]
@@ -190,7 +195,7 @@ def _launch(kernels, x2, weight, bias, a_stack, b_stack, scales, ids, h, y, bloc
         BM=blocks["BM"], BK=blocks["BK"], BR=blocks["BR"], UPCAST=upcast, PRECISION=precision, ROUTED=routed,
     )
     kernels["base_and_expand"][(cdiv(m, blocks["BM"]), cdiv(n, blocks["BN"]))](
-        x2, weight, bias if bias is not None else y, h, b_stack, scales, ids, columns if columns is not None else y, y,
+        x2, weight, bias if bias is not None else y, h, b_stack, scales, ids, *(columns if columns is not None else (y, y)), y,
         m, n, k, r, *x2.stride(), *weight.stride(), *h.stride(), *b_stack.stride(), *y.stride(),
         HAS_BIAS=bias is not None, UPCAST=upcast, PRECISION=precision, ROUTED=routed, COL_SCALE=columns is not None,
         **blocks,

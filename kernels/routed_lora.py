@@ -97,3 +97,37 @@ def routed_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
 @routed_lora_linear.register_fake
 def _(x, weight, bias, a_stack, b_stack, scales, ids):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, a_stack, b_stack, scales, ids = inputs
+    ctx.save_for_backward(x, weight, a_stack, b_stack, scales, ids)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    """Per adapter i with row weights w_m = s_i [ids_m = i] (masks, not gathers, so shapes stay static):
+    dx = g W + sum_i ((w g) B_i) A_i;  dA_i = ((w g) B_i)^T x;  dB_i = (w g)^T (x A_i^T);  dW, db if they train.
+    Costs what the unlowered routed graph's backward does: each adapter's skinny products over the batch."""
+    x, weight, a_stack, b_stack, scales, ids = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    x2, row_ids = _rows(x, ids)
+    g2 = grad.reshape(-1, grad.shape[-1])
+    dx = g2 @ weight if needs[0] else None
+    da = torch.zeros_like(a_stack) if needs[3] else None
+    db = torch.zeros_like(b_stack) if needs[4] else None
+    for i in range(a_stack.shape[0]):
+        gw = g2 * ((row_ids == i).to(g2.dtype) * scales[i].to(g2.dtype))[:, None]
+        gb = gw @ b_stack[i]
+        if dx is not None:
+            dx = dx + gb @ a_stack[i]
+        if da is not None:
+            da[i] = gb.T @ x2
+        if db is not None:
+            db[i] = gw.T @ (x2 @ a_stack[i].T)
+    dw = g2.T @ x2 if needs[1] else None
+    dbias = g2.sum(0) if ctx.has_bias and needs[2] else None
+    return (None if dx is None else dx.reshape(x.shape)), dw, dbias, da, db, None, None
+
+
+routed_lora_linear.register_autograd(_backward, setup_context=_setup)

@@ -12,7 +12,12 @@ dtype cast, a bias on B, PiSSA's residual or another method stays as plain
 aten ops, as does every site of a non-LoRA method. Folding works on the graph
 before this pass.
 
-In a routed evaluation graph (``adapter_ids``), a site's chain of plain LoRA
+A DoRA site (a plain linear, no dropout, no dtype cast, a scalar gate) becomes
+one ``surgeon.dora_linear(x, W, b, A, B, s, m, gate)``: the factored row
+norm and ``m / n`` applied in the fused epilogue, instead of the branch's
+dozen skinny products and elementwise passes over y.
+
+In a routed graph (``adapter_ids``), a site's chain of plain LoRA
 branches, one per adapter, each masked by ``adapter_ids == i``, becomes one
 ``surgeon.routed_lora_linear(x, W, b, A_stack, B_stack, scales, local_ids)``:
 the adapters' A and B zero-padded to the largest rank and stacked (small
@@ -28,12 +33,12 @@ from .pipeline import PassResult
 __all__ = ["lower_adapters"]
 
 
-def lower_adapters(*, routed: bool = False, training: bool = False):
-    """A pass lowering every eligible LoRA branch to the fused op (routed graphs: in evaluation only)."""
+def lower_adapters(*, routed: bool = False):
+    """A pass lowering every eligible LoRA and DoRA branch to the fused ops (a routed graph's to the routed op)."""
 
     def lower_lora_to_fused_kernels(gm) -> PassResult:
         if routed:
-            return PassResult(gm, False) if training else _lower_routed(gm)
+            return _lower_routed(gm)
         import importlib
 
         import torch
@@ -45,6 +50,9 @@ def lower_adapters(*, routed: bool = False, training: bool = False):
         changed = False
         for out in list(graph.nodes):
             record = out.meta.get("surgeon", {})
+            if record.get("role") == "out" and record.get("method") == "dora":
+                changed |= _lower_dora(gm, out, record)
+                continue
             if record.get("role") != "out" or record.get("method") != "lora" or out.target is not aten.add.Tensor:
                 continue
             pattern = _match(out, aten)
@@ -87,6 +95,52 @@ def _match(out, aten):
     if x_in is not x:  # a cast or dropout between the site's input and the adapter
         return None
     return y, scaled, expand, shrink, (x, weight, bias, lora_a, lora_b, scale)
+
+
+def _lower_dora(gm, out, record) -> bool:
+    """Replace a DoRA site's branch (see DoRA's ``branch``) by one ``surgeon::dora_linear`` call, when it is
+    exactly ``y + g ((m/n - 1)(y - b) + (m/n) s B A x)`` on a plain linear ``y`` with a scalar gate g;
+    True when it did."""
+    import importlib
+
+    import torch
+
+    importlib.import_module("surgeon.kernels.dora")  # registers torch.ops.surgeon.dora_linear
+    aten, graph = torch.ops.aten, gm.graph
+    mine = lambda n: {k: n.meta.get("surgeon", {}).get(k) for k in ("site", "adapter")} == {"site": record["site"], "adapter": record["adapter"]}  # noqa: E731
+    nodes = [n for n in graph.nodes if mine(n)]
+    roles: dict = {}
+    for node in nodes:
+        roles.setdefault(node.meta["surgeon"]["role"], []).append(node)
+    y, gated = out.args
+    if roles.keys() - {"norm", "factor", "shrink", "expand", "dora", "gate", "out", "base"} - {r for r in roles if r.startswith("param:")}:
+        return False  # dropout, a dtype cast, Conv1D's transposed rows, ...: stays plain
+    if out.target is not aten.add.Tensor or getattr(y, "target", None) is not aten.linear.default or "surgeon" in y.meta:
+        return False
+    if any(not mine(u) for u in y.users) or getattr(gated, "target", None) is not aten.mul.Tensor:
+        return False
+    change, gate = gated.args
+    value = gate.meta.get("val") if hasattr(gate, "meta") else None
+    scaled = change.args[1] if getattr(change, "target", None) is aten.add.Tensor else None
+    params = [roles.get(f"param:{name}", [None])[0] for name in ("lora_A", "lora_B", "lora_magnitude_vector")]
+    scalar_gate = getattr(gate, "target", None) is aten.select.int or (value is not None and value.numel() == 1)
+    if None in params or not scalar_gate:
+        return False  # a per-row (routed) gate, or a gate cast to the adapter's dtype
+    if getattr(scaled, "target", None) is not aten.mul.Tensor or not isinstance(scaled.args[1], (int, float)):
+        return False
+    x, weight = y.args[0], y.args[1]
+    bias = y.args[2] if len(y.args) > 2 else None
+    with graph.inserting_before(out):
+        scale = graph.call_function(aten.scalar_tensor.default, (float(scaled.args[1]),), {"dtype": torch.float32})
+        fused = graph.call_function(torch.ops.surgeon.dora_linear.default, (x, weight, bias, *params[:2], scale, params[2], gate))
+    for node in (scale, fused):
+        node.meta["surgeon"] = {**record, "role": "scale" if node is scale else "fused"}
+    fused.meta.update({k: v for k, v in out.meta.items() if k != "surgeon"})
+    out.replace_all_uses_with(fused)
+    for node in reversed(list(graph.nodes)):  # the branch and the base linear, now unused
+        if (node is y or mine(node)) and node is not fused and not node.users and node.op == "call_function":
+            graph.erase_node(node)
+    return True
 
 
 def _lower_routed(gm) -> PassResult:

@@ -245,7 +245,7 @@ class Compiled(AdapterSwitching, nn.Module):
         insert = insert_adapters(self._insertions(), training=training, gates=gates)
         core = {"insert": [insert, gate_trained_modules(self)]}
         if lowered:
-            core["lower"] = [lower_adapters(routed=routed, training=training)]
+            core["lower"] = [lower_adapters(routed=routed)]
         pipeline = Pipeline.with_points(core, self.user_passes)
         return pipeline.run(gm, lint=self.lint).graph_module
 

@@ -59,7 +59,7 @@ def test_the_wrapper_refuses_what_the_kernel_cannot_take():
 
 
 def test_a_compiled_model_lowered_to_the_kernels_equals_the_torch_graph():
-    rules = 'match "*.self_attn.{q,v}_proj" apply lora(r=4, alpha=8)\nmatch "*.mlp.up_proj" apply ia3()'
+    rules = 'match "*.self_attn.{q,v}_proj" apply lora(r=4, alpha=8)\nmatch "*.self_attn.o_proj" apply dora(r=4, alpha=8)\nmatch "*.mlp.up_proj" apply ia3()'
     batch = {"input_ids": torch.arange(14).reshape(2, 7) * 5 + 3, "attention_mask": torch.ones(2, 7, dtype=torch.long)}
     fused = surgeon.compile("demo:llama", rules, kernels="triton").eval()
     plain = surgeon.compile("demo:llama", rules, kernels="torch").eval()
@@ -71,6 +71,7 @@ def test_a_compiled_model_lowered_to_the_kernels_equals_the_torch_graph():
     graph = fused.graph(**batch)
     calls = [n for n in graph.graph.nodes if n.target is torch.ops.surgeon.lora_linear.default]
     assert len(calls) == 8  # q and v of 4 layers; ia3 stays plain aten ops
+    assert sum(n.target is torch.ops.surgeon.dora_linear.default for n in graph.graph.nodes) == 4  # o of 4 layers
     with torch.no_grad():
         torch.testing.assert_close(fused(**batch).logits, plain(**batch).logits, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(fused.fold(kwargs=batch)(**batch, use_cache=False).logits, plain(**batch).logits, rtol=1e-4, atol=1e-5)
@@ -127,9 +128,11 @@ def test_dora_row_norm_and_linear_equal_the_direct_computation(dtype):
     norm = dora_row_norm_triton(w, a, bb, 1.7)
     torch.testing.assert_close(norm.double(), direct, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
     magnitude = w.double().norm(dim=1).float() * 1.3
-    y = dora_linear(x, w, b, a, bb, s, magnitude)
-    expected = (x.double() @ w.double().T + (x.double() @ a.double().T) @ bb.double().T * 1.7) * (magnitude.double() / direct) + b.double()
-    torch.testing.assert_close(y.double(), expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * expected.abs().max().item())
+    base, lora, f = x.double() @ w.double().T, (x.double() @ a.double().T) @ bb.double().T * 1.7, magnitude.double() / direct
+    for gate in (1.0, 0.4):  # alone: PEFT's f (x W^T + s B A x) + b; gated: base + g (that - base)
+        y = dora_linear(x, w, b, a, bb, s, magnitude, torch.tensor(gate))
+        expected = base + gate * ((f - 1) * base + f * lora) + b.double()
+        torch.testing.assert_close(y.double(), expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * expected.abs().max().item())
 
 
 def test_a_routed_graph_lowered_to_the_routed_kernels_equals_the_torch_graph():

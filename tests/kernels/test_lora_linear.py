@@ -95,6 +95,28 @@ def test_the_routed_op_s_torch_path_equals_rows_alone_and_registers_soundly():
     assert set(results.values()) == {"SUCCESS"}
 
 
+def test_the_routed_op_s_gradients_equal_autograd_through_the_reference_in_float64():
+    from surgeon.kernels.routed_lora import routed_lora_linear, routed_lora_linear_torch, stack_adapters
+
+    g = torch.Generator().manual_seed(2)
+    adapters = [(torch.randn(r, 12, generator=g, dtype=torch.float64), torch.randn(7, r, generator=g, dtype=torch.float64), s)
+                for r, s in ((2, 1.5), (4, 0.5), (3, 2.0))]
+    a_stack, b_stack, scales = stack_adapters(adapters)
+    tensors = [torch.randn(4, 5, 12, generator=g, dtype=torch.float64), torch.randn(7, 12, generator=g, dtype=torch.float64),
+               torch.randn(7, generator=g, dtype=torch.float64), a_stack, b_stack]
+    ids = torch.tensor([2, -1, 0, 2])  # adapter 1 has no rows: its gradients are zero
+    grads = []
+    for op in (routed_lora_linear, routed_lora_linear_torch):
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        out = op(*leaves[:5], scales, ids)
+        grads.append(torch.autograd.grad((out * out.detach().cos()).sum(), leaves))
+    for ours, reference in zip(*grads):
+        torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)
+    assert grads[0][3][1].abs().max() == 0
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    assert set(torch.library.opcheck(routed_lora_linear, (*leaves, scales, ids)).values()) == {"SUCCESS"}
+
+
 def test_the_dora_op_matches_pefts_dora_layer():
     """Against PEFT's own DoRA linear (use_dora=True) on the same weights: output and gradients. (No gradcheck:
     the norm is detached by design, as in PEFT, so finite differences through it disagree on purpose.)"""
@@ -112,7 +134,7 @@ def test_the_dora_op_matches_pefts_dora_layer():
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     m = layer.lora_magnitude_vector["default"].weight
     x = torch.randn(4, 12)
-    ours = dora_linear(x, layer.base_layer.weight, layer.base_layer.bias, a, b, torch.tensor(2.0), m)
+    ours = dora_linear(x, layer.base_layer.weight, layer.base_layer.bias, a, b, torch.tensor(2.0), m, torch.tensor(1.0))
     theirs = peft(x)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     grads = torch.autograd.grad(ours.square().sum(), (a, b, m))

@@ -154,3 +154,36 @@ def test_eager_hooks_follow_the_gates(many):
         for handle in handles:
             handle.remove()
         many.set_active(["a", "b", "c"])
+
+
+def test_lowered_graphs_equal_the_plain_graphs_in_training_routed_and_gated(many):
+    """passes/lower.py on a graph with gates and with adapter_ids: the routed op (and its backward) and the gated
+    DoRA op give the plain graph's logits and adapter gradients (CPU: the ops' torch paths)."""
+    from surgeon.kernels import dora, routed_lora
+
+    assert dora.dora_linear and routed_lora.routed_lora_linear  # imported: the ops named below are registered
+
+    ids = torch.tensor([0, 1, -1, 2])
+    batch = inputs(batch=4)
+    params = [p for _, _, module in many.sites() for p in module.parameters()]
+    many.train()
+    try:
+        for extra in ({"adapter_ids": ids}, {}):
+            kwargs = many._with_defaults({**batch, **extra})
+            graphs = [many.graph(training=True, lowered=flag, **batch, **extra) for flag in (True, False)]
+            fused = {n.target for n in graphs[0].graph.nodes} & {torch.ops.surgeon.routed_lora_linear.default, torch.ops.surgeon.dora_linear.default}
+            assert fused == ({torch.ops.surgeon.routed_lora_linear.default} if extra else {torch.ops.surgeon.dora_linear.default})
+            many.set_active(["a", "b", "c"], weights=[1.0, 0.7, 0.4])
+            results = []
+            for graph in graphs:
+                logits = graph(**kwargs).logits
+                results.append((logits, torch.autograd.grad(logits.square().sum(), params, allow_unused=True)))
+            (ours, our_grads), (theirs, their_grads) = results
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+            for mine, reference in zip(our_grads, their_grads):
+                assert (mine is None) == (reference is None)
+                if reference is not None:
+                    torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
+    finally:
+        many.eval()
+        many.set_active(["a", "b", "c"])
