@@ -40,16 +40,19 @@ SITE_OPS = _site_ops
 
 def site_nodes(gm, path: str, kind: str) -> list:
     """The graph nodes computing site ``path`` of ``kind`` (a module called twice has two)."""
-    op = _site_ops().get(kind)
+    ops = {_site_ops().get(kind)} | (set(_quantized_bias()) if kind == "linear" else set())
     return [
         n
         for n in gm.graph.nodes
-        if n.op == "call_function" and n.target is op and "surgeon" not in n.meta and module_path(n) == path
+        if n.op == "call_function" and n.target in ops and "surgeon" not in n.meta and module_path(n) == path
     ]
 
 
 def site_args(node, kind: str) -> tuple:
     """(input, weight, bias or None) of a site's op: linear(x, W[, b]), addmm(b, x, W), embedding(W, ids)."""
+    if kind == "linear" and node.target in _quantized_bias():  # surgeon.linear_4bit / linear_8bit (surgeon/quantized.py)
+        index = _quantized_bias()[node.target]
+        return node.args[0], node.args[1], node.args[index]
     if kind == "linear" or kind.startswith("conv"):
         return node.args[0], node.args[1], node.args[2] if len(node.args) > 2 else None
     if kind == "hf_conv1d":
@@ -57,6 +60,13 @@ def site_args(node, kind: str) -> tuple:
     if kind == "embedding":
         return node.args[1], node.args[0], None
     raise ValueError(f"no graph rule for sites of kind {kind}")
+
+
+def _quantized_bias() -> dict:
+    """The quantized linear ops and the position of their bias argument."""
+    from surgeon.quantized import QUANTIZED_OPS
+
+    return dict(zip(QUANTIZED_OPS, (6, 3)))
 
 
 def adapter_nodes(gm, *, role: str | None = None, site: str | None = None, adapter: str | None = None) -> list:

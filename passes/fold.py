@@ -22,11 +22,14 @@ from __future__ import annotations
 
 from surgeon.grammar.diagnostics import SurgeryError
 
+from surgeon.quantized import QUANTIZED_OPS
+
 from ._graph import attribute, site_args, site_nodes
 from .insert import attribute_prefix
 from .pipeline import PassResult
 
-__all__ = ["merge_dtype", "fold_weighted", "fold_adapters", "unfold_inplace", "verify_fold", "FoldError", "copy_graph_module", "TOLERANCES"]
+__all__ = ["merge_dtype", "fold_weighted", "fold_adapters", "unfold_inplace", "verify_fold", "output_difference", "FoldError",
+           "copy_graph_module", "TOLERANCES"]
 
 # Roles of the nodes that stand in for a value of the base graph (the site's output, input or
 # weight), each with the value it replaces as its first argument.
@@ -60,12 +63,17 @@ def copy_graph_module(gm):
     return torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
 
 
-def fold_adapters(insertions, *, inplace: bool = False, originals: dict | None = None, weights: dict | None = None):
+def fold_adapters(insertions, *, inplace: bool = False, originals: dict | None = None, weights: dict | None = None,
+                  quantized: str = "dequantize"):
     """A pass that folds every adapter of ``insertions``. With ``inplace``, ``originals`` records what it overwrote.
 
     ``weights`` (adapter name -> w, default 1) folds each adapter with a
     strength: ``W + w (fold(W) - W)``, the gated graph's interpolation, exact
-    at w = 1; an adapter with w = 0 is left out.
+    at w = 1; an adapter with w = 0 is left out. A site on a bitsandbytes
+    weight (surgeon/quantized.py) is merged in float32 from its dequantized
+    weight, then ``quantized`` decides: "dequantize" makes it a plain linear
+    on the merged weight in its compute dtype, "requantize" quantizes the
+    merged weight again with the site's own scheme (which adds error).
     """
     weights = weights or {}
 
@@ -84,6 +92,9 @@ def fold_adapters(insertions, *, inplace: bool = False, originals: dict | None =
             for (path, kind), specs in by_site.items():
                 base = site_nodes(gm, path, kind)[0]
                 _, weight_node, bias_node = site_args(base, kind)
+                if base.target in QUANTIZED_OPS:
+                    _fold_quantized(gm, base, specs, weights, inplace, quantized)
+                    continue
                 weight = attribute(gm, weight_node.target)
                 bias = attribute(gm, bias_node.target) if bias_node is not None and bias_node.op == "get_attr" else None
                 wide = merge_dtype(weight.dtype)
@@ -123,6 +134,21 @@ def fold_adapters(insertions, *, inplace: bool = False, originals: dict | None =
         return PassResult(gm, True)
 
     return fold_adapter_branches
+
+
+def _fold_quantized(gm, base, specs, weights: dict, inplace: bool, quantized: str) -> None:
+    from surgeon.quantized import dequantize_graph_site, graph_weight, requantize_graph_site
+
+    path = specs[0].path
+    if inplace:
+        raise FoldError(f"cannot fold into {path} in place: its weight is quantized (bitsandbytes)",
+                        hint="fold() without inplace=True gives the merged graph; save_pretrained() the merged checkpoint")
+    weight = graph_weight(gm, base)
+    for spec in specs:
+        weight, bias = fold_weighted(spec, weight, None, "linear", weights.get(spec.adapter, 1.0))
+        if bias is not None:
+            raise FoldError(f"cannot fold {path}: an adapter with a bias on a quantized linear", hint="use lora(bias=false)")
+    (dequantize_graph_site if quantized == "dequantize" else requantize_graph_site)(gm, base, weight)
 
 
 def fold_weighted(spec, weight, bias, kind: str, w: float):
@@ -221,8 +247,22 @@ def unfold_inplace(originals: dict) -> None:
     originals.clear()
 
 
-def verify_fold(unfolded, folded, args: tuple, kwargs: dict) -> float:
-    """Run both graphs on the same inputs; raise FoldError beyond tolerance. Returns the max abs difference."""
+def output_difference(expected, got) -> tuple:
+    """(max, mean) absolute difference of the largest floating-point output (the logits, not the loss)."""
+    import torch
+    from torch.utils._pytree import tree_leaves
+
+    pairs = [(e, g) for e, g in zip(tree_leaves(expected), tree_leaves(got)) if isinstance(e, torch.Tensor) and e.is_floating_point()]
+    if not pairs:
+        return 0.0, 0.0
+    e, g = max(pairs, key=lambda pair: pair[0].numel())
+    diff = (e.double() - g.double()).abs()
+    return diff.max().item(), diff.mean().item()
+
+
+def verify_fold(unfolded, folded, args: tuple, kwargs: dict, tolerance: tuple | None = None) -> float:
+    """Run both graphs on the same inputs; raise FoldError beyond tolerance (by dtype, or ``tolerance``:
+    (rtol, atol)). Returns the max abs difference."""
     import torch
     from torch.utils._pytree import tree_leaves
 
@@ -233,7 +273,7 @@ def verify_fold(unfolded, folded, args: tuple, kwargs: dict) -> float:
     for e, g in zip(expected, got):
         if not e.is_floating_point():
             continue
-        rtol, atol = TOLERANCES.get(str(e.dtype).replace("torch.", ""), (1e-4, 1e-5))
+        rtol, atol = tolerance or TOLERANCES.get(str(e.dtype).replace("torch.", ""), (1e-4, 1e-5))
         scale = max(1.0, e.detach().abs().max().item())
         wide = merge_dtype(torch.promote_types(e.dtype, g.dtype))
         diff = (e.to(wide) - g.to(wide)).abs()

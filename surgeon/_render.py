@@ -30,7 +30,8 @@ def module_table(captured, paths) -> Table:
         if site and site.tied_with:
             kind += f" (tied: {', '.join(site.tied_with)})"
         layer = "" if info.layer is None else str(info.layer)
-        table.add_row(path, info.type_name, kind, _shape(info.weight_shape), human_count(info.params), layer)
+        type_name = info.type_name + (f" ({info.quantization})" if info.quantization else "")
+        table.add_row(path, type_name, kind, _shape(info.weight_shape), human_count(info.params), layer)
     return table
 
 
@@ -59,7 +60,8 @@ def plan_tables(plan) -> list:
             table.add_column("in -> out", justify="right")
         table.add_column("trainable", justify="right")
         for site in sites_by_rule.get((report.adapter, report.line), []):
-            table.add_row(site.path, site.module_type, f"{site.in_features} -> {site.out_features}", f"{site.trainable_params:,}")
+            module_type = site.module_type + (f" ({site.quantization})" if site.quantization else "")
+            table.add_row(site.path, module_type, f"{site.in_features} -> {site.out_features}", f"{site.trainable_params:,}")
         for t in trained_by_rule.get((report.adapter, report.line), []):
             table.add_row(t.path, t.module_type, f"{t.trainable_params:,}")
         table.caption = Text(f"won {won} of {matched} matched module{'s' if matched != 1 else ''}")

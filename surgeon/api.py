@@ -62,12 +62,16 @@ def compile(
     adapter_dtype: Any = None,
     lint: bool = True,
     kernels: str = "auto",
+    full_precision: Any = None,
 ):
     """Adapt ``model`` as ``rules`` say, or as the PEFT adapter folder ``adapter`` says (and load its weights).
 
     ``passes`` adds graph passes of your own at named points (surgeon.passes.POINTS),
     e.g. ``{"after_insert": [my_pass]}``. ``kernels``: "auto" (the fused Triton
     kernels on a GPU with Triton, torch ops elsewhere), "triton" or "torch".
+    ``full_precision``: for a bitsandbytes-quantized model, its unquantized weights
+    (a model, a state dict, or a safetensors folder), which ``lora(init="loftq")``
+    starts from (the quantized demos know theirs).
     Returns a :class:`surgeon.compiled.Compiled`.
     """
     from surgeon.grammar import SurgeryError
@@ -82,6 +86,10 @@ def compile(
     else:
         rule_set = parse(rules_from_peft_folder(adapter), path=f"{adapter} (adapter_config.json as rules)")
     opened = model if hasattr(model, "example_kwargs") else open_model(model, weights=True, example_inputs=example_inputs)
+    if full_precision is not None:
+        from .models import full_precision_source
+
+        opened.full_precision = full_precision_source(full_precision)
     captured = capture(opened)
     compiled = Compiled(
         captured, rule_set, build_plan(rule_set, captured), passes=passes, lint=lint, adapter_dtype=adapter_dtype, kernels=kernels

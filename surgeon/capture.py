@@ -12,6 +12,8 @@ hf_conv1d        ``aten.addmm(b, x, W)`` in transformers'     W: (in, out)
                  ``Conv1D`` (GPT-2)
 embedding        ``aten.embedding(W, ids)``                   W: (vocab, dim)
 conv1d/2d/3d     ``aten.convNd(x, W, ...)``                   W: (out, in/groups, *k)
+linear           ``surgeon.linear_4bit`` / ``linear_8bit``    bitsandbytes 4-bit blocks /
+(quantized)      (surgeon/quantized.py)                       int8 rows of (out, in)
 ==============  ===========================================  ==================
 
 Every node knows the module it ran in (``node.meta["nn_module_stack"]``); a
@@ -50,6 +52,7 @@ class ModuleInfo:
     out_features: int | None = None
     weight_shape: tuple | None = None
     dtype: str | None = None
+    quantization: str | None = None  # bitsandbytes' storage of the weight (surgeon.quantized.Quantization)
 
     def field(self, name: str):
         return getattr(self, name)
@@ -67,6 +70,7 @@ class Site:
     out_features: int
     nodes: tuple  # names of the graph nodes that compute it (a module called twice has two)
     tied_with: tuple = ()  # other names of the same weight tensor
+    quantization: str | None = None  # how bitsandbytes stores the weight; None: a plain tensor
 
 
 @dataclass
@@ -135,12 +139,17 @@ def _features(module) -> tuple:
 
 def module_table(model) -> dict:
     """path -> ModuleInfo for every module but the root, in ``named_modules`` order."""
+    from surgeon.quantized import quantization_of
+
     table = {}
     for path, module in model.named_modules():
         if not path:
             continue
         in_features, out_features, shape = _features(module)
         weight = getattr(module, "weight", None)
+        quantization = quantization_of(module)
+        if quantization is not None:  # the stored tensor is packed; the language speaks of the (out, in) weight
+            shape = (out_features, in_features)
         table[path] = ModuleInfo(
             path=path,
             type_name=type(module).__name__,
@@ -152,6 +161,7 @@ def module_table(model) -> dict:
             out_features=out_features,
             weight_shape=shape,
             dtype=str(weight.dtype).replace("torch.", "") if hasattr(weight, "dtype") else None,
+            quantization=quantization.describe() if quantization is not None else None,
         )
     return table
 
@@ -176,7 +186,10 @@ def _sites(program, modules: dict, ties: tuple) -> dict:
 
     aten = torch.ops.aten
     conv = {aten.conv1d.default: "conv1d", aten.conv2d.default: "conv2d", aten.conv3d.default: "conv3d"}
+    from surgeon.quantized import QUANTIZED_OPS
+
     parameters = program.graph_signature.inputs_to_parameters
+    buffers = program.graph_signature.inputs_to_buffers  # a quantized weight is its stand-in's buffer
     tied = {name: group for group in ties for name in group}
     found: dict = {}
     for node in program.graph.nodes:
@@ -186,7 +199,7 @@ def _sites(program, modules: dict, ties: tuple) -> dict:
         if path is None or path not in modules:
             continue
         info = modules[path]
-        if node.target is aten.linear.default:
+        if node.target is aten.linear.default or (node.target in QUANTIZED_OPS and info.quantization):
             kind, weight = "linear", node.args[1]
         elif node.target is aten.addmm.default and "Conv1D" in info.type_names:
             kind, weight = "hf_conv1d", node.args[2]
@@ -197,6 +210,8 @@ def _sites(program, modules: dict, ties: tuple) -> dict:
         else:
             continue
         name = parameters.get(getattr(weight, "name", None))
+        if node.target in QUANTIZED_OPS:
+            name = buffers.get(getattr(weight, "name", None))
         if name is None:  # a computed weight, not a parameter: nothing to adapt
             continue
         if path in found:
@@ -205,7 +220,7 @@ def _sites(program, modules: dict, ties: tuple) -> dict:
         own = f"{path}.weight"
         if name != own and own in tied.get(name, ()):
             name = own  # export names a tied tensor once; call it by this module's name
-        shape = tuple(weight.meta["val"].shape)
+        shape = tuple(weight.meta["val"].shape) if not info.quantization else info.weight_shape
         found[path] = Site(
             path=path,
             kind=kind,
@@ -215,6 +230,7 @@ def _sites(program, modules: dict, ties: tuple) -> dict:
             out_features=info.out_features if info.out_features is not None else shape[0],
             nodes=(node.name,),
             tied_with=tuple(n for n in tied.get(name, ()) if n != name),
+            quantization=info.quantization,
         )
     return found
 

@@ -3,11 +3,11 @@
     surgeon check FILE... [--format human|json]
     surgeon inspect MODEL [--match GLOB] [--format human|json]
     surgeon plan MODEL RULES [--format human|json]
-    surgeon compile MODEL [RULES] -o OUT [--adapter DIR] [--fold] [--format human|json]
+    surgeon compile MODEL [RULES] -o OUT [--adapter DIR] [--fold [--requantize]] [--format human|json]
     surgeon rules-from-peft DIR
 
 MODEL is a local Hugging Face folder, a Hub id (org/name[@revision]),
-package.module:factory, or demo:NAME (llama, qwen2, gpt2, bert).
+package.module:factory, or demo:NAME (llama, qwen2, gpt2, bert; 4-bit/8-bit: llama-nf4, llama-int8, ...).
 
 Exit codes: 0 when every file is valid, 1 when any has an error, 2 for a
 command line that is itself wrong.
@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder")
     compile_.add_argument("--adapter", metavar="DIR", help="a PEFT-format adapter folder to load (its rules too, without RULES)")
     compile_.add_argument("--fold", action="store_true", help="also write the merged model: OUT/merged/ and OUT/merged.pt2")
+    compile_.add_argument("--requantize", action="store_true",
+                          help="with --fold on a bitsandbytes model: quantize the merged weights again (default: full "
+                          "precision, no quantization); OUT/fold_report.json gives the error this adds")
     compile_.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto",
                           help="fused Triton kernels (auto: on a GPU with Triton) or plain torch ops")
     output_format(compile_)
@@ -210,6 +213,7 @@ def _inspect_json(captured, paths) -> dict:
                 "in_features": info.in_features,
                 "out_features": info.out_features,
                 "tied_with": list(site.tied_with) if site else [],
+                "quantization": info.quantization,
             }
         )
     return {
@@ -328,11 +332,15 @@ def _compile(args: argparse.Namespace) -> int:
         step("export program.pt2", lambda: compiled.export(out / "program.pt2", fold=False))
         written.append(out / "program.pt2")
         if args.fold:
+            quantized = "requantize" if args.requantize else "dequantize"
             if compiled.hugging_face:
-                step("save merged checkpoint", lambda: compiled.save_pretrained(out / "merged"))
+                step("save merged checkpoint", lambda: compiled.save_pretrained(out / "merged", quantized=quantized))
                 written.append(out / "merged")
-            step("export merged.pt2", lambda: compiled.export(out / "merged.pt2", fold=True))
+            step("export merged.pt2", lambda: compiled.export(out / "merged.pt2", fold=True, quantized=quantized))
             written.append(out / "merged.pt2")
+            if compiled.fold_report is not None:  # quantized sites: what the merge changed in the outputs
+                write_text(out / "fold_report.json", json.dumps(compiled.fold_report, indent=2) + "\n")
+                written.append(out / "fold_report.json")
     except SurgeryError as error:
         return _print_errors(error, args.format)
     totals = compiled.plan.totals()
@@ -342,6 +350,10 @@ def _compile(args: argparse.Namespace) -> int:
     for warning in compiled.plan.warnings:
         print(warning.render(), file=sys.stderr)
     print(f"compiled {args.model}: {totals['sites']} adapter sites, {totals['trainable_params']:,} trainable parameters")
+    report = compiled.fold_report if args.fold else None
+    if report is not None:
+        print(f"folded {report['quantized_sites']} quantized sites ({report['quantized']}): outputs differ from the "
+              f"unmerged model by max {report['max_abs_output_difference']:.3g}, mean {report['mean_abs_output_difference']:.3g}")
     for path in written:
         print(f"  wrote {path}{'/' if path.is_dir() else ''}")
     return 0

@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 from surgeon.grammar import rules as ir
-from surgeon.passes import Insertion, Pipeline, copy_graph_module, fold_adapters, insert_adapters, unfold_inplace, verify_fold
-from surgeon.passes.fold import merge_dtype
+from surgeon.passes import Insertion, Pipeline, insert_adapters
 from surgeon.passes.insert import ROUTING_INPUT, Gates
 from surgeon.passes.lower import lower_adapters
 
@@ -35,14 +34,15 @@ from .methods.adapter import SiteAdapter, adapter_class
 from .plan import Plan
 from surgeon.kernels import check_kernels
 
-from .switching import AdapterSwitching, fold_trained_modules, gate_trained_modules, site_key
+from .folding import Folding
+from .switching import AdapterSwitching, gate_trained_modules, site_key
 
 __all__ = ["Compiled"]
 
 
 
 
-class Compiled(AdapterSwitching, nn.Module):
+class Compiled(AdapterSwitching, Folding, nn.Module):
     """The adapted model. Build it with :func:`surgeon.compile`."""
 
     def __init__(self, captured, rule_set: ir.RuleSet, plan: Plan, *, passes: dict | None = None, lint: bool = True,
@@ -55,6 +55,8 @@ class Compiled(AdapterSwitching, nn.Module):
         # Plain attributes (not submodules): graphs share the parameters above.
         self.__dict__["_graphs"] = {}
         self.__dict__["_inplace_originals"] = {}
+        self.fold_report: dict | None = None  # set by a fold of quantized sites (see fold)
+        self.loftq_report: dict = {}  # site -> ||W - Q||, ||W - Q - s B A|| of LoftQ-started sites
         self.__dict__["captured"] = captured  # the planning capture: modules and sites
         self.adapter_dtype = adapter_dtype
         self.name = opened.name
@@ -101,6 +103,8 @@ class Compiled(AdapterSwitching, nn.Module):
             )
             module = group[site_key(site.path)]
             module.site_path, module.tied_with = site.path, tuple(site.tied_with)
+            if getattr(site.config, "init", None) == "loftq":
+                self._loftq(site, module)
             self.adapters[site.adapter] = group
         for t in plan.trained:
             if site_key(t.path) in self.trained:
@@ -271,91 +275,18 @@ class Compiled(AdapterSwitching, nn.Module):
         """Forget every captured graph (after adapters were added, removed or replaced)."""
         self._graphs.clear()
 
-    # --- fold ---------------------------------------------------------------------------
+    def _loftq(self, site, module) -> None:
+        """LoftQ's start for a LoRA site on a quantized weight (surgeon/loftq.py)."""
+        from surgeon.grammar.diagnostics import PlanError
 
-    def fold(self, *, adapters: dict | None = None, inplace: bool = False, verify: bool = True, args: tuple = (),
-             kwargs: dict | None = None):
-        """The merged evaluation graph: the adapters folded into their base weights.
+        from .loftq import loftq_start
 
-        ``adapters`` (name -> weight) chooses which adapters fold and how
-        strongly (default: the active ones, with their gates). The compiled
-        model keeps its adapters. With ``inplace=True`` the merged weights are
-        written into the base model's own tensors (as PEFT's
-        ``merge_and_unload``); :meth:`unfold` restores them bit for bit.
-        """
-        weights = self._fold_weights(adapters)
-        args = args or self.example_args
-        kwargs = self._with_defaults(dict(kwargs) if kwargs is not None else dict(self.example_kwargs))
-        unfolded = self.graph(*args, training=False, lowered=False, **kwargs)  # folding reads the plain branches
-        folded = copy_graph_module(unfolded)
-        fold_pass = fold_adapters(self._insertions(), inplace=inplace, originals=self._inplace_originals, weights=weights)
-        stages = Pipeline.with_points({"fold": [fold_trained_modules(self, weights), fold_pass]}, self.user_passes)
-        if adapters is not None and verify:  # the reference: the graph with the asked weights as gates
-            saved = self.adapter_gates.clone()
-            self.set_gates(weights)
-            try:
-                reference = _outputs(unfolded, args, kwargs)
-            finally:
-                with torch.no_grad():
-                    self.adapter_gates.copy_(saved)
-            stages.run(folded, lint=self.lint)
-            verify_fold(lambda *a, **k: reference, folded, args, kwargs)
-            if inplace:
-                self._graphs.clear()
-            return folded
-        if inplace:
-            reference = _outputs(unfolded, args, kwargs) if verify else None
-            stages.run(folded, lint=self.lint)
-            if verify:
-                verify_fold(lambda *a, **k: reference, folded, args, kwargs)
-            self._graphs.clear()
-            return folded
-        stages.run(folded, lint=self.lint)
-        if verify:
-            verify_fold(unfolded, folded, args, kwargs)
-        return folded
-
-    def unfold(self) -> None:
-        """Undo ``fold(inplace=True)``: the base weights come back bit for bit."""
-        unfold_inplace(self._inplace_originals)
-        self._graphs.clear()
-
-    def merged_state_dict(self, adapters: dict | None = None) -> dict:
-        """The base model's state dict with the adapters folded in (new tensors; nothing changes in place).
-
-        ``adapters`` (name -> weight) as for :meth:`fold`; default the active adapters with their gates.
-        """
-        from surgeon.passes.fold import fold_weighted
-
-        weights = self._fold_weights(adapters)
-        state = dict(self.base_model.state_dict())
-        merged: dict = {}  # weight name -> (weight, bias) in the merge dtype, folded adapter after adapter
-        with torch.no_grad():
-            for site in self.plan.sites:
-                if weights.get(site.adapter, 0.0) == 0:
-                    continue
-                name, bias_name = f"{site.path}.weight", f"{site.path}.bias"
-                wide = merge_dtype(state[name].dtype)
-                weight, bias = merged.get(name) or (state[name].to(wide), state[bias_name].to(wide) if bias_name in state else None)
-                spec = Insertion(site.path, site.kind, site.adapter, self.adapter_module(site.adapter, site.path))
-                merged[name] = fold_weighted(spec, weight, bias, site.kind, weights[site.adapter])
-            for site in self.plan.sites:  # tied readers that see the change get the merged weight too
-                if weights.get(site.adapter, 0.0) and getattr(self.adapter_module(site.adapter, site.path), "follows_ties", False):
-                    for tied in site.tied_with:
-                        if tied in state:
-                            merged[tied] = merged[f"{site.path}.weight"]
-            for name, (weight, bias) in merged.items():
-                state[name] = weight.to(state[name].dtype)
-                bias_name = name[: -len("weight")] + "bias"
-                if bias is not None and bias_name in state:
-                    state[bias_name] = bias.to(state[bias_name].dtype)
-            for key, module in self.trained.items():
-                path = key.replace("__", ".")
-                w = max((weights.get(t.adapter, 0.0) for t in self.plan.trained if t.path == path), default=0.0)
-                for name, param in module.state_dict().items():
-                    base = state[f"{path}.{name}"]
-                    state[f"{path}.{name}"] = param.detach() if w == 1 else base if w == 0 else torch.lerp(base, param.detach().to(base.dtype), w)
-        return state
+        source = self.captured.model.full_precision
+        if source is None:
+            raise PlanError(f"lora(init=\"loftq\") on {site.path} needs the model's unquantized weights",
+                            hint="surgeon.compile(model, rules, full_precision=<the unquantized model, state dict or folder>)")
+        self.loftq_report[site.path] = loftq_start(module, self.base_model.get_submodule(site.path), source(f"{site.path}.weight"),
+                                                   site.config.loftq_iter)
 
     # --- hooks for eager use ---------------------------------------------------------------
 
@@ -377,21 +308,15 @@ class Compiled(AdapterSwitching, nn.Module):
 
         return load_adapter(self, directory, name)
 
-    def save_pretrained(self, directory, adapters: dict | None = None) -> None:
-        """The folded model (``adapters``: name -> weight, default the active ones) as a Hugging Face checkpoint."""
+    def save_pretrained(self, directory, adapters: dict | None = None, quantized: str = "dequantize") -> None:
+        """The folded model (``adapters``: name -> weight, default the active ones) as a Hugging Face checkpoint
+        (``quantized``: see :meth:`merged_state_dict`; "dequantize" writes no quantization_config)."""
         from .checkpoints.merged import save_merged
 
-        save_merged(self, directory, adapters)
+        save_merged(self, directory, adapters, quantized)
 
-    def export(self, path, *, fold: bool = True, args: tuple = (), kwargs: dict | None = None) -> None:
+    def export(self, path, *, fold: bool = True, args: tuple = (), kwargs: dict | None = None, quantized: str = "dequantize") -> None:
         from .checkpoints.program import export_program_file
 
-        export_program_file(self, path, fold=fold, args=args, kwargs=kwargs)
+        export_program_file(self, path, fold=fold, args=args, kwargs=kwargs, quantized=quantized)
 
-
-def _outputs(gm, args, kwargs):
-    with torch.no_grad():
-        out = gm(*args, **kwargs)
-    from torch.utils._pytree import tree_map
-
-    return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)

@@ -1,7 +1,8 @@
 """Built-in demo models: tiny but real transformers architectures, offline and deterministic.
 
 On the command line a demo is named ``demo:NAME`` (``surgeon plan demo:llama
-examples/rules/llama-lora.surgery``). Each is built from a transformers config
+examples/rules/llama-lora.surgery``); ``demo:llama-nf4`` is the same model loaded
+4-bit through transformers' BitsAndBytesConfig (see QUANTIZED_DEMOS). Each is built from a transformers config
 with ``torch.manual_seed(0)``, so every run gets the same weights. They are
 small enough for tests and examples, and shaped so that the example rules in
 ``examples/rules/`` match: 4 layers each, and the Llama MLP is 1024 wide.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-__all__ = ["DEMOS", "build_demo", "demo_config"]
+__all__ = ["DEMOS", "QUANTIZED_DEMOS", "build_demo", "build_quantized_demo", "demo_config", "quantization_config"]
 
 
 def _llama():
@@ -73,6 +74,42 @@ DEMOS: dict[str, tuple[str, Callable]] = {
     "gpt2": ("GPT2LMHeadModel: 4 layers, hidden 64, Conv1D projections, tied lm_head, vocab 1000", _gpt2),
     "bert": ("BertForSequenceClassification: 4 layers, hidden 64, 2 labels, vocab 1000", _bert),
 }
+
+
+# -QUANT suffixes: the demo loaded through transformers' BitsAndBytesConfig (bitsandbytes, CPU or GPU)
+QUANTIZED_DEMOS = {
+    "nf4": "4-bit NF4, float32 compute",
+    "fp4": "4-bit FP4, float32 compute",
+    "nf4-dq-bf16": "4-bit NF4 with double quantization, bfloat16 compute and model",
+    "int8": "LLM.int8 (8-bit rows, outlier threshold 6)",
+}
+
+
+def quantization_config(scheme: str):
+    """The ``BitsAndBytesConfig`` of a demo suffix (see QUANTIZED_DEMOS)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if scheme == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    kind, *extra = scheme.split("-")
+    compute = torch.bfloat16 if "bf16" in extra else torch.float32
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant="dq" in extra,
+                              bnb_4bit_compute_dtype=compute)
+
+
+def build_quantized_demo(name: str, scheme: str):
+    """The demo ``name`` quantized as transformers does it: saved, then loaded with a BitsAndBytesConfig."""
+    import tempfile
+
+    import torch
+
+    model = build_demo(name)
+    with tempfile.TemporaryDirectory(prefix="surgeon-demo-") as folder:
+        model.save_pretrained(folder)
+        dtype = torch.bfloat16 if scheme.endswith("bf16") else torch.float32
+        quantized = type(model).from_pretrained(folder, quantization_config=quantization_config(scheme), dtype=dtype, device_map="cpu")
+    return quantized.eval()
 
 
 def demo_config(name: str):

@@ -76,6 +76,8 @@ def _template(program):
 
 def bind_program(program, model):
     """``program.module()`` running on ``model``'s own parameters and buffers (shared, not copied)."""
+    import torch
+
     gm = program.module()
     for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
         owner_path, _, leaf = name.rpartition(".")
@@ -85,8 +87,8 @@ def bind_program(program, model):
             continue
         if leaf in owner._parameters:
             setattr(owner, leaf, tensor)
-        elif leaf in owner._buffers:
-            owner.register_buffer(leaf, tensor)
+        elif leaf in owner._buffers:  # a bitsandbytes weight is a buffer of its stand-in: its plain alias
+            owner.register_buffer(leaf, tensor if type(tensor) in (torch.Tensor, torch.nn.Parameter) else tensor.as_subclass(torch.Tensor))
     stale = [n for n, t in list(gm.named_parameters()) + list(gm.named_buffers()) if t.device.type == "meta"]
     if stale:
         raise ModelError(f"a cached program could not be bound to this model: {', '.join(stale[:3])} has no tensor")
@@ -130,7 +132,9 @@ def _export(model, args: tuple, kwargs: dict, hugging_face: bool, name: str):
     push = torch.nn.modules.module.register_module_forward_pre_hook(enter)
     pop = torch.nn.modules.module.register_module_forward_hook(leave)
     try:
-        with _quiet_torch_logs(), _named_keywords(model, kwargs):
+        from surgeon.quantized import quantized_stand_ins  # bitsandbytes linears, seen as surgeon ops
+
+        with _quiet_torch_logs(), _named_keywords(model, kwargs), quantized_stand_ins(model):
             return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
     except Exception as exc:  # torch.export raises many types; the user needs where and why
         raise _capture_error(model, name, exc, [paths.get(id(m), "?") for m in running]) from None

@@ -24,13 +24,14 @@ from typing import Any
 
 from surgeon.grammar.diagnostics import ModelError
 
-from .demos import DEMOS, build_demo, demo_config
+from .demos import DEMOS, QUANTIZED_DEMOS, build_demo, build_quantized_demo, demo_config
 
-__all__ = ["OpenedModel", "open_model", "MODEL_FORMS"]
+__all__ = ["OpenedModel", "open_model", "full_precision_source", "MODEL_FORMS"]
 
 MODEL_FORMS = (
     "a local Hugging Face folder (config.json + *.safetensors), a Hub id (org/name or org/name@revision), "
-    f"package.module:factory, or a demo ({', '.join('demo:' + n for n in DEMOS)})"
+    f"package.module:factory, or a demo ({', '.join('demo:' + n for n in DEMOS)}; "
+    f"quantized: demo:llama-{{{','.join(QUANTIZED_DEMOS)}}})"
 )
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
 _FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
@@ -50,6 +51,8 @@ class OpenedModel:
     config: Any = None  # a transformers PretrainedConfig, for Hugging Face models
     fake: bool = False  # parameters are fake tensors: shapes only, nothing to run
     fake_mode: Any = field(default=None, repr=False)
+    # name -> the full-precision tensor of a bitsandbytes-quantized model (LoftQ); None: unknown
+    full_precision: Any = field(default=None, repr=False)
 
     @property
     def is_hugging_face(self) -> bool:
@@ -88,6 +91,13 @@ def open_model(spec: Any, *, weights: bool = True, example_inputs: Any = None) -
 
 
 def _open_demo(name: str, weights: bool) -> OpenedModel:
+    base, _, scheme = name.partition("-")
+    if base in DEMOS and scheme in QUANTIZED_DEMOS:  # quantized from its weights, so opened with them
+        _need_bitsandbytes(f"demo:{name}")
+        model = build_quantized_demo(base, scheme)
+        opened = OpenedModel(model, f"demo:{name}", "demo", config=model.config)
+        opened.full_precision = full_precision_source(lambda: build_demo(base))
+        return opened
     if name not in DEMOS:
         raise ModelError(f"unknown demo model '{name}'", hint=f"demos: {', '.join('demo:' + n for n in DEMOS)}")
     if weights:
@@ -95,6 +105,46 @@ def _open_demo(name: str, weights: bool) -> OpenedModel:
         return OpenedModel(model, f"demo:{name}", "demo", config=model.config)
     config, model_class = demo_config(name)
     return _fake_from_config(config, model_class, f"demo:{name}", "demo")
+
+
+def full_precision_source(spec):
+    """name -> full-precision tensor, read when first asked, from an nn.Module, a state dict, a function
+    returning either, or a folder / file of safetensors (read lazily, as PEFT's LoftQ reads them)."""
+    import functools
+
+    import torch
+
+    if isinstance(spec, (str, os.PathLike)):
+        from safetensors import safe_open
+
+        path = Path(spec)
+        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+        if not files or not all(f.is_file() for f in files):
+            raise ModelError(f"{path} holds no *.safetensors weights", hint="give the unquantized model's folder")
+
+        def read(name):
+            for file in files:
+                with safe_open(str(file), framework="pt") as f:
+                    if name in f.keys():
+                        return f.get_tensor(name)
+            raise KeyError(name)
+
+        return read
+
+    @functools.lru_cache(maxsize=1)
+    def state():
+        value = spec() if callable(spec) and not isinstance(spec, torch.nn.Module) else spec
+        return value.state_dict() if isinstance(value, torch.nn.Module) else dict(value)
+
+    return lambda name: state()[name]
+
+
+def _need_bitsandbytes(what: str) -> None:
+    try:
+        importlib.import_module("bitsandbytes")
+    except ImportError:
+        raise ModelError(f"{what} is quantized with bitsandbytes, which is not installed",
+                         hint="pip install 'surgeon[bnb]' (bitsandbytes)") from None
 
 
 def _open_folder(folder: Path, weights: bool) -> OpenedModel:
@@ -106,7 +156,10 @@ def _open_folder(folder: Path, weights: bool) -> OpenedModel:
         )
     config = _read_config(folder)
     model_class = _model_class(config, str(folder))
-    if not weights:
+    quantized = getattr(config, "quantization_config", None) is not None
+    if quantized:  # bitsandbytes quantizes while loading: the sites' storage is known only with the weights
+        _need_bitsandbytes(str(folder))
+    if not weights and not quantized:
         return _fake_from_config(config, model_class, str(folder), "folder")
     if not any(folder.glob("*.safetensors")):
         raise ModelError(

@@ -48,12 +48,14 @@ class PlannedSite:
     layer: int | None
     rule_line: int | None
     tied_with: tuple = ()
+    quantization: str | None = None  # bitsandbytes' storage of the base weight (QLoRA), None: plain
 
     def to_json(self) -> dict:
         return {
             "path": self.path,
             "adapter": self.adapter,
             "method": self.method,
+            "quantization": self.quantization,
             "params": dict(self.params),
             "module_type": self.module_type,
             "kind": self.kind,
@@ -224,8 +226,10 @@ def build_plan(rule_set: ir.RuleSet, captured: Captured, methods: dict | None = 
                         layer=info.layer,
                         rule_line=line,
                         tied_with=site.tied_with,
+                        quantization=site.quantization,
                     )
                 )
+                _check_quantized(sites[-1], rule, rule_set, captured.model.name)
             elif match.action == "train":
                 module = model.get_submodule(path)
                 own = {id(p): p for p in module.parameters()}.values()
@@ -275,3 +279,28 @@ def _arguments(config) -> dict:
 
     values = dataclasses.asdict(config)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+# Methods that adapt a bitsandbytes-quantized linear: they read only its input and output in the
+# graph, and fold by dequantizing (surgeon/quantized.py). Inits that read the weight are listed.
+QUANTIZED_METHODS = {"lora": ("kaiming", "gaussian", "zeros", "loftq")}
+
+
+def _check_quantized(site: PlannedSite, rule, rule_set, model: str) -> None:
+    from surgeon.grammar.diagnostics import Diagnostic
+
+    inits = QUANTIZED_METHODS.get(site.method)
+    init = getattr(site.config, "init", None)
+    if site.quantization is None and init == "loftq":
+        code, message = "loftq-unquantized", f"lora(init=\"loftq\") on {site.path} of {model}: its weight is not quantized"
+        hint = "LoftQ starts an adapter from the quantization error of a bitsandbytes-quantized base (e.g. demo:llama-nf4)"
+    elif site.quantization is None or (inits is not None and (init is None or init in inits)):
+        return
+    else:
+        what = f"{site.method}(init={init!r})" if inits is not None else site.method
+        code, message = "quantized-site", f"{what} cannot adapt {site.path} of {model}: its weight is quantized ({site.quantization})"
+        hint = (f"on quantized linears use {', '.join(QUANTIZED_METHODS)} (init {', '.join(QUANTIZED_METHODS['lora'])}), "
+                "or load the model unquantized")
+    span = rule.span
+    raise PlanError(Diagnostic(code, message, span, hint, file=rule_set.path,
+                               source_line=rule_set.source_line(span.line) if span else None))

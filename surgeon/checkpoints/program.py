@@ -17,7 +17,8 @@ from .atomic import atomic_path, output_folder
 __all__ = ["export_program_file", "load_program"]
 
 
-def export_program_file(compiled, path, *, fold: bool = True, args: tuple = (), kwargs: dict | None = None) -> None:
+def export_program_file(compiled, path, *, fold: bool = True, args: tuple = (), kwargs: dict | None = None,
+                        quantized: str = "dequantize") -> None:
     import torch
 
     from surgeon.export import dynamic_shapes, widen_inputs
@@ -28,7 +29,7 @@ def export_program_file(compiled, path, *, fold: bool = True, args: tuple = (), 
     output_folder(path.parent)
     args = args or compiled.example_args
     kwargs = compiled._with_defaults(dict(kwargs) if kwargs is not None else dict(compiled.example_kwargs))
-    graph = compiled.fold(args=args, kwargs=kwargs) if fold else compiled.graph(*args, training=False, **kwargs)
+    graph = compiled.fold(args=args, kwargs=kwargs, quantized=quantized) if fold else compiled.graph(*args, training=False, **kwargs)
     args, kwargs = widen_inputs(args, kwargs, compiled.hugging_face)
     with torch.no_grad():
         program = torch.export.export(
@@ -50,10 +51,11 @@ def lora_sites(compiled) -> dict:
 
 
 def register_ops() -> None:
-    """Import the kernel ops a lowered program may call (torch.export.load resolves them by name)."""
+    """Import the ops a program may call (torch.export.load resolves them by name): the kernels of a
+    lowered program, the quantized linears of a bitsandbytes model's."""
     import importlib
 
-    for module in ("surgeon.kernels.lora_linear", "surgeon.kernels.routed_lora", "surgeon.kernels.dora"):
+    for module in ("surgeon.kernels.lora_linear", "surgeon.kernels.routed_lora", "surgeon.kernels.dora", "surgeon.quantized"):
         importlib.import_module(module)
 
 

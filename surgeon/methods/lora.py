@@ -20,6 +20,9 @@ r singular triplets, W = U S V^T: B0 = U_r sqrt(S_r / s), A0 = sqrt(S_r / s) V_r
 B0 = Q[:, :r], A0 = R[:r]. Both make the base the residual W - s B0 A0, so
 that the model starts equal to the base; surgeon leaves the user's weight
 alone and computes the residual in the graph (see lora_weights.py).
+``init="loftq"`` (LoftQ, Li et al., 2023), on a bitsandbytes-quantized site
+only, starts s B A at the low-rank part of the quantization error W - Q(W)
+(the full-precision W comes with the model; see surgeon/loftq.py).
 
 On a Conv1d/2d/3d, as PEFT: A is a convolution (r, in, *kernel) with the
 base's stride, padding and dilation, B a 1x1 convolution (out, r/g, 1, ...)
@@ -57,11 +60,13 @@ class LoraConfig:
     rslora: bool = param(False, doc="scale by alpha / sqrt(r) instead of alpha / r")
     init: str = param(
         "kaiming",
-        choices=("kaiming", "gaussian", "zeros", "pissa", "olora"),
+        choices=("kaiming", "gaussian", "zeros", "pissa", "olora", "loftq"),
         pattern=(r"pissa_niter_[1-9][0-9]*", "pissa_niter_<K>"),
-        doc="initialisation: of A (B starts at zero), or from the base weight's SVD (pissa) or QR (olora)",
+        doc="initialisation: of A (B starts at zero), or from the base weight's SVD (pissa) or QR (olora), "
+        "or the quantization error of a bitsandbytes base (loftq)",
     )
     bias: bool = param(False, doc="give B a trainable bias (PEFT's lora_bias)")
+    loftq_iter: int = param(1, gt=0, doc="LoftQ's alternating steps (init=\"loftq\"; more than 1 re-quantizes the base)")
 
     def trainable_params(self, in_features: int, out_features: int, weight_shape: tuple = ()) -> int:
         """A (r x in) and B (out x r), plus B's bias (out) with ``bias``; a conv's A is (r, in, *kernel)."""

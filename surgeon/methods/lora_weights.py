@@ -211,7 +211,7 @@ class LoraWeights(SiteAdapter):
             lora_dropout=common(s.config.dropout for s in sites),
             lora_bias=any(s.config.bias for s in sites),
             fan_in_fan_out=any(s.kind == "hf_conv1d" for s in sites),
-            init_lora_weights={"kaiming": True, "gaussian": "gaussian", "zeros": False}[inits[0]],
+            init_lora_weights={"kaiming": True, "gaussian": "gaussian", "zeros": False, "loftq": True}[inits[0]],
             bias="none",
             use_dora=cls.method == "dora",
         )

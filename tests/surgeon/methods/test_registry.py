@@ -13,12 +13,12 @@ from ._checks import check_diagnostic_codes
 
 def test_lora_signature_matches_its_config():
     sig = get_method("lora")
-    assert sig.param_names == ("r", "alpha", "dropout", "rslora", "init", "bias")
+    assert sig.param_names == ("r", "alpha", "dropout", "rslora", "init", "bias", "loftq_iter")
     assert sig.sites == ("linear", "hf_conv1d", "embedding", "conv1d", "conv2d", "conv3d")
     r = sig.get("r")
     assert (r.kind, r.required, r.gt) == ("int", True, 0)
     assert sig.get("alpha").optional and sig.get("alpha").kind == "float"
-    assert sig.get("init").choices == ("kaiming", "gaussian", "zeros", "pissa", "olora")
+    assert sig.get("init").choices == ("kaiming", "gaussian", "zeros", "pissa", "olora", "loftq")
     assert sig.get("init").pattern == (r"pissa_niter_[1-9][0-9]*", "pissa_niter_<K>")
     assert sig.config_class is LoraConfig
 

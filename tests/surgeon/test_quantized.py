@@ -1,0 +1,167 @@
+"""QLoRA: LoRA on bitsandbytes 4-bit and 8-bit bases (surgeon/quantized.py) against PEFT's QLoRA layers."""
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+import surgeon
+from surgeon.api import plan
+from surgeon.demos import build_quantized_demo
+from surgeon.grammar import SurgeryError
+
+from ._peft_reference import inputs, randomize_adapters
+
+RULES = 'match "*.self_attn.{q,v,o}_proj", "*.mlp.down_proj" apply lora(r=4, alpha=8)'
+TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
+# (rtol, atol) of logits and of gradients: bf16 compute rounds differently per op order
+TOLERANCE = {"nf4": (1e-5, 1e-5), "int8": (1e-5, 1e-5), "nf4-dq-bf16": (2e-2, 2e-2)}
+
+
+@pytest.fixture(scope="module")
+def compiled_cases():
+    made = {}
+
+    def get(scheme):
+        if scheme not in made:
+            compiled = surgeon.compile(f"demo:llama-{scheme}", RULES).eval()
+            randomize_adapters(compiled, seed=3)
+            made[scheme] = compiled
+        return made[scheme]
+
+    return get
+
+
+def _peft_twin(compiled, scheme):
+    reference = get_peft_model(build_quantized_demo("llama", scheme), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    modules = dict(reference.named_modules())
+    with torch.no_grad():
+        for _, path, weights in compiled.sites():
+            layer = modules[f"base_model.model.{path}"]
+            layer.lora_A["default"].weight.copy_(weights.lora_A)
+            layer.lora_B["default"].weight.copy_(weights.lora_B)
+    return reference.eval()
+
+
+@pytest.mark.parametrize("scheme", sorted(TOLERANCE))
+def test_quantized_lora_equals_pefts_qlora_logits_and_gradients(compiled_cases, scheme):
+    compiled = compiled_cases(scheme)
+    site = compiled.plan.sites[0]
+    assert site.quantization.startswith(scheme.split("-")[0]) and site.module_type in ("Linear4bit", "Linear8bitLt")
+    reference = _peft_twin(compiled, scheme)
+    rtol, atol = TOLERANCE[scheme]
+    ours, theirs = compiled(**inputs()).logits, reference(**inputs()).logits
+    torch.testing.assert_close(ours, theirs, rtol=rtol, atol=atol * theirs.abs().max().item())
+    ours.float().square().mean().backward()
+    theirs.float().square().mean().backward()
+    modules = dict(reference.named_modules())
+    for _, path, weights in compiled.sites():
+        layer = modules[f"base_model.model.{path}"]
+        for mine, name in ((weights.lora_A, "lora_A"), (weights.lora_B, "lora_B")):
+            expected = getattr(layer, name)["default"].weight.grad
+            assert mine.dtype == torch.float32  # float32 adapters on any compute dtype, as PEFT's autocast
+            torch.testing.assert_close(mine.grad, expected, rtol=rtol * 10, atol=atol * expected.abs().max().item())
+    compiled.zero_grad()
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_training_moves_only_the_adapters_and_the_loss_falls(compiled_cases, scheme):
+    compiled = compiled_cases(scheme)
+    frozen = {k: v.clone() for k, v in compiled.base_model.state_dict().items()}
+    trainable = [p for p in compiled.parameters() if p.requires_grad]
+    assert trainable and all(not p.requires_grad for p in compiled.base_model.parameters())
+    before = [p.detach().clone() for p in trainable]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    compiled.train()
+    try:
+        losses = []
+        for _ in range(5):
+            loss = compiled(**inputs()).loss
+            loss.backward()
+            # the first layer's adapters learn only through the quantized layers above them: dx flows
+            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+    finally:
+        compiled.eval()
+        with torch.no_grad():
+            for p, saved in zip(trainable, before):
+                p.copy_(saved)
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert all(torch.equal(v, frozen[k]) for k, v in compiled.base_model.state_dict().items())
+
+
+def test_adapter_files_both_ways_with_peft(compiled_cases, tmp_path):
+    compiled = compiled_cases("nf4")
+    with torch.no_grad():
+        expected = compiled(**inputs()).logits
+    compiled.save_adapter(tmp_path / "ours")
+    theirs = PeftModel.from_pretrained(build_quantized_demo("llama", "nf4"), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(**inputs()).logits, expected, rtol=1e-5, atol=1e-5)
+    theirs.save_pretrained(tmp_path / "theirs")
+    again = surgeon.compile("demo:llama-nf4", adapter=tmp_path / "theirs").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inputs()).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_methods_that_read_the_weight_are_refused_on_quantized_sites_with_the_rule_line():
+    with pytest.raises(SurgeryError, match=r"dora cannot adapt .* quantized \(nf4") as caught:
+        plan("demo:llama-nf4", '# QLoRA\nmatch "*.self_attn.q_proj" apply dora(r=4)')
+    (found,) = caught.value.diagnostics
+    assert (found.code, found.span.line, found.span.column) == ("quantized-site", 2, 1)
+    assert "on quantized linears use lora" in found.hint
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_folds_merge_in_full_precision_or_requantize_with_the_error_reported(compiled_cases, scheme, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from surgeon.quantized import QUANTIZED_OPS
+
+    compiled = compiled_cases(scheme)
+    with torch.no_grad():
+        unmerged = compiled(**inputs()).logits
+    kept = lambda graph: sum(n.target in QUANTIZED_OPS for n in graph.graph.nodes)  # noqa: E731
+    dequantized = compiled.fold(kwargs=inputs())
+    exact = dict(compiled.fold_report)
+    assert kept(dequantized) == 28 - 16  # q, v, o, down of 4 layers are plain linears now; the rest stay quantized
+    requantized = compiled.fold(kwargs=inputs(), quantized="requantize")
+    extra = dict(compiled.fold_report)
+    assert kept(requantized) == 28 and extra["quantized_sites"] == exact["quantized_sites"] == 16
+    # dequantizing is exact for 4-bit (LLM.int8 also rounds the unmerged activations); requantizing adds error
+    assert exact["max_abs_output_difference"] < (1e-4 if scheme == "nf4" else 5e-2) * unmerged.abs().max().item()
+    assert extra["mean_abs_output_difference"] > 2 * exact["mean_abs_output_difference"]
+    for mode, graph in (("dequantize", dequantized), ("requantize", requantized)):
+        compiled.save_pretrained(tmp_path / mode, quantized=mode)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / mode, device_map="cpu").eval()
+        layer = reloaded.model.layers[0].self_attn.q_proj
+        assert (type(layer).__name__ == "Linear") == (mode == "dequantize")
+        # (the dequantized checkpoint has every linear in full precision; the graph keeps the unadapted ones
+        # quantized, which for LLM.int8 rounds their activations)
+        tolerance = 5e-2 * unmerged.abs().max().item() if (scheme, mode) == ("int8", "dequantize") else 1e-4
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(**inputs()).logits, graph(**inputs(), use_cache=False).logits, rtol=1e-4, atol=tolerance)
+    with pytest.raises(SurgeryError, match="in place: its weight is quantized"):
+        compiled.fold(inplace=True)
+
+
+def test_loftq_brings_the_4bit_model_closer_to_full_precision(compiled_cases):
+    """LoftQ (surgeon/loftq.py) against the plain 4-bit model, both measured against the float32 model they
+    were quantized from; more iterations re-quantize the base and shrink the error further."""
+    from surgeon.demos import build_demo
+
+    with torch.no_grad():
+        full = build_demo("llama")(**inputs()).logits
+        with compiled_cases("nf4").disabled():
+            plain_error = (compiled_cases("nf4")(**inputs()).logits - full).abs().mean().item()
+    rules = 'match "*.self_attn.{q,k,v,o}_proj", "*.mlp.*_proj" apply lora(r=8, alpha=16, init="loftq", loftq_iter=2)'
+    loftq = surgeon.compile("demo:llama-nf4", rules).eval()
+    with torch.no_grad():
+        loftq_error = (loftq(**inputs()).logits - full).abs().mean().item()
+    assert loftq_error < 0.85 * plain_error, (loftq_error, plain_error)
+    assert len(loftq.loftq_report) == 28
+    assert all(r["after"] < 0.9 * r["before"] for r in loftq.loftq_report.values())
+    with pytest.raises(SurgeryError, match="its weight is not quantized") as caught:
+        plan("demo:llama", 'match "*.q_proj" apply lora(r=4, init="loftq")')
+    assert caught.value.diagnostics[0].code == "loftq-unquantized"
