@@ -1,5 +1,8 @@
 """QLoRA: LoRA on bitsandbytes 4-bit and 8-bit bases (surgeon/quantized.py) against PEFT's QLoRA layers."""
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -91,16 +94,17 @@ def test_training_moves_only_the_adapters_and_the_loss_falls(compiled_cases, sch
     assert all(torch.equal(v, frozen[k]) for k, v in compiled.base_model.state_dict().items())
 
 
-def test_adapter_files_both_ways_with_peft(compiled_cases, tmp_path):
-    compiled = compiled_cases("nf4")
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_adapter_files_both_ways_with_peft(compiled_cases, scheme, tmp_path):
+    compiled = compiled_cases(scheme)
     with torch.no_grad():
         expected = compiled(**inputs()).logits
     compiled.save_adapter(tmp_path / "ours")
-    theirs = PeftModel.from_pretrained(build_quantized_demo("llama", "nf4"), tmp_path / "ours").eval()
+    theirs = PeftModel.from_pretrained(build_quantized_demo("llama", scheme), tmp_path / "ours").eval()
     with torch.no_grad():
         torch.testing.assert_close(theirs(**inputs()).logits, expected, rtol=1e-5, atol=1e-5)
     theirs.save_pretrained(tmp_path / "theirs")
-    again = surgeon.compile("demo:llama-nf4", adapter=tmp_path / "theirs").eval()
+    again = surgeon.compile(f"demo:llama-{scheme}", adapter=tmp_path / "theirs").eval()
     with torch.no_grad():
         torch.testing.assert_close(again(**inputs()).logits, expected, rtol=1e-5, atol=1e-5)
 
@@ -165,3 +169,31 @@ def test_loftq_brings_the_4bit_model_closer_to_full_precision(compiled_cases):
     with pytest.raises(SurgeryError, match="its weight is not quantized") as caught:
         plan("demo:llama", 'match "*.q_proj" apply lora(r=4, init="loftq")')
     assert caught.value.diagnostics[0].code == "loftq-unquantized"
+
+
+def test_a_hand_built_linear4bit_model_and_its_saved_program():
+    """bnb.nn.Linear4bit built by hand (no transformers): LoRA's output is the 4-bit product plus s B A x computed
+    directly, and the .pt2 program keeps the quantized op (loaded again, it gives the same output)."""
+    import bitsandbytes as bnb
+
+    from surgeon.checkpoints.program import load_program
+
+    torch.manual_seed(0)
+    dense = torch.nn.Sequential(torch.nn.Linear(40, 48), torch.nn.GELU(), torch.nn.Linear(48, 24))
+    model = torch.nn.Sequential(bnb.nn.Linear4bit(40, 48, quant_type="fp4", compute_dtype=torch.float32), torch.nn.GELU(),
+                                bnb.nn.Linear4bit(48, 24, quant_type="fp4", compute_dtype=torch.float32))
+    model.load_state_dict(dense.state_dict())
+    model = model.to("cpu").eval()
+    x = torch.randn(3, 40)
+    compiled = surgeon.compile(model, 'match type(Linear) apply lora(r=2, alpha=4)', example_inputs=(x,)).eval()
+    assert [s.quantization for s in compiled.plan.sites] == ["fp4 double-quant, blocks of 64, compute float32"] * 2  # bnb default
+    randomize_adapters(compiled, seed=4)
+    first, second = (compiled.adapter_module("default", p) for p in ("0", "2"))
+    with torch.no_grad():
+        hidden = torch.nn.functional.gelu(model[0](x) + first.scale * x @ first.lora_A.T @ first.lora_B.T)
+        expected = model[2](hidden) + second.scale * hidden @ second.lora_A.T @ second.lora_B.T
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+    path = Path(tempfile.mkdtemp()) / "program.pt2"
+    compiled.export(path, fold=False)
+    with torch.no_grad():
+        torch.testing.assert_close(load_program(path).module()(x), expected, rtol=1e-5, atol=1e-5)
