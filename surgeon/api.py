@@ -63,6 +63,7 @@ def compile(
     lint: bool = True,
     kernels: str = "auto",
     full_precision: Any = None,
+    kbit_training: bool = False,
 ):
     """Adapt ``model`` as ``rules`` say, or as the PEFT adapter folder ``adapter`` says (and load its weights).
 
@@ -71,7 +72,9 @@ def compile(
     kernels on a GPU with Triton, torch ops elsewhere), "triton" or "torch".
     ``full_precision``: for a bitsandbytes-quantized model, its unquantized weights
     (a model, a state dict, or a safetensors folder), which ``lora(init="loftq")``
-    starts from (the quantized demos know theirs).
+    starts from (the quantized demos know theirs). ``kbit_training``: first do to the
+    model what PEFT's ``prepare_model_for_kbit_training`` does to a graph (its unquantized
+    float16/bfloat16 parameters become float32; see surgeon.quantized.prepare_kbit_training).
     Returns a :class:`surgeon.compiled.Compiled`.
     """
     from surgeon.grammar import SurgeryError
@@ -90,6 +93,10 @@ def compile(
         from .models import full_precision_source
 
         opened.full_precision = full_precision_source(full_precision)
+    if kbit_training:
+        from .quantized import prepare_kbit_training
+
+        prepare_kbit_training(opened.module)
     captured = capture(opened)
     compiled = Compiled(
         captured, rule_set, build_plan(rule_set, captured), passes=passes, lint=lint, adapter_dtype=adapter_dtype, kernels=kernels

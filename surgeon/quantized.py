@@ -42,6 +42,7 @@ from torch import nn
 __all__ = [
     "Quantization", "quantization_of", "dequantized_weight", "quantized_stand_ins", "QUANTIZED_OPS",
     "graph_weight", "dequantize_graph_site", "requantize_graph_site", "merged_quantized_state", "QUANTIZED_MERGES",
+    "prepare_kbit_training",
 ]
 
 # What a fold does with a quantized site: "dequantize" (the merged weight in full precision, the
@@ -415,3 +416,17 @@ def merged_quantized_state(model, state: dict, merged: dict, mode: str) -> dict:
             weight = merged[name] if name in merged else dequantized_weight(module, torch.float32)
             state[name] = weight.to(_full_precision_dtype(model, module))
     return state
+
+
+def prepare_kbit_training(model) -> int:
+    """PEFT's ``prepare_model_for_kbit_training`` as far as it applies to a graph: every parameter frozen,
+    and the float16/bfloat16 parameters that are not quantized (norms, embeddings, the LM head) made
+    float32, in place, before capture. (Its gradient checkpointing and input-gradient hooks are for eager
+    modules: the graph's backward reaches the inputs without them.) Returns how many were upcast."""
+    upcast = 0
+    for p in model.parameters():
+        p.requires_grad_(False)
+        if p.dtype in (torch.float16, torch.bfloat16) and type(p).__name__ != "Params4bit":
+            p.data = p.data.to(torch.float32)
+            upcast += 1
+    return upcast

@@ -197,3 +197,30 @@ def test_a_hand_built_linear4bit_model_and_its_saved_program():
     compiled.export(path, fold=False)
     with torch.no_grad():
         torch.testing.assert_close(load_program(path).module()(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_kbit_training_preparation_equals_pefts_on_a_bf16_qlora_model():
+    """compile(kbit_training=True) against PEFT's prepare_model_for_kbit_training (without its gradient
+    checkpointing) then get_peft_model, on the bf16 double-quant NF4 Llama: norms and embeddings float32 in both,
+    the same logits and adapter gradients."""
+    from peft import prepare_model_for_kbit_training
+
+    compiled = surgeon.compile("demo:llama-nf4-dq-bf16", RULES, kbit_training=True).eval()
+    randomize_adapters(compiled, seed=3)
+    assert compiled.base_model.model.norm.weight.dtype == torch.float32
+    model = prepare_model_for_kbit_training(build_quantized_demo("llama", "nf4-dq-bf16"), use_gradient_checkpointing=False)
+    reference = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)).eval()
+    modules = dict(reference.named_modules())
+    with torch.no_grad():
+        for _, path, weights in compiled.sites():
+            modules[f"base_model.model.{path}"].lora_A["default"].weight.copy_(weights.lora_A)
+            modules[f"base_model.model.{path}"].lora_B["default"].weight.copy_(weights.lora_B)
+    assert reference.base_model.model.model.norm.weight.dtype == torch.float32
+    ours, theirs = compiled(**inputs()).logits, reference(**inputs()).logits
+    assert ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, rtol=2e-2, atol=2e-2 * theirs.abs().max().item())
+    ours.square().mean().backward()
+    theirs.square().mean().backward()
+    for _, path, weights in compiled.sites():
+        expected = modules[f"base_model.model.{path}"].lora_B["default"].weight.grad
+        torch.testing.assert_close(weights.lora_B.grad, expected, rtol=0.2, atol=2e-2 * expected.abs().max().item())
