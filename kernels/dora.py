@@ -116,6 +116,8 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     """DoRA linear: the row-norm kernel, then the fused LoRA kernels with (c, d) in the epilogue (torch elsewhere)."""
     if not (_use_triton(x) and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
         return dora_linear_torch(x, weight, bias, lora_a, lora_b, scale, magnitude, gate)
+    # a graph makes the scale (and may keep the gate) as CPU scalars: the kernels read them on x's device
+    scale, gate = (torch.as_tensor(t, dtype=torch.float32, device=x.device) for t in (scale, gate))
     _check(x, weight, bias, lora_a, lora_b, scale)
     if gate.numel() != 1 or magnitude.shape != (weight.shape[0],):
         raise ValueError(f"gate must hold one number and magnitude one per output row; got {tuple(gate.shape)}, {tuple(magnitude.shape)}")

@@ -93,7 +93,7 @@ def fold_adapters(insertions, *, inplace: bool = False, originals: dict | None =
                 base = site_nodes(gm, path, kind)[0]
                 _, weight_node, bias_node = site_args(base, kind)
                 if base.target in QUANTIZED_OPS:
-                    _fold_quantized(gm, base, specs, weights, inplace, quantized)
+                    _fold_quantized(gm, site_nodes(gm, path, kind), specs, weights, inplace, quantized)
                     continue
                 weight = attribute(gm, weight_node.target)
                 bias = attribute(gm, bias_node.target) if bias_node is not None and bias_node.op == "get_attr" else None
@@ -136,19 +136,21 @@ def fold_adapters(insertions, *, inplace: bool = False, originals: dict | None =
     return fold_adapter_branches
 
 
-def _fold_quantized(gm, base, specs, weights: dict, inplace: bool, quantized: str) -> None:
+def _fold_quantized(gm, nodes, specs, weights: dict, inplace: bool, quantized: str) -> None:
+    """Every call (``nodes``) of a quantized site: merged in float32 from the dequantized weight, then made a plain
+    linear or quantized again (surgeon/quantized.py). LoRA biases are refused at planning on such sites."""
     from surgeon.quantized import dequantize_graph_site, graph_weight, requantize_graph_site
 
     path = specs[0].path
     if inplace:
         raise FoldError(f"cannot fold into {path} in place: its weight is quantized (bitsandbytes)",
                         hint="fold() without inplace=True gives the merged graph; save_pretrained() the merged checkpoint")
-    weight = graph_weight(gm, base)
+    weight = graph_weight(gm, nodes[0])
     for spec in specs:
         weight, bias = fold_weighted(spec, weight, None, "linear", weights.get(spec.adapter, 1.0))
         if bias is not None:
             raise FoldError(f"cannot fold {path}: an adapter with a bias on a quantized linear", hint="use lora(bias=false)")
-    (dequantize_graph_site if quantized == "dequantize" else requantize_graph_site)(gm, base, weight)
+    (dequantize_graph_site if quantized == "dequantize" else requantize_graph_site)(gm, nodes, weight)
 
 
 def fold_weighted(spec, weight, bias, kind: str, w: float):

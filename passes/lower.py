@@ -125,7 +125,7 @@ def _lower_dora(gm, out, record) -> bool:
     params = [roles.get(f"param:{name}", [None])[0] for name in ("lora_A", "lora_B", "lora_magnitude_vector")]
     scalar_gate = getattr(gate, "target", None) is aten.select.int or (value is not None and value.numel() == 1)
     if None in params or not scalar_gate:
-        return False  # a per-row (routed) gate, or a gate cast to the adapter's dtype
+        return False  # a per-row (routed) gate
     if getattr(scaled, "target", None) is not aten.mul.Tensor or not isinstance(scaled.args[1], (int, float)):
         return False
     x, weight = y.args[0], y.args[1]

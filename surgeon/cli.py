@@ -296,6 +296,9 @@ def _compile(args: argparse.Namespace) -> int:
     if args.rules is None and args.adapter is None:
         print("error: give RULES, or --adapter DIR to take the rules from a PEFT adapter", file=sys.stderr)
         return 2
+    if args.requantize and not args.fold:
+        print("error: --requantize says how --fold merges quantized weights; add --fold", file=sys.stderr)
+        return 2
     if _swapped(args.model, args.rules):
         return 2
     _quiet_libraries()

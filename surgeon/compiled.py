@@ -285,8 +285,12 @@ class Compiled(AdapterSwitching, Folding, nn.Module):
         if source is None:
             raise PlanError(f"lora(init=\"loftq\") on {site.path} needs the model's unquantized weights",
                             hint="surgeon.compile(model, rules, full_precision=<the unquantized model, state dict or folder>)")
-        self.loftq_report[site.path] = loftq_start(module, self.base_model.get_submodule(site.path), source(f"{site.path}.weight"),
-                                                   site.config.loftq_iter)
+        from .quantized import _conv1d_paths
+
+        weight = source(f"{site.path}.weight")
+        if site.path in _conv1d_paths(self.base_model):  # GPT-2's Conv1D stores (in, out); bitsandbytes quantized (out, in)
+            weight = weight.T
+        self.loftq_report[site.path] = loftq_start(module, self.base_model.get_submodule(site.path), weight, site.config.loftq_iter)
 
     # --- hooks for eager use ---------------------------------------------------------------
 

@@ -43,6 +43,13 @@ class Folding:
         if quantized not in QUANTIZED_MERGES:
             raise ValueError(f"quantized must be one of {QUANTIZED_MERGES}, not {quantized!r}")
         weights = self._fold_weights(adapters)
+        self.fold_report = None
+        quantized_sites = sum(1 for s in self.plan.sites if s.quantization and weights.get(s.adapter, 0.0))
+        if quantized_sites and inplace:  # refused before anything is written
+            from surgeon.passes.fold import FoldError
+
+            raise FoldError(f"cannot fold in place: {quantized_sites} adapted sites have quantized weights (bitsandbytes)",
+                            hint="fold() without inplace=True gives the merged graph; save_pretrained() the merged checkpoint")
         args = args or self.example_args
         kwargs = self._with_defaults(dict(kwargs) if kwargs is not None else dict(self.example_kwargs))
         unfolded = self.graph(*args, training=False, lowered=False, **kwargs)  # folding reads the plain branches
@@ -50,9 +57,8 @@ class Folding:
         fold_pass = fold_adapters(self._insertions(), inplace=inplace, originals=self._inplace_originals, weights=weights,
                                   quantized=quantized)
         stages = Pipeline.with_points({"fold": [fold_trained_modules(self, weights), fold_pass]}, self.user_passes)
-        quantized_sites = sum(1 for s in self.plan.sites if s.quantization and weights.get(s.adapter, 0.0))
         if quantized_sites:  # the report is the check: a requantized merge differs by design
-            reference = _outputs(unfolded, args, kwargs)
+            reference = self._reference_outputs(unfolded, weights if adapters is not None else None, args, kwargs)
             stages.run(folded, lint=self.lint)
             worst, mean = output_difference(reference, _outputs(folded, args, kwargs))
             self.fold_report = {"quantized_sites": quantized_sites, "quantized": quantized,
@@ -61,13 +67,7 @@ class Folding:
                 verify_fold(lambda *a, **k: reference, folded, args, kwargs, _quantized_tolerance(self.plan.sites))
             return folded
         if adapters is not None and verify:  # the reference: the graph with the asked weights as gates
-            saved = self.adapter_gates.clone()
-            self.set_gates(weights)
-            try:
-                reference = _outputs(unfolded, args, kwargs)
-            finally:
-                with torch.no_grad():
-                    self.adapter_gates.copy_(saved)
+            reference = self._reference_outputs(unfolded, weights, args, kwargs)
             stages.run(folded, lint=self.lint)
             verify_fold(lambda *a, **k: reference, folded, args, kwargs)
             if inplace:
@@ -85,6 +85,18 @@ class Folding:
             verify_fold(unfolded, folded, args, kwargs)
         return folded
 
+    def _reference_outputs(self, unfolded, weights: dict | None, args, kwargs):
+        """The unfolded graph's outputs, with ``weights`` (adapter -> strength) as its gates when given."""
+        if weights is None:
+            return _outputs(unfolded, args, kwargs)
+        saved = self.adapter_gates.clone()
+        self.set_gates(weights)
+        try:
+            return _outputs(unfolded, args, kwargs)
+        finally:
+            with torch.no_grad():
+                self.adapter_gates.copy_(saved)
+
     def unfold(self) -> None:
         """Undo ``fold(inplace=True)``: the base weights come back bit for bit."""
         unfold_inplace(self._inplace_originals)
@@ -99,8 +111,10 @@ class Folding:
         "requantize" quantizes the merged ones again with their own scheme.
         """
         from surgeon.passes.fold import fold_weighted
-        from surgeon.quantized import dequantized_weight, merged_quantized_state
+        from surgeon.quantized import QUANTIZED_MERGES, dequantized_weight, merged_quantized_state
 
+        if quantized not in QUANTIZED_MERGES:
+            raise ValueError(f"quantized must be one of {QUANTIZED_MERGES}, not {quantized!r}")
         weights = self._fold_weights(adapters)
         state = dict(self.base_model.state_dict())
         merged: dict = {}  # weight name -> (weight, bias) in the merge dtype, folded adapter after adapter

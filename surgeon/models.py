@@ -92,7 +92,7 @@ def open_model(spec: Any, *, weights: bool = True, example_inputs: Any = None) -
 
 def _open_demo(name: str, weights: bool) -> OpenedModel:
     base, _, scheme = name.partition("-")
-    if base in DEMOS and scheme in QUANTIZED_DEMOS:  # quantized from its weights, so opened with them
+    if base == "llama" and scheme in QUANTIZED_DEMOS:  # quantized from its weights, so opened with them
         _need_bitsandbytes(f"demo:{name}")
         model = build_quantized_demo(base, scheme)
         opened = OpenedModel(model, f"demo:{name}", "demo", config=model.config)
@@ -127,7 +127,7 @@ def full_precision_source(spec):
                 with safe_open(str(file), framework="pt") as f:
                     if name in f.keys():
                         return f.get_tensor(name)
-            raise KeyError(name)
+            raise ModelError(f"{path} has no tensor {name}", hint="give the unquantized weights of this same model")
 
         return read
 
@@ -136,7 +136,12 @@ def full_precision_source(spec):
         value = spec() if callable(spec) and not isinstance(spec, torch.nn.Module) else spec
         return value.state_dict() if isinstance(value, torch.nn.Module) else dict(value)
 
-    return lambda name: state()[name]
+    def lookup(name):
+        if name not in state():
+            raise ModelError(f"the full-precision weights have no {name}", hint="give the unquantized weights of this same model")
+        return state()[name]
+
+    return lookup
 
 
 def _need_bitsandbytes(what: str) -> None:

@@ -231,6 +231,9 @@ def build_plan(rule_set: ir.RuleSet, captured: Captured, methods: dict | None = 
                 )
                 _check_quantized(sites[-1], rule, rule_set, captured.model.name)
             elif match.action == "train":
+                if info.quantization:
+                    _refuse(rule, rule_set, "quantized-train", f"cannot train {path} of {captured.model.name} in full: its weight is "
+                            f"quantized ({info.quantization})", "adapt it with lora instead, or load the model unquantized")
                 module = model.get_submodule(path)
                 own = {id(p): p for p in module.parameters()}.values()
                 trained.append(
@@ -287,20 +290,29 @@ QUANTIZED_METHODS = {"lora": ("kaiming", "gaussian", "zeros", "loftq")}
 
 
 def _check_quantized(site: PlannedSite, rule, rule_set, model: str) -> None:
-    from surgeon.grammar.diagnostics import Diagnostic
-
     inits = QUANTIZED_METHODS.get(site.method)
     init = getattr(site.config, "init", None)
+    if getattr(site.config, "loftq_iter", 1) != 1 and init != "loftq":
+        _refuse(rule, rule_set, "loftq-iter", f"loftq_iter={site.config.loftq_iter} on {site.path} does nothing without "
+                "init=\"loftq\"", "write lora(init=\"loftq\", loftq_iter=N)")
     if site.quantization is None and init == "loftq":
-        code, message = "loftq-unquantized", f"lora(init=\"loftq\") on {site.path} of {model}: its weight is not quantized"
-        hint = "LoftQ starts an adapter from the quantization error of a bitsandbytes-quantized base (e.g. demo:llama-nf4)"
-    elif site.quantization is None or (inits is not None and (init is None or init in inits)):
+        _refuse(rule, rule_set, "loftq-unquantized", f"lora(init=\"loftq\") on {site.path} of {model}: its weight is not quantized",
+                "LoftQ starts an adapter from the quantization error of a bitsandbytes-quantized base (e.g. demo:llama-nf4)")
+    if site.quantization is None:
         return
-    else:
+    if inits is None or (init is not None and init not in inits):
         what = f"{site.method}(init={init!r})" if inits is not None else site.method
-        code, message = "quantized-site", f"{what} cannot adapt {site.path} of {model}: its weight is quantized ({site.quantization})"
-        hint = (f"on quantized linears use {', '.join(QUANTIZED_METHODS)} (init {', '.join(QUANTIZED_METHODS['lora'])}), "
-                "or load the model unquantized")
+        _refuse(rule, rule_set, "quantized-site", f"{what} cannot adapt {site.path} of {model}: its weight is quantized "
+                f"({site.quantization})", f"on quantized linears use {', '.join(QUANTIZED_METHODS)} "
+                f"(init {', '.join(QUANTIZED_METHODS['lora'])}), or load the model unquantized")
+    if getattr(site.config, "bias", False):
+        _refuse(rule, rule_set, "quantized-site", f"lora(bias=true) on {site.path} of {model}: a bias of B cannot be folded "
+                f"into a quantized linear ({site.quantization})", "use lora(bias=false) on quantized linears")
+
+
+def _refuse(rule, rule_set, code: str, message: str, hint: str):
+    from surgeon.grammar.diagnostics import Diagnostic
+
     span = rule.span
     raise PlanError(Diagnostic(code, message, span, hint, file=rule_set.path,
                                source_line=rule_set.source_line(span.line) if span else None))

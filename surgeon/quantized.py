@@ -68,11 +68,24 @@ class Quantization:
 
 def _bnb_kind(module) -> str | None:
     names = {c.__name__ for c in type(module).__mro__}
-    if "Linear4bit" in names and hasattr(getattr(module, "weight", None), "quant_state"):
+    weight = getattr(module, "weight", None)
+    if "Linear4bit" in names and weight is not None:
+        if getattr(weight, "quant_state", None) is None:
+            _refuse(module, "is not quantized yet (bitsandbytes quantizes a Linear4bit when it moves to a device)",
+                    "call .to(device) on the model (the CPU counts) before compiling it")
         return "4bit"
-    if "Linear8bitLt" in names and getattr(module, "weight", None) is not None and module.weight.dtype == torch.int8:
+    if "Linear8bitLt" in names and weight is not None:
+        if weight.dtype != torch.int8:
+            _refuse(module, "keeps float16 weights (has_fp16_weights=True): it is not an 8-bit base",
+                    "load it with has_fp16_weights=False (transformers' load_in_8bit does), or as a plain model")
         return "8bit"
     return None
+
+
+def _refuse(module, why: str, hint: str):
+    from surgeon.grammar.diagnostics import ModelError
+
+    raise ModelError(f"a {type(module).__name__} ({module.in_features} -> {module.out_features}) {why}", hint=hint)
 
 
 def quantization_of(module) -> Quantization | None:
@@ -281,7 +294,7 @@ class _Linear8bitStandIn(nn.Module):
 @contextlib.contextmanager
 def quantized_stand_ins(model):
     """While inside, every bitsandbytes linear of ``model`` is its stand-in (same tensors); restored after."""
-    swapped = []
+    planned = []  # every stand-in is made (and may refuse its module) before the model is touched
     for path, module in list(model.named_modules()):
         kind = _bnb_kind(module)
         if kind is None or not path:
@@ -290,9 +303,12 @@ def quantized_stand_ins(model):
         parent = model.get_submodule(parent_path) if parent_path else model
         stand_in = _Linear4bitStandIn(module) if kind == "4bit" else _Linear8bitStandIn(module)
         stand_in.train(module.training)
-        setattr(parent, leaf, stand_in)
-        swapped.append((parent, leaf, module))
+        planned.append((parent, leaf, module, stand_in))
+    swapped = []
     try:
+        for parent, leaf, module, stand_in in planned:
+            setattr(parent, leaf, stand_in)
+            swapped.append((parent, leaf, module))
         yield bool(swapped)
     finally:
         for parent, leaf, module in reversed(swapped):
@@ -318,28 +334,34 @@ def graph_weight(gm, node) -> torch.Tensor:
     return cb.float() * (scb.float().unsqueeze(1) / 127.0)
 
 
-def dequantize_graph_site(gm, node, weight) -> None:
-    """Replace the quantized op ``node`` by ``aten.linear`` on ``weight`` (set as the site's ``weight``, in
-    the op's compute dtype), and drop the quantized tensors it read."""
+def _compute_dtype(node, default):
+    x = node.args[0]
+    return x.meta["val"].dtype if "val" in getattr(x, "meta", {}) else default
+
+
+def dequantize_graph_site(gm, nodes, weight) -> None:
+    """Replace the quantized op ``nodes`` (every call of one site) by ``aten.linear`` on ``weight`` (set as the
+    site's ``weight``, in the op's compute dtype), and drop the quantized tensors they read."""
     from surgeon.passes._graph import module_path
 
-    x = node.args[0]
-    bias = node.args[6] if node.target is torch.ops.surgeon.linear_4bit.default else node.args[3]
-    dtype = x.meta["val"].dtype if "val" in x.meta else weight.dtype
-    owner = gm.get_submodule(module_path(node))
-    readers = [a for a in node.args[1:] if getattr(a, "op", None) == "get_attr"]
+    path = module_path(nodes[0])
+    owner = gm.get_submodule(path)
+    readers = {a for node in nodes for a in node.args[1:] if getattr(a, "op", None) == "get_attr"}
     for name in [n for n in owner._buffers if n == "weight" or n.startswith("weight_")]:
         del owner._buffers[name]
-    owner.register_parameter("weight", nn.Parameter(weight.to(dtype), requires_grad=False))
+    owner.register_parameter("weight", nn.Parameter(weight.to(_compute_dtype(nodes[0], weight.dtype)), requires_grad=False))
     graph = gm.graph
-    with graph.inserting_before(node):
-        w = graph.get_attr(f"{module_path(node)}.weight")
-        linear = graph.call_function(torch.ops.aten.linear.default, (x, w, bias) if bias is not None else (x, w))
-    linear.meta.update(node.meta)
-    node.replace_all_uses_with(linear)
-    graph.erase_node(node)
+    for node in nodes:
+        x = node.args[0]
+        bias = node.args[6] if node.target is torch.ops.surgeon.linear_4bit.default else node.args[3]
+        with graph.inserting_before(node):
+            w = graph.get_attr(f"{path}.weight")
+            linear = graph.call_function(torch.ops.aten.linear.default, (x, w, bias) if bias is not None else (x, w))
+        linear.meta.update(node.meta)
+        node.replace_all_uses_with(linear)
+        graph.erase_node(node)
     for reader in readers:
-        if not reader.users and reader is not bias:
+        if not reader.users:
             graph.erase_node(reader)
 
 
@@ -351,6 +373,7 @@ def _quantize_like(weight, node, gm) -> dict:
         cb, scb, _ = bnbf.int8_vectorwise_quant(weight.to(torch.float16))
         return {"weight": cb, "weight_scb": scb}
     x, packed, shape, absmax, blocksize, quant_type, _, a8, code, offset = node.args
+    weight = weight.to(_compute_dtype(node, weight.dtype))  # as the checkpoint does (_requantized_state)
     packed_new, state = bnbf.quantize_4bit(weight, blocksize=blocksize, compress_statistics=a8 is not None,
                                            quant_type=quant_type, quant_storage=_graph_tensor(gm, packed).dtype)
     tensors = {"weight": packed_new.reshape(-1, 1)}
@@ -362,12 +385,13 @@ def _quantize_like(weight, node, gm) -> dict:
     return tensors
 
 
-def requantize_graph_site(gm, node, weight) -> None:
-    """Give the quantized op ``node`` the quantized ``weight`` instead (new tensors; the model keeps its own)."""
+def requantize_graph_site(gm, nodes, weight) -> None:
+    """Give the quantized op ``nodes`` (every call of one site) the quantized ``weight`` instead (new tensors;
+    the model keeps its own)."""
     from surgeon.passes._graph import module_path
 
-    owner = gm.get_submodule(module_path(node))
-    for name, tensor in _quantize_like(weight, node, gm).items():
+    owner = gm.get_submodule(module_path(nodes[0]))
+    for name, tensor in _quantize_like(weight, nodes[0], gm).items():
         owner.register_buffer(name, tensor)
 
 
@@ -380,7 +404,8 @@ def _requantized_state(path: str, module, weight) -> dict:
         cb, scb, _ = bnbf.int8_vectorwise_quant(weight.to(torch.float16))
         return {f"{path}.weight": cb, f"{path}.SCB": scb}
     state = module.weight.quant_state
-    packed, new_state = bnbf.quantize_4bit(weight.to(state.dtype), blocksize=state.blocksize, compress_statistics=bool(state.nested),
+    compute = module.compute_dtype or state.dtype  # the graph's requantize_graph_site quantizes from the same
+    packed, new_state = bnbf.quantize_4bit(weight.to(compute), blocksize=state.blocksize, compress_statistics=bool(state.nested),
                                            quant_type=state.quant_type, quant_storage=module.weight.dtype)
     entries = {f"{path}.weight": packed}
     entries.update({f"{path}.weight.{k}": v for k, v in new_state.as_dict(packed=True).items()})
@@ -401,6 +426,7 @@ def merged_quantized_state(model, state: dict, merged: dict, mode: str) -> dict:
     dtype and its quantization entries go, for a checkpoint without ``quantization_config``.
     "requantize": the merged ones are quantized again as bitsandbytes writes them; the others stay.
     """
+    transposed = _conv1d_paths(model) if mode == "dequantize" else set()
     for path, module in model.named_modules():
         if _bnb_kind(module) is None:
             continue
@@ -414,8 +440,24 @@ def merged_quantized_state(model, state: dict, merged: dict, mode: str) -> dict:
             state.update(_requantized_state(path, module, merged[name]))
         else:
             weight = merged[name] if name in merged else dequantized_weight(module, torch.float32)
+            weight = weight.T.contiguous() if path in transposed else weight
             state[name] = weight.to(_full_precision_dtype(model, module))
     return state
+
+
+def _conv1d_paths(model) -> set:
+    """Modules that the unquantized model class builds as transformers' Conv1D (GPT-2: weight (in, out)), which
+    bitsandbytes quantized as (out, in) linears: a full-precision checkpoint must store them transposed back."""
+    import copy
+
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "quantization_config", None) is None:
+        return set()
+    plain = copy.deepcopy(config)
+    del plain.quantization_config
+    with torch.device("meta"):
+        reference = type(model)(plain)
+    return {path for path, m in reference.named_modules() if type(m).__name__ == "Conv1D"}
 
 
 def prepare_kbit_training(model) -> int:

@@ -109,12 +109,31 @@ def test_adapter_files_both_ways_with_peft(compiled_cases, scheme, tmp_path):
         torch.testing.assert_close(again(**inputs()).logits, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_methods_that_read_the_weight_are_refused_on_quantized_sites_with_the_rule_line():
-    with pytest.raises(SurgeryError, match=r"dora cannot adapt .* quantized \(nf4") as caught:
-        plan("demo:llama-nf4", '# QLoRA\nmatch "*.self_attn.q_proj" apply dora(r=4)')
-    (found,) = caught.value.diagnostics
-    assert (found.code, found.span.line, found.span.column) == ("quantized-site", 2, 1)
-    assert "on quantized linears use lora" in found.hint
+def test_what_cannot_apply_to_quantized_sites_is_refused_with_the_rule_line(compiled_cases):
+    model = compiled_cases("nf4").base_model  # planned again: no new quantization
+    cases = [
+        ('match "*.self_attn.q_proj" apply dora(r=4)', "quantized-site", r"dora cannot adapt .* quantized \(nf4"),
+        ('match "*.self_attn.q_proj" apply lora(r=4, bias=true)', "quantized-site", r"bias of B cannot be folded"),
+        ('match "*.self_attn.q_proj" train', "quantized-train", r"cannot train .* in full"),
+        ('match "*.self_attn.q_proj" apply lora(r=4, loftq_iter=2)', "loftq-iter", r"does nothing without"),
+    ]
+    for text, code, message in cases:
+        with pytest.raises(SurgeryError, match=message) as caught:
+            plan(model, "# QLoRA\n" + text)
+        (found,) = caught.value.diagnostics
+        assert (found.code, found.span.line, found.span.column) == (code, 2, 1), text
+
+
+def test_unquantized_bitsandbytes_layers_are_refused_and_the_model_is_left_as_it_was():
+    import bitsandbytes as bnb
+
+    fresh = torch.nn.Sequential(bnb.nn.Linear4bit(16, 16, compute_dtype=torch.float32), torch.nn.ReLU())  # never moved
+    with pytest.raises(SurgeryError, match="is not quantized yet"):
+        surgeon.compile(fresh, 'match type(Linear) apply lora(r=2)', example_inputs=(torch.randn(2, 16),))
+    assert type(fresh[0]).__name__ == "Linear4bit"
+    fp16 = torch.nn.Sequential(bnb.nn.Linear8bitLt(16, 16, has_fp16_weights=True))
+    with pytest.raises(SurgeryError, match="has_fp16_weights=True"):
+        surgeon.compile(fp16, 'match type(Linear) apply lora(r=2)', example_inputs=(torch.randn(2, 16),))
 
 
 @pytest.mark.parametrize("scheme", ["nf4", "int8"])
@@ -146,8 +165,17 @@ def test_folds_merge_in_full_precision_or_requantize_with_the_error_reported(com
         tolerance = 5e-2 * unmerged.abs().max().item() if (scheme, mode) == ("int8", "dequantize") else 1e-4
         with torch.no_grad():
             torch.testing.assert_close(reloaded(**inputs()).logits, graph(**inputs(), use_cache=False).logits, rtol=1e-4, atol=tolerance)
-    with pytest.raises(SurgeryError, match="in place: its weight is quantized"):
+    before = {k: v.clone() for k, v in compiled.base_model.state_dict().items()}
+    with pytest.raises(SurgeryError, match="cannot fold in place: 16 adapted sites have quantized weights"):
         compiled.fold(inplace=True)
+    assert all(torch.equal(v, before[k]) for k, v in compiled.base_model.state_dict().items())  # refused before any write
+    # chosen adapter strengths: the reference is the graph with those gates, for the check and the report
+    half = compiled.fold(kwargs=inputs(), adapters={"default": 0.5})
+    with torch.no_grad():
+        compiled.set_gates({"default": 0.5})
+        gated = compiled(**inputs()).logits
+        compiled.set_gates({"default": 1.0})
+        assert compiled.fold_report["max_abs_output_difference"] == (half(**inputs(), use_cache=False).logits - gated).abs().max().item()
 
 
 def test_loftq_brings_the_4bit_model_closer_to_full_precision(compiled_cases):
