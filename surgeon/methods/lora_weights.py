@@ -150,8 +150,14 @@ class LoraWeights(SiteAdapter):
         return None, graph.call(aten.add.Tensor, (y, s), "out")
 
     def fold(self, weight, bias, kind: str):
-        delta = self.delta(weight.dtype)
-        weight = weight + (delta.T if kind in ("hf_conv1d", "embedding") else delta)
+        if kind in ("linear", "hf_conv1d", "embedding") and not getattr(self, "residual", False):
+            # one pass over W: W + s B A (or its transpose) as a single addmm, no (out, in) temporaries
+            a, b = self.lora_A.to(weight.dtype), self.lora_B.to(weight.dtype)
+            pair = (b, a) if kind == "linear" else (a.T, b.T)
+            weight = torch.addmm(weight, *pair, alpha=self.scale)
+        else:
+            delta = self.delta(weight.dtype)
+            weight = weight + (delta.T if kind in ("hf_conv1d", "embedding") else delta)
         if self.lora_B_bias is not None:
             if bias is None:
                 from surgeon.passes import FoldError
