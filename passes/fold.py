@@ -139,7 +139,7 @@ def fold_adapters(insertions, *, inplace: bool = False, originals: dict | None =
 def _fold_quantized(gm, nodes, specs, weights: dict, inplace: bool, quantized: str) -> None:
     """Every call (``nodes``) of a quantized site: merged in float32 from the dequantized weight, then made a plain
     linear or quantized again (surgeon/quantized.py). LoRA biases are refused at planning on such sites."""
-    from surgeon.quantized import dequantize_graph_site, graph_weight, requantize_graph_site
+    from surgeon.quantized_merge import dequantize_graph_site, graph_weight, requantize_graph_site
 
     path = specs[0].path
     if inplace:

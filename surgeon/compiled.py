@@ -89,6 +89,7 @@ class Compiled(AdapterSwitching, Folding, nn.Module):
 
     def _build(self, plan: Plan, adapter_dtype=None) -> None:
         """Create the parameters of every site and trained module of ``plan`` not made yet."""
+        conv1d = None  # GPT-2 Conv1D paths of a quantized model, found once (LoftQ only)
         for site in plan.sites:
             if site.adapter in self.adapters and site_key(site.path) in self.adapters[site.adapter]:
                 continue
@@ -104,7 +105,11 @@ class Compiled(AdapterSwitching, Folding, nn.Module):
             module = group[site_key(site.path)]
             module.site_path, module.tied_with = site.path, tuple(site.tied_with)
             if getattr(site.config, "init", None) == "loftq":
-                self._loftq(site, module)
+                if conv1d is None:
+                    from .quantized_merge import conv1d_paths
+
+                    conv1d = conv1d_paths(self.base_model)
+                self._loftq(site, module, transposed=site.path in conv1d)
             self.adapters[site.adapter] = group
         for t in plan.trained:
             if site_key(t.path) in self.trained:
@@ -275,8 +280,9 @@ class Compiled(AdapterSwitching, Folding, nn.Module):
         """Forget every captured graph (after adapters were added, removed or replaced)."""
         self._graphs.clear()
 
-    def _loftq(self, site, module) -> None:
-        """LoftQ's start for a LoRA site on a quantized weight (surgeon/loftq.py)."""
+    def _loftq(self, site, module, transposed: bool) -> None:
+        """LoftQ's start for a LoRA site on a quantized weight (surgeon/loftq.py); ``transposed``: the full-precision
+        weight is stored (in, out) (GPT-2's Conv1D, which bitsandbytes quantized as (out, in))."""
         from surgeon.grammar.diagnostics import PlanError
 
         from .loftq import loftq_start
@@ -285,11 +291,8 @@ class Compiled(AdapterSwitching, Folding, nn.Module):
         if source is None:
             raise PlanError(f"lora(init=\"loftq\") on {site.path} needs the model's unquantized weights",
                             hint="surgeon.compile(model, rules, full_precision=<the unquantized model, state dict or folder>)")
-        from .quantized import _conv1d_paths
-
         weight = source(f"{site.path}.weight")
-        if site.path in _conv1d_paths(self.base_model):  # GPT-2's Conv1D stores (in, out); bitsandbytes quantized (out, in)
-            weight = weight.T
+        weight = weight.T if transposed else weight
         self.loftq_report[site.path] = loftq_start(module, self.base_model.get_submodule(site.path), weight, site.config.loftq_iter)
 
     # --- hooks for eager use ---------------------------------------------------------------

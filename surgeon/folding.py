@@ -38,7 +38,7 @@ class Folding:
         adds error; not verified). After such a fold ``fold_report`` gives the
         folded graph's max and mean absolute output difference from the unfolded one.
         """
-        from surgeon.quantized import QUANTIZED_MERGES
+        from surgeon.quantized_merge import QUANTIZED_MERGES
 
         if quantized not in QUANTIZED_MERGES:
             raise ValueError(f"quantized must be one of {QUANTIZED_MERGES}, not {quantized!r}")
@@ -111,7 +111,8 @@ class Folding:
         "requantize" quantizes the merged ones again with their own scheme.
         """
         from surgeon.passes.fold import fold_weighted
-        from surgeon.quantized import QUANTIZED_MERGES, dequantized_weight, merged_quantized_state
+        from surgeon.quantized import dequantized_weight
+        from surgeon.quantized_merge import QUANTIZED_MERGES, merged_quantized_state
 
         if quantized not in QUANTIZED_MERGES:
             raise ValueError(f"quantized must be one of {QUANTIZED_MERGES}, not {quantized!r}")

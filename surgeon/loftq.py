@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .quantized import _bnb_kind, _int8_state, dequantized_weight
+from .quantized import _bnb_kind, _int8_state, dequantized_weight, quantize_like
 
 __all__ = ["loftq_start"]
 
@@ -33,17 +33,14 @@ def _low_rank(residual: torch.Tensor, r: int) -> tuple:
 def _requantize_into(module, weight: torch.Tensor) -> torch.Tensor:
     """Quantize ``weight`` with the module's scheme into the module's own tensors (in place, so every graph
     sharing them sees it); returns the new dequantized weight (float32)."""
-    import bitsandbytes.functional as bnbf
-
     if _bnb_kind(module) == "8bit":
         cb, scb = _int8_state(module)
-        new_cb, new_scb, _ = bnbf.int8_vectorwise_quant(weight.to(torch.float16))
+        new_cb, new_scb = quantize_like(module, weight)
         cb.copy_(new_cb)
         scb.copy_(new_scb)
     else:
         state = module.weight.quant_state
-        packed, new = bnbf.quantize_4bit(weight.to(state.dtype), blocksize=state.blocksize, compress_statistics=bool(state.nested),
-                                         quant_type=state.quant_type, quant_storage=module.weight.dtype)
+        packed, new = quantize_like(module, weight, state.dtype)
         module.weight.data.copy_(packed.reshape(module.weight.shape))
         state.absmax.copy_(new.absmax)
         if state.nested:

@@ -58,9 +58,8 @@ def test_the_wrapper_refuses_what_the_kernel_cannot_take():
         lora_linear_triton(x, w, b, a, bb[:, :3], s)
 
 
-def test_a_compiled_model_lowered_to_the_kernels_equals_the_torch_graph():
-    rules = 'match "*.self_attn.{q,v}_proj" apply lora(r=4, alpha=8)\nmatch "*.self_attn.o_proj" apply dora(r=4, alpha=8)\nmatch "*.mlp.up_proj" apply ia3()'
-    batch = {"input_ids": torch.arange(14).reshape(2, 7) * 5 + 3, "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+def _fused_and_plain(rules):
+    """The demo Llama compiled with the kernels and with torch ops, the same random adapter weights in both."""
     fused = surgeon.compile("demo:llama", rules, kernels="triton").eval()
     plain = surgeon.compile("demo:llama", rules, kernels="torch").eval()
     with torch.no_grad():
@@ -68,6 +67,13 @@ def test_a_compiled_model_lowered_to_the_kernels_equals_the_torch_graph():
             for x, y in zip(f.parameters(), p.parameters()):
                 x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(x.numel())) * 0.2)
                 y.copy_(x)
+    return fused, plain
+
+
+def test_a_compiled_model_lowered_to_the_kernels_equals_the_torch_graph():
+    rules = 'match "*.self_attn.{q,v}_proj" apply lora(r=4, alpha=8)\nmatch "*.self_attn.o_proj" apply dora(r=4, alpha=8)\nmatch "*.mlp.up_proj" apply ia3()'
+    batch = {"input_ids": torch.arange(14).reshape(2, 7) * 5 + 3, "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    fused, plain = _fused_and_plain(rules)
     graph = fused.graph(**batch)
     calls = [n for n in graph.graph.nodes if n.target is torch.ops.surgeon.lora_linear.default]
     assert len(calls) == 8  # q and v of 4 layers; ia3 stays plain aten ops
@@ -140,13 +146,7 @@ def test_a_routed_graph_lowered_to_the_routed_kernels_equals_the_torch_graph():
              'adapter "b" { match "*.self_attn.q_proj" apply lora(r=2)\n match "*.mlp.up_proj" apply ia3() }\n')
     batch = {"input_ids": torch.arange(21).reshape(3, 7) * 5 + 3, "attention_mask": torch.ones(3, 7, dtype=torch.long)}
     ids = torch.tensor([1, -1, 0])
-    fused = surgeon.compile("demo:llama", rules, kernels="triton").eval()
-    plain = surgeon.compile("demo:llama", rules, kernels="torch").eval()
-    with torch.no_grad():
-        for (_, _, f), (_, _, p) in zip(fused.sites(), plain.sites()):
-            for x, y in zip(f.parameters(), p.parameters()):
-                x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(x.numel())) * 0.2)
-                y.copy_(x)
+    fused, plain = _fused_and_plain(rules)
     graph = fused.graph(**batch, adapter_ids=ids)
     calls = [n for n in graph.graph.nodes if n.target is torch.ops.surgeon.routed_lora_linear.default]
     assert len(calls) == 8  # q (a and b) and v (a) in 4 layers; ia3 stays aten ops

@@ -17,9 +17,10 @@ def randomize_adapters(compiled, seed: int = 0) -> None:
                 weights.lora_B_bias.copy_(torch.randn(weights.lora_B_bias.shape, generator=generator) * 0.1)
 
 
-def peft_twin(compiled, demo: str, **lora_kwargs):
-    """A PEFT model on a fresh copy of the same base weights, with the compiled model's adapter weights copied in."""
-    model = get_peft_model(build_demo(demo), LoraConfig(**lora_kwargs))
+def peft_twin(compiled, demo, **lora_kwargs):
+    """A PEFT model on a fresh copy of the same base weights (the demo named ``demo``, or the model ``demo``),
+    with the compiled model's adapter weights copied in."""
+    model = get_peft_model(build_demo(demo) if isinstance(demo, str) else demo, LoraConfig(**lora_kwargs))
     modules = dict(model.named_modules())
     with torch.no_grad():
         for _, path, weights in compiled.sites():

@@ -5,14 +5,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 
 import surgeon
 from surgeon.api import plan
 from surgeon.demos import build_quantized_demo
 from surgeon.grammar import SurgeryError
 
-from ._peft_reference import inputs, randomize_adapters
+from ._peft_reference import inputs, peft_twin, randomize_adapters
 
 RULES = 'match "*.self_attn.{q,v,o}_proj", "*.mlp.down_proj" apply lora(r=4, alpha=8)'
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
@@ -34,15 +34,8 @@ def compiled_cases():
     return get
 
 
-def _peft_twin(compiled, scheme):
-    reference = get_peft_model(build_quantized_demo("llama", scheme), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
-    modules = dict(reference.named_modules())
-    with torch.no_grad():
-        for _, path, weights in compiled.sites():
-            layer = modules[f"base_model.model.{path}"]
-            layer.lora_A["default"].weight.copy_(weights.lora_A)
-            layer.lora_B["default"].weight.copy_(weights.lora_B)
-    return reference.eval()
+def _peft_twin(compiled, base):
+    return peft_twin(compiled, base, r=4, lora_alpha=8, target_modules=TARGETS).eval()
 
 
 @pytest.mark.parametrize("scheme", sorted(TOLERANCE))
@@ -50,7 +43,7 @@ def test_quantized_lora_equals_pefts_qlora_logits_and_gradients(compiled_cases, 
     compiled = compiled_cases(scheme)
     site = compiled.plan.sites[0]
     assert site.quantization.startswith(scheme.split("-")[0]) and site.module_type in ("Linear4bit", "Linear8bitLt")
-    reference = _peft_twin(compiled, scheme)
+    reference = _peft_twin(compiled, build_quantized_demo("llama", scheme))
     rtol, atol = TOLERANCE[scheme]
     ours, theirs = compiled(**inputs()).logits, reference(**inputs()).logits
     torch.testing.assert_close(ours, theirs, rtol=rtol, atol=atol * theirs.abs().max().item())
@@ -237,12 +230,8 @@ def test_kbit_training_preparation_equals_pefts_on_a_bf16_qlora_model():
     randomize_adapters(compiled, seed=3)
     assert compiled.base_model.model.norm.weight.dtype == torch.float32
     model = prepare_model_for_kbit_training(build_quantized_demo("llama", "nf4-dq-bf16"), use_gradient_checkpointing=False)
-    reference = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)).eval()
+    reference = _peft_twin(compiled, model)
     modules = dict(reference.named_modules())
-    with torch.no_grad():
-        for _, path, weights in compiled.sites():
-            modules[f"base_model.model.{path}"].lora_A["default"].weight.copy_(weights.lora_A)
-            modules[f"base_model.model.{path}"].lora_B["default"].weight.copy_(weights.lora_B)
     assert reference.base_model.model.model.norm.weight.dtype == torch.float32
     ours, theirs = compiled(**inputs()).logits, reference(**inputs()).logits
     assert ours.dtype == theirs.dtype == torch.float32
