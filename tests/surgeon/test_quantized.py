@@ -103,7 +103,7 @@ def test_adapter_files_both_ways_with_peft(compiled_cases, scheme, tmp_path):
 
 
 def test_what_cannot_apply_to_quantized_sites_is_refused_with_the_rule_line(compiled_cases):
-    model = compiled_cases("nf4").base_model  # planned again: no new quantization
+    captured = surgeon.capture_model(compiled_cases("nf4").base_model)  # planned again: no new quantization
     cases = [
         ('match "*.self_attn.q_proj" apply dora(r=4)', "quantized-site", r"dora cannot adapt .* quantized \(nf4"),
         ('match "*.self_attn.q_proj" apply lora(r=4, bias=true)', "quantized-site", r"bias of B cannot be folded"),
@@ -112,7 +112,7 @@ def test_what_cannot_apply_to_quantized_sites_is_refused_with_the_rule_line(comp
     ]
     for text, code, message in cases:
         with pytest.raises(SurgeryError, match=message) as caught:
-            plan(model, "# QLoRA\n" + text)
+            plan(captured, "# QLoRA\n" + text)
         (found,) = caught.value.diagnostics
         assert (found.code, found.span.line, found.span.column) == (code, 2, 1), text
 
