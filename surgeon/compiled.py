@@ -29,6 +29,7 @@ from surgeon.passes import Insertion, Pipeline, insert_adapters
 from surgeon.passes.insert import ROUTING_INPUT, Gates
 from surgeon.passes.lower import lower_adapters
 
+from .distributed import bindings, check_sharding, is_sharded, rebind
 from .export import bind_program, export_program, widen_inputs
 from .methods.adapter import SiteAdapter, adapter_class
 from .plan import Plan
@@ -256,7 +257,9 @@ class Compiled(AdapterSwitching, Folding, nn.Module):
         if lowered:
             core["lower"] = [lower_adapters(routed=routed)]
         pipeline = Pipeline.with_points(core, self.user_passes)
-        return pipeline.run(gm, lint=self.lint).graph_module
+        gm = pipeline.run(gm, lint=self.lint).graph_module
+        gm.meta["surgeon_bindings"] = bindings(self, gm)  # which module owns each tensor (FSDP2 swaps them)
+        return gm
 
     def forward(self, *args, **kwargs):
         """Call the adapted model like the base model (the graph for this signature is captured on first use).
@@ -267,7 +270,11 @@ class Compiled(AdapterSwitching, Folding, nn.Module):
         kwargs = self._with_defaults(kwargs)
         if ROUTING_INPUT in kwargs:
             kwargs[ROUTING_INPUT] = self._checked_ids(kwargs[ROUTING_INPUT], args, kwargs)
-        return self.graph(*args, **kwargs)(*args, **kwargs)
+        graph = self.graph(*args, **kwargs)
+        if is_sharded(self):  # FSDP2 gathered the parameters into new tensors: the graph reads those
+            check_sharding(self)
+            rebind(graph.meta["surgeon_bindings"])
+        return graph(*args, **kwargs)
 
     def _apply(self, fn, *args, **kwargs):
         result = super()._apply(fn, *args, **kwargs)

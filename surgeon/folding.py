@@ -15,6 +15,7 @@ import torch
 from surgeon.passes import Insertion, Pipeline, copy_graph_module, fold_adapters, unfold_inplace, verify_fold
 from surgeon.passes.fold import merge_dtype, output_difference
 
+from .distributed import refuse_sharded
 from .switching import fold_trained_modules
 
 __all__ = ["Folding"]
@@ -38,6 +39,7 @@ class Folding:
         adds error; not verified). After such a fold ``fold_report`` gives the
         folded graph's max and mean absolute output difference from the unfolded one.
         """
+        refuse_sharded(self, "fold")
         from surgeon.quantized_merge import QUANTIZED_MERGES
 
         if quantized not in QUANTIZED_MERGES:
@@ -110,6 +112,7 @@ class Folding:
         ``quantized`` = "dequantize" gives every one of them in full precision (no quantization left),
         "requantize" quantizes the merged ones again with their own scheme.
         """
+        refuse_sharded(self, "merged_state_dict")
         from surgeon.passes.fold import fold_weighted
         from surgeon.quantized import dequantized_weight
         from surgeon.quantized_merge import QUANTIZED_MERGES, merged_quantized_state

@@ -16,12 +16,17 @@ from pathlib import Path
 
 from surgeon.grammar.diagnostics import SurgeryError
 
+from surgeon.distributed import refuse_sharded, writes_files
+
 from .atomic import output_folder
 
 __all__ = ["save_merged"]
 
 
 def save_merged(compiled, directory, adapters: dict | None = None, quantized: str = "dequantize") -> None:
+    refuse_sharded(compiled, "save_pretrained")
+    if not writes_files():  # in a process group, rank 0 writes
+        return
     model = compiled.base_model
     if not hasattr(model, "save_pretrained"):
         raise SurgeryError(

@@ -21,6 +21,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from surgeon.distributed import gathered, writes_files
 from surgeon.grammar import DEFAULT_ADAPTER, parse
 from surgeon.methods._registry import method_names
 from surgeon.methods.adapter import adapter_class, peft_reader
@@ -89,7 +90,7 @@ def _tensors(compiled, adapter: str, method: str | None = None, trained: bool = 
     """(PEFT keys -> tensors, site shapes) for one adapter, or for its sites of one method."""
     tensors, shapes = {}, {}
     for key, tensor in _expected(compiled, adapter, method, trained, saving=True).items():
-        tensors[key] = tensor.detach()
+        tensors[key] = gathered(tensor.detach())
     for site in compiled.plan.sites:
         if site.adapter == adapter and method in (None, site.method):
             shapes[site.path] = compiled.base_model.get_submodule(site.path).weight.shape
@@ -134,7 +135,8 @@ def save_adapter(compiled, directory, adapters=None) -> None:
     PEFT adapter (the ``train`` modules go with the first). PEFT loads each part
     on its own; surgeon loads the whole.
     """
-    directory = output_folder(directory)
+    writes = writes_files()  # in a process group every rank gathers (FSDP shards), rank 0 writes
+    directory = output_folder(directory) if writes else Path(directory)
     for adapter in adapters or compiled.rules.adapter_names:
         folder = _folder(directory, adapter)
         rules = "".join(f"{rule}\n" for rule in compiled.rules.adapter(adapter).rules)
@@ -142,14 +144,18 @@ def save_adapter(compiled, directory, adapters=None) -> None:
         if len(parts) <= 1:
             tensors, shapes = _tensors(compiled, adapter)
             metadata = {"format": "pt", "surgeon_rules": rules, "surgeon_fingerprint": fingerprint(shapes)}
-            _write(folder, peft_config(compiled, adapter), tensors, metadata)
+            if writes:
+                _write(folder, peft_config(compiled, adapter), tensors, metadata)
             continue
         everything = {}
         for i, method in enumerate(parts):
             tensors, shapes = _tensors(compiled, adapter, method, trained=i == 0)  # train modules go with the first part
             metadata = {"format": "pt", "surgeon_fingerprint": fingerprint(shapes)}
-            _write(folder / MIXTURE_PARTS / method, peft_config(compiled, adapter, method), tensors, metadata)
+            if writes:
+                _write(folder / MIXTURE_PARTS / method, peft_config(compiled, adapter, method), tensors, metadata)
             everything.update(shapes)
+        if not writes:
+            continue
         config = {
             "peft_type": MIXTURE,
             "format_version": 1,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from surgeon.distributed import refuse_sharded, writes_files
 from surgeon.grammar.diagnostics import SurgeryError
 
 from .atomic import atomic_path, output_folder
@@ -23,6 +24,9 @@ def export_program_file(compiled, path, *, fold: bool = True, args: tuple = (), 
 
     from surgeon.export import dynamic_shapes, widen_inputs
 
+    refuse_sharded(compiled, "export")
+    if not writes_files():  # in a process group, rank 0 writes
+        return
     path = Path(path)
     if path.is_dir():
         raise SurgeryError(f"cannot write the program to {path}: it is a folder", hint="give a file name ending in .pt2")
