@@ -27,6 +27,7 @@ from .rules import (
     Skip,
     Train,
     TypeSelector,
+    RoleSelector,
     TypeTest,
 )
 
@@ -45,6 +46,7 @@ __all__ = [
     "GlobSelector",
     "RegexSelector",
     "TypeSelector",
+    "RoleSelector",
     "Comparison",
     "InRange",
     "InList",

@@ -96,6 +96,10 @@ class BuildRules(Transformer):
         name, quoted, span = self._type_name(children)
         return ir.TypeSelector(name, quoted, span=span)
 
+    def role_selector(self, meta, children):
+        names = [t for t in children if getattr(t, "type", None) == "ROLE_NAME"]
+        return ir.RoleSelector(tuple(t.value for t in names), span=span_of(meta), name_spans=tuple(span_of(t) for t in names))
+
     # predicates
     def comparison(self, meta, children):
         field, op, value = children

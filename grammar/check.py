@@ -10,6 +10,7 @@ stops the others.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import re
 from dataclasses import replace
@@ -19,7 +20,7 @@ from . import rules as ir
 from .diagnostics import Diagnostic, Span, closest
 from .glob import GlobError, compile_glob
 from .signature import MethodSignature
-from .vocabulary import MERGE_OPTIONS, MERGE_TYPES, MODULE_TYPES, PREDICATE_FIELDS
+from .vocabulary import MERGE_OPTIONS, MERGE_TYPES, MODULE_TYPES, PREDICATE_FIELDS, ROLES
 
 __all__ = ["check_rules", "default_methods"]
 
@@ -150,6 +151,12 @@ class _Checker:
             except re.error as exc:
                 span = selector.span.sub(3 + exc.pos, 1) if exc.pos is not None and selector.span else selector.span
                 self.error("bad-regex", f"invalid regex: {exc.msg}", span, "the regex must match the whole module path")
+        elif isinstance(selector, ir.RoleSelector):
+            for i, pattern in enumerate(selector.roles):
+                if not any(fnmatch.fnmatchcase(role, pattern) for role in ROLES):
+                    span = selector.name_spans[i] if i < len(selector.name_spans) else selector.span
+                    listing = f"roles: {', '.join(ROLES)}"
+                    self.error("unknown-role", f"unknown role '{pattern}'", span, _suggest(pattern, ROLES, listing))
         else:
             self.type_name(selector.name, selector.quoted, selector.span)
 

@@ -25,7 +25,8 @@ from .signature import MethodSignature
 __all__ = ["parse", "load_rules", "parse_unchecked", "TERMINAL_WORDS", "KEYWORDS"]
 
 KEYWORDS = (
-    "match", "where", "apply", "skip", "train", "adapter", "merge", "type", "name", "and", "or", "not", "in", "true", "false",
+    "match", "where", "apply", "skip", "train", "adapter", "merge", "type", "role", "name", "and", "or", "not", "in", "true",
+    "false",
 )
 
 # How each terminal is named in a diagnostic ("expected a quoted glob, ...").
@@ -50,12 +51,13 @@ TERMINAL_WORDS = {
     "COMMENT": "a comment",
     "WS": "white space",
     "NAME_TEST": "'name'",
+    "ROLE_NAME": "a role (attn.q, mlp.*, ...)",
     **{k.upper(): f"'{k}'" for k in KEYWORDS if k != "name"},
 }
 _VALUE_TERMINALS = {"INT", "FLOAT", "STRING", "TRUE", "FALSE", "LSQB"}
 # Order in which expected terminals are listed: the likeliest fix first.
 _ORDER = [
-    "APPLY", "SKIP", "TRAIN", "WHERE", "MATCH", "ADAPTER", "MERGE", "STRING", "REGEX", "TYPE", "NAME", "NAME_TEST", "NOT",
+    "APPLY", "SKIP", "TRAIN", "WHERE", "MATCH", "ADAPTER", "MERGE", "STRING", "REGEX", "TYPE", "ROLE", "ROLE_NAME", "NAME", "NAME_TEST", "NOT",
     "LPAR", "INT", "FLOAT", "TRUE", "FALSE", "LSQB", "COMPARE", "IN", "RANGE", "EQUALS", "AND", "OR", "COMMA",
     "RPAR", "RSQB", "LBRACE", "RBRACE", "_NL", "$END",
 ]

@@ -12,6 +12,7 @@ one in the file wins, whatever its action (``apply``, ``skip`` or ``train``).
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import re
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ __all__ = [
     "GlobSelector",
     "RegexSelector",
     "TypeSelector",
+    "RoleSelector",
     "Selector",
     "Comparison",
     "InRange",
@@ -134,7 +136,22 @@ class TypeSelector:
         return f"type({_quote(self.name) if self.quoted else self.name})"
 
 
-Selector = Union[GlobSelector, RegexSelector, TypeSelector]
+@dataclass(frozen=True)
+class RoleSelector:
+    """``role(attn.q, mlp.*)``: sites whose dataflow role (surgeon/roles.py) is one of these; ``*`` is any word."""
+
+    roles: tuple
+    span: Span | None = _no_span()
+    name_spans: tuple = field(default=(), compare=False, repr=False)  # where each role is written
+
+    def matches_role(self, role: str | None) -> bool:
+        return role is not None and any(fnmatch.fnmatchcase(role, pattern) for pattern in self.roles)
+
+    def __str__(self) -> str:
+        return f"role({', '.join(self.roles)})"
+
+
+Selector = Union[GlobSelector, RegexSelector, TypeSelector, RoleSelector]
 
 
 # --- predicates: the `where` clause ---------------------------------------------

@@ -8,7 +8,7 @@ then checked against the model, not against this list.
 
 from __future__ import annotations
 
-__all__ = ["PREDICATE_FIELDS", "MODULE_TYPES", "MERGE_TYPES", "MERGE_OPTIONS"]
+__all__ = ["PREDICATE_FIELDS", "MODULE_TYPES", "MERGE_TYPES", "MERGE_OPTIONS", "ROLES"]
 
 # field -> what it means (all are numbers; a module without the property never matches).
 PREDICATE_FIELDS = {
@@ -17,6 +17,30 @@ PREDICATE_FIELDS = {
     "in_features": "input width of a linear, Conv1D or convolution (in_channels), or an embedding's vocabulary size",
     "out_features": "output width of a linear, Conv1D or convolution (out_channels), or an embedding's dimension",
     "params": "number of parameters of the module, its children's included",
+}
+
+# role(...): what a site does, read from the graph's dataflow (surgeon/roles.py says how each is found).
+ROLES = {
+    "attn.q": "the query projection of a self-attention",
+    "attn.k": "the key projection of a self-attention",
+    "attn.v": "the value projection of a self-attention",
+    "attn.qkv": "one projection feeding query, key and value (GPT-2's c_attn, GPT-NeoX's query_key_value)",
+    "attn.out": "the projection of the attention's output",
+    "cross_attn.q": "the query projection of a cross-attention (a decoder attending to an encoder)",
+    "cross_attn.k": "the key projection of a cross-attention",
+    "cross_attn.v": "the value projection of a cross-attention",
+    "cross_attn.kv": "one projection feeding a cross-attention's key and value",
+    "cross_attn.qkv": "one projection feeding a cross-attention's query, key and value",
+    "cross_attn.out": "the projection of a cross-attention's output",
+    "mlp.gate": "the gated MLP's projection that goes through the activation",
+    "mlp.up": "the MLP's other input projection (the only one of an ungated MLP)",
+    "mlp.gate_up": "one projection holding a gated MLP's gate and up halves (Phi-3's gate_up_proj)",
+    "mlp.down": "the MLP's output projection",
+    "embed": "the embedding of the model's input (tokens, or image patches)",
+    "embed.extra": "other embeddings (positions, token types, relative position biases)",
+    "lm_head": "the output projection onto the token vocabulary",
+    "head": "other output projections after the last attention (classifiers, poolers)",
+    "norm": "a normalization module (LayerNorm, RMSNorm): for train rules",
 }
 
 # Class names that type(...) accepts unquoted, by the library that defines them.

@@ -21,7 +21,9 @@ def _shape(shape) -> str:
 
 def module_table(captured, paths) -> Table:
     table = Table(title=Text(f"{captured.model.name} ({type(captured.model.module).__name__})"), title_justify="left")
-    for name, justify in (("path", "left"), ("type", "left"), ("site", "left"), ("weight", "right"), ("params", "right"), ("layer", "right")):
+    columns = (("path", "left"), ("type", "left"), ("site", "left"), ("role", "left"), ("weight", "right"), ("params", "right"),
+               ("layer", "right"))
+    for name, justify in columns:
         table.add_column(name, justify=justify, no_wrap=name == "path")
     for path in paths:
         info = captured.modules[path]
@@ -31,7 +33,7 @@ def module_table(captured, paths) -> Table:
             kind += f" (tied: {', '.join(site.tied_with)})"
         layer = "" if info.layer is None else str(info.layer)
         type_name = info.type_name + (f" ({info.quantization})" if info.quantization else "")
-        table.add_row(path, type_name, kind, _shape(info.weight_shape), human_count(info.params), layer)
+        table.add_row(path, type_name, kind, info.role or "", _shape(info.weight_shape), human_count(info.params), layer)
     return table
 
 

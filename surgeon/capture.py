@@ -53,6 +53,7 @@ class ModuleInfo:
     weight_shape: tuple | None = None
     dtype: str | None = None
     quantization: str | None = None  # bitsandbytes' storage of the weight (surgeon.quantized.Quantization)
+    role: str | None = None  # what it does, from the dataflow (surgeon/roles.py): sites and norms; "unknown" if undecided
 
     def field(self, name: str):
         return getattr(self, name)
@@ -102,9 +103,20 @@ def capture(opened: OpenedModel) -> Captured:
     captured.ties = _ties(model)
     captured.modules = module_table(model)
     captured.sites = _sites(program, captured.modules, captured.ties)
+    captured.modules = _with_roles(program, captured.modules, captured.sites)
     captured.total_params = _count(model.parameters())
     captured.seconds = time.perf_counter() - started
     return captured
+
+
+def _with_roles(program, modules: dict, sites: dict) -> dict:
+    from dataclasses import replace
+
+    from .roles import norm_modules, site_roles
+
+    roles = site_roles(program, sites)
+    roles.update({path: "norm" for path in norm_modules(program, modules) if path not in roles})
+    return {path: replace(info, role=roles[path]) if path in roles else info for path, info in modules.items()}
 
 
 def _layer(path: str) -> int | None:

@@ -207,6 +207,7 @@ def _inspect_json(captured, paths) -> dict:
                 "path": path,
                 "type": info.type_name,
                 "site": site.kind if site else None,
+                "role": info.role,
                 "weight_shape": list(info.weight_shape) if info.weight_shape else None,
                 "params": info.params,
                 "layer": info.layer,

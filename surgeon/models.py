@@ -291,6 +291,8 @@ def hugging_face_inputs(model, config, batch: int = 2, seq: int = 8) -> dict:
             kwargs["attention_mask"] = torch.ones_like(ids)
         if "labels" in parameters and type(model).__name__.endswith(_LM_HEAD_SUFFIXES):
             kwargs["labels"] = ids.clone()
+        if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in parameters:
+            kwargs["decoder_input_ids"] = ids.clone()  # an encoder-decoder (T5, BART) runs both stacks
     if "use_cache" in parameters:
         kwargs["use_cache"] = False
     return kwargs

@@ -75,6 +75,8 @@ def _selects(selector, info) -> bool:
         return compile_glob(selector.pattern).fullmatch(info.path) is not None
     if isinstance(selector, ir.RegexSelector):
         return re.fullmatch(selector.pattern, info.path) is not None
+    if isinstance(selector, ir.RoleSelector):
+        return selector.matches_role(info.role)
     return selector.name in info.type_names
 
 
@@ -191,12 +193,29 @@ def _no_match(rule: ir.Rule, modules: dict, sites: dict, where) -> Diagnostic:
             f"no module matched by {selectors} satisfies 'where {rule.where}' ({len(selected)} modules were tested)",
             f"among those modules {ranges}" if ranges else "check the where clause",
         )
+    if any(isinstance(s, ir.RoleSelector) for s in rule.selectors):
+        return where("no-match", f"this rule matches no module of the model: {selectors}", _role_hint(modules))
     words = _words(rule)
     closest = _closest_paths(words, list(modules))
     message = f"this rule matches no module of the model: {selectors}"
     if closest:
         message += f"; closest module paths: {', '.join(closest)}"
     return where("no-match", message, _synonym_hint(words, sites, modules, rule))
+
+
+def _role_hint(modules: dict) -> str:
+    """The roles this model's sites have, and the sites the dataflow analysis could not decide."""
+    counts: dict = {}
+    for info in modules.values():
+        if info.role is not None:
+            counts[info.role] = counts.get(info.role, 0) + 1
+    unknown = [p for p, i in modules.items() if i.role == "unknown"]
+    found = ", ".join(f"{r} x{c}" if c > 1 else r for r, c in counts.items() if r != "unknown")
+    hint = f"roles found in this model: {found}" if found else "no site of this model has a known role"
+    if unknown:
+        hint += (f"; {len(unknown)} sites are 'unknown' (e.g. {unknown[0]}): their dataflow matches no attention, "
+                 "MLP, embedding or head the analysis knows; select them by path")
+    return hint
 
 
 def _field_ranges(predicate, infos) -> str:
@@ -272,6 +291,8 @@ def _synonym_hint(words: list, sites: dict, modules: dict, rule: ir.Rule) -> str
                 others = [leaf for leaf in group if leaf in leaves and leaf != word]
                 if others:
                     examples = ", ".join(f"{leaf} (e.g. {leaves[leaf]})" for leaf in others[:3])
-                    return f"this model has no '{word}'; it has {examples}"
+                    roles = sorted({modules[leaves[leaf]].role for leaf in others[:3]} - {None, "unknown"})
+                    portable = f"; role({', '.join(roles)}) selects them by what they do, on any architecture" if roles else ""
+                    return f"this model has no '{word}'; it has {examples}{portable}"
     names = sorted(leaves)
     return f"the adaptable modules of this model end in: {', '.join(names[:12])}{', ...' if len(names) > 12 else ''}"

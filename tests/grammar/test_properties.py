@@ -26,10 +26,11 @@ from surgeon.grammar import (
     SurgeryError,
     Train,
     TypeSelector,
+    RoleSelector,
     TypeTest,
     parse,
 )
-from surgeon.grammar.vocabulary import MODULE_TYPES, PREDICATE_FIELDS
+from surgeon.grammar.vocabulary import MODULE_TYPES, PREDICATE_FIELDS, ROLES
 
 GOOD_TEXTS = [p.read_text() for p in sorted((Path(__file__).parent / "golden" / "good").glob("*.surgery"))]
 SURGERY_ALPHABET = string.ascii_letters[:12] + string.digits[:4] + ' \t\n"#(){}[],.=<>!*?\\-_re'
@@ -126,6 +127,7 @@ selectors = st.one_of(
     globs().map(GlobSelector),
     regexes.map(RegexSelector),
     type_names.map(lambda t: TypeSelector(t[0], quoted=t[1])),
+    st.lists(st.sampled_from(sorted(ROLES) + ["attn.*", "*.q", "mlp.*"]), min_size=1, max_size=3).map(lambda r: RoleSelector(tuple(r))),
 )
 fields = st.sampled_from(sorted(PREDICATE_FIELDS))
 leaf_predicates = st.one_of(

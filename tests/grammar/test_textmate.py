@@ -36,7 +36,7 @@ def test_every_keyword_of_the_lark_grammar_is_highlighted():
     assert lark_keywords == set(KEYWORDS)
     patterns = list(_patterns(grammar))
     for keyword in lark_keywords:
-        text = f"{keyword}(" if keyword in ("type", "name") else keyword
+        text = f"{keyword}(" if keyword in ("type", "role", "name") else keyword
         assert any(
             scope and re.search(p, text) and re.search(p, text).group(0).startswith(keyword) for scope, p in patterns
         ), keyword
