@@ -4,7 +4,7 @@
     surgeon inspect MODEL [--match GLOB] [--format human|json]
     surgeon plan MODEL RULES [--format human|json]
     surgeon compile MODEL [RULES] -o OUT [--adapter DIR] [--fold [--requantize]] [--format human|json]
-    surgeon rules-from-peft DIR
+    surgeon rules-from-peft DIR [--roles MODEL]
 
 MODEL is a local Hugging Face folder, a Hub id (org/name[@revision]),
 package.module:factory, or demo:NAME (llama, qwen2, gpt2, bert; 4-bit/8-bit: llama-nf4, llama-int8, ...).
@@ -111,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
         model=False,
     )
     from_peft.add_argument("folder", metavar="DIR", help="a PEFT adapter folder")
+    from_peft.add_argument("--roles", metavar="MODEL", help="write role(...) where the targets are whole roles of MODEL (portable rules)")
     return parser
 
 
@@ -400,7 +401,14 @@ def _rules_from_peft(args: argparse.Namespace) -> int:
 
     try:
         text = rules_from_peft_folder(args.folder)
-        parse(text)  # what we print must be valid surgery
+        rule_set = parse(text)  # what we print must be valid surgery
+        if args.roles:
+            from surgeon.api import capture_model
+            from surgeon.role_rules import with_role_selectors
+
+            rule_set, changed = with_role_selectors(rule_set, capture_model(args.roles))
+            text = f"# {changed} of {sum(len(a.rules) for a in rule_set.adapters)} rules by role, as read from {args.roles}\n"
+            text += rule_set.to_text()
     except SurgeryError as error:
         return _print_errors(error, "human")
     print(text, end="")

@@ -48,8 +48,11 @@ def _assert_same_files(got: Path, expected: Path, rtol: float, atol: float) -> N
     assert (got / "adapter_config.json").read_text() == (expected / "adapter_config.json").read_text()
 
 
-def test_ddp_and_fsdp2_train_like_one_process_on_the_whole_batch(tmp_path):
-    done = torchrun(WORKER, "train", tmp_path, STEPS)
+def test_ddp_fsdp2_and_the_trainer_train_like_one_process_on_the_whole_batch(tmp_path):
+    """One job (launched by accelerate, whose --multi_gpu launcher is torchrun; on a CPU machine it starts CPU processes):
+    DDP, then FSDP2, then transformers' Trainer."""
+    done = launch(sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                  "--mixed_precision", "no", "--dynamo_backend", "no", str(WORKER), "train", str(tmp_path), str(STEPS))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     example = _example()
     # DDP: both ranks hold the same adapters (and the same train-module copy), equal to one process on all rows.
@@ -64,6 +67,11 @@ def test_ddp_and_fsdp2_train_like_one_process_on_the_whole_batch(tmp_path):
     # FSDP2: rank 0 wrote the adapter gathered from both shards, as one process would.
     _assert_same_files(tmp_path / "fsdp" / "adapter", tmp_path / "single" / "adapter", rtol=1e-5, atol=1e-6)
     assert sorted(p.name for p in (tmp_path / "fsdp").iterdir()) == ["adapter"]  # no stray files from rank 1
+    # The Trainer: 2 processes, each on half of every global batch; the loss falls and rank 0 saved the adapter.
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith("trainer losses")]
+    losses = [float(x) for x in line.split()[2 : 2 + STEPS + 1]]
+    assert len(losses) == STEPS + 1 and losses[-1] < losses[0] and "(2 processes)" in line
+    assert (tmp_path / "trainer" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_a_crashing_rank_fails_the_job_with_its_error_instead_of_hanging(tmp_path):
@@ -72,18 +80,6 @@ def test_a_crashing_rank_fails_the_job_with_its_error_instead_of_hanging(tmp_pat
     assert done.returncode != 0
     assert "rank 1 fails on purpose" in done.stdout + done.stderr
     assert time.monotonic() - started < 120
-
-
-def test_trainer_under_accelerate_launch_trains_on_two_processes(tmp_path):
-    # accelerate's torchrun launcher is its --multi_gpu mode; without GPUs it starts CPU processes (gloo).
-    done = launch(sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                  "--mixed_precision", "no", "--dynamo_backend", "no", str(EXAMPLE), "--engine", "trainer", "--steps", "4",
-                  "--out", str(tmp_path))
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    (line,) = [line for line in done.stdout.splitlines() if line.startswith("trainer losses")]
-    losses = [float(x) for x in line.split()[2:6]]
-    assert len(losses) == 4 and losses[-1] < losses[0] and "(2 processes)" in line
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
-"""What each process of the distributed tests runs (started by torchrun; see test_distributed.py).
+"""What each process of the distributed tests runs (started by accelerate or torchrun; see test_distributed.py).
 
-    worker.py train OUT STEPS   DDP, then FSDP2, as the example trains (the same model and data)
+    worker.py train OUT STEPS   DDP, then FSDP2, then transformers' Trainer, as the example trains (the same data)
     worker.py crash OUT         rank 1 raises while rank 0 waits in a collective
 """
 
@@ -27,6 +27,7 @@ def main() -> None:
     rank = torch.distributed.get_rank()
     save_file({n: p.detach().contiguous() for n, p in model.trainable_parameters()}, str(out / f"ddp-rank{rank}.safetensors"))
     example.train("fsdp", steps, out / "fsdp")
+    example.train_with_trainer(steps + 1, out / "trainer")  # Trainer wraps the model in DDP itself
     torch.distributed.destroy_process_group()
 
 

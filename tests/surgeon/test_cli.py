@@ -132,7 +132,10 @@ def test_plan_errors_for_rules_that_do_not_fit_the_model(capsys, tmp_path):
     assert main(["plan", "demo:gpt2", str(rules), "--format", "json"]) == 1
     (record,) = json.loads(capsys.readouterr().out)
     assert (record["code"], record["line"], record["column"]) == ("no-match", 1, 1)
-    assert record["hint"] == "this model has no 'q_proj'; it has c_attn (e.g. transformer.h.0.attn.c_attn)"
+    assert record["hint"] == (
+        "this model has no 'q_proj'; it has c_attn (e.g. transformer.h.0.attn.c_attn); "
+        "role(attn.qkv) selects them by what they do, on any architecture"
+    )
 
 
 def test_inspect_bad_model(capsys):

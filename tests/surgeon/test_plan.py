@@ -129,7 +129,8 @@ def test_a_rule_that_matches_nothing_names_the_closest_paths_and_the_family(capt
         "closest module paths: transformer.h.0.attn.c_proj\n"
         '  match "*.self_attn.{q,v}_proj" apply lora(r=8)\n'
         "  ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^\n"
-        "hint: this model has no 'q_proj'; it has c_attn (e.g. transformer.h.0.attn.c_attn)"
+        "hint: this model has no 'q_proj'; it has c_attn (e.g. transformer.h.0.attn.c_attn); "
+        "role(attn.qkv) selects them by what they do, on any architecture"
     )
     assert _plan_error(captures("llama"), 'match "*.q_prj" skip\n') == (
         "r.surgery:1:1: error: this rule matches no module of the model: \"*.q_prj\"; "

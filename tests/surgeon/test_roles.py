@@ -21,34 +21,17 @@ PORTABLE_ROLES = {"attn.q", "attn.v", "attn.qkv", "cross_attn.q", "cross_attn.v"
 LINEAR_KINDS = ("linear", "hf_conv1d")
 
 
-@pytest.fixture(scope="module")
-def captured():
-    made = {}
-
-    def get(name):
-        if name not in made:
-            made[name] = surgeon.capture_model(build(name))
-        return made[name]
-
-    return get
-
-
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
-def test_every_linear_of_the_first_layer_gets_the_role_its_architecture_names(captured, name):
-    capture = captured(name)
+def test_roles_match_each_architectures_names_and_the_portable_rules_pick_them(name):
+    capture = surgeon.capture_model(build(name))
     expected = named(name)
-    roles = {path: capture.modules[path].role for path in expected}
-    assert roles == expected
+    assert {path: capture.modules[path].role for path in expected} == expected
     first_layer = {p: capture.modules[p].role for p, s in capture.sites.items() if s.kind in LINEAR_KINDS and capture.modules[p].layer == 0}
-    assert first_layer == {p: r for p, r in expected.items() if p in first_layer}
     assert set(first_layer) <= set(expected), "a first-layer linear the table does not name"
     assert all(info.role != "unknown" for info in capture.modules.values())
-
-
-@pytest.mark.parametrize("name", list(ARCHITECTURES))
-def test_the_portable_rules_pick_the_same_roles_on_every_architecture(captured, name):
-    sites = plan(captured(name), PORTABLE).sites
-    wanted = [p for p, role in named(name).items() if role in PORTABLE_ROLES]
+    # One rules file, every architecture: exactly the modules of the portable roles, in every layer.
+    sites = plan(capture, PORTABLE).sites
+    wanted = [p for p, role in expected.items() if role in PORTABLE_ROLES]
     assert {site.path for site in sites} == every_layer(wanted)
 
 
@@ -94,3 +77,21 @@ def test_a_graph_the_analysis_cannot_read_reports_unknown_and_role_rules_fail_cl
     (found,) = caught.value.diagnostics
     assert (found.span.line, found.span.column) == (1, 1)
     assert "8 sites are 'unknown' (e.g. 0.q)" in found.hint and "select them by path" in found.hint
+
+
+def test_rules_from_peft_write_roles_that_carry_to_another_architecture(tmp_path, capsys):
+    """A PEFT config names Llama's modules; --roles turns whole roles into role(...), which Qwen2 and GPT-2 read too."""
+    from peft import LoraConfig, get_peft_model
+
+    from surgeon.cli import main
+    from surgeon.demos import build_demo
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    get_peft_model(build_demo("llama"), config).save_pretrained(tmp_path)
+    assert main(["rules-from-peft", str(tmp_path), "--roles", "demo:llama"]) == 0
+    text = capsys.readouterr().out
+    assert "role(attn.q, attn.v, mlp.down)" in text and "q_proj" not in text
+    qwen = plan("demo:qwen2", text).sites
+    assert sorted({s.path.rsplit(".", 1)[-1] for s in qwen}) == ["down_proj", "q_proj", "v_proj"] and len(qwen) == 12
+    gpt2 = plan("demo:gpt2", text).sites  # no separate q and v there: its MLP output projections
+    assert {s.path.rsplit(".", 1)[-1] for s in gpt2} == {"c_proj"} and all(".mlp." in s.path for s in gpt2)

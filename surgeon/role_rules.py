@@ -1,0 +1,52 @@
+"""Rules rewritten with role selectors: path globs that select whole roles of a model become ``role(...)``.
+
+``surgeon rules-from-peft DIR --roles MODEL`` uses this to turn a PEFT config's
+``target_modules`` (names of one architecture) into portable rules: a rule whose
+selectors pick, on MODEL, exactly every site of some roles (``*.q_proj`` and
+``*.v_proj`` pick all of attn.q and attn.v) gets ``role(attn.q, attn.v)`` instead.
+A rule that picks part of a role (some layers, one of two stacks) or a site whose
+role is unknown keeps its globs: a role selector would select something else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from surgeon.grammar import rules as ir
+
+__all__ = ["with_role_selectors"]
+
+
+def with_role_selectors(rule_set: ir.RuleSet, captured) -> tuple:
+    """(the rule set with role selectors where they select the same sites, how many rules changed)."""
+    by_role: dict = {}
+    for path in captured.sites:
+        by_role.setdefault(captured.modules[path].role, set()).add(path)
+    changed = 0
+    adapters = []
+    for adapter in rule_set.adapters:
+        rules = []
+        for rule in adapter.rules:
+            roles = _roles_of(rule, captured, by_role)
+            if roles is not None:
+                rule = replace(rule, selectors=(ir.RoleSelector(roles),))
+                changed += 1
+            rules.append(rule)
+        adapters.append(replace(adapter, rules=tuple(rules)))
+    return replace(rule_set, adapters=tuple(adapters)), changed
+
+
+def _roles_of(rule: ir.Rule, captured, by_role: dict):
+    """The roles whose sites are exactly those ``rule``'s selectors pick (its where clause aside), or None."""
+    from .select import matches
+
+    if any(isinstance(s, ir.RoleSelector) for s in rule.selectors):
+        return None
+    bare = replace(rule, where=None)
+    picked = {path for path in captured.sites if matches(bare, captured.modules[path])}
+    roles = {captured.modules[path].role for path in picked}
+    if not picked or None in roles or "unknown" in roles:
+        return None
+    if set().union(*(by_role[r] for r in roles)) != picked:
+        return None
+    return tuple(sorted(roles))
