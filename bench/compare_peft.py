@@ -245,8 +245,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, str(HERE / "plan_7b.py"), "--out", f"{tmp}/plan.json"], check=True, capture_output=True, cwd=HERE)
         plan = json.loads(Path(f"{tmp}/plan.json").read_text())["plan"]
-    rows["9 plan 7B-shaped, no weights (seconds)"] = (plan["seconds"], f"{plan['max_rss_bytes'] / 2**20:.0f} MiB peak, "
-                                                      f"capture {plan['capture_seconds']:.1f} s")
+    rows["9 plan 7B-shaped, no weights (seconds)"] = (plan["seconds"], f"{plan['max_rss_bytes'] / 2**20:.0f} MiB peak; "
+                                                      f"open {plan['open_seconds']:.1f} s, torch.export {plan['export_seconds']:.1f} s, "
+                                                      f"surgeon's own {plan['surgeon_own_seconds']:.1f} s "
+                                                      f"(roles {plan['roles_seconds']:.1f} s)")
 
     total = time.perf_counter() - started_all
     print(f"surgeon vs PEFT, {args.size} Llama, {args.threads} thread(s), {args.repeats} rounds, {total:.0f} s in all")

@@ -28,9 +28,31 @@ import torch, transformers
 imported = time.perf_counter()
 if sys.argv[1] == "plan":
     import surgeon
-    plan = surgeon.plan(sys.argv[2], sys.argv[3])
+    import surgeon.api, surgeon.capture
+    spent = {"open": 0.0, "export": 0.0, "roles": 0.0}
+
+    def timed(module, name, key):  # how much of planning is torch.export, and how much surgeon's own analysis
+        fn = getattr(module, name)
+
+        def inner(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[key] += time.perf_counter() - t
+
+        setattr(module, name, inner)
+
+    timed(surgeon.api, "open_model", "open")
+    timed(surgeon.capture, "export_program", "export")
+    timed(surgeon.capture, "_with_roles", "roles")
+    t = time.perf_counter()
+    plan = surgeon.api.plan(sys.argv[2], sys.argv[3])
+    planning = time.perf_counter() - t
     result = {"sites": len(plan.sites), "trainable_params": plan.trainable_params, "total_params": plan.total_params,
-              "capture_seconds": plan.capture_seconds}
+              "capture_seconds": plan.capture_seconds, "planning_seconds": planning, "open_seconds": spent["open"],
+              "export_seconds": spent["export"], "roles_seconds": spent["roles"],
+              "surgeon_own_seconds": planning - spent["open"] - spent["export"]}
 else:
     result = {}
 result["import_seconds"] = imported - started
@@ -81,6 +103,9 @@ def main() -> None:
     print(f"  import torch+transformers only : {baseline['max_rss_bytes'] / gib:6.2f} GiB peak RSS, {baseline['seconds']:5.1f} s")
     print(f"  surgeon plan (fake tensors)    : {planned['max_rss_bytes'] / gib:6.2f} GiB peak RSS, {planned['seconds']:5.1f} s "
           f"(capture {planned['capture_seconds']:.1f} s), {planned['sites']} sites")
+    print(f"  planning {planned['planning_seconds']:.1f} s: open (fake weights) {planned['open_seconds']:.1f} s, torch.export "
+          f"{planned['export_seconds']:.1f} s, surgeon's own analysis {planned['surgeon_own_seconds']:.1f} s "
+          f"(roles {planned['roles_seconds']:.1f} s)")
     print(f"  ratio plan / import floor      : {result['plan_rss_over_import_rss']:.2f}")
     print(f"  ratio plan / fp32 weights      : {result['plan_rss_over_fp32_weights']:.4f} (the weights would be {fp32_weights / gib:.1f} GiB)")
     print(f"  bound 1.5 GiB                  : {'met' if result['within_bound'] else 'MISSED'}")

@@ -114,8 +114,15 @@ def _with_roles(program, modules: dict, sites: dict) -> dict:
 
     from .roles import norm_modules, site_roles
 
-    roles = site_roles(program, sites)
-    roles.update({path: "norm" for path in norm_modules(program, modules) if path not in roles})
+    try:
+        roles = site_roles(program, sites)
+        roles.update({path: "norm" for path in norm_modules(program, modules) if path not in roles})
+    except Exception as exc:  # roles only serve role(...) rules and inspect: a graph they misread must not stop capture
+        import warnings
+
+        warnings.warn(f"the role analysis could not read this graph ({type(exc).__name__}: {exc}); every site's role is unknown",
+                      stacklevel=2)
+        roles = {path: "unknown" for path in sites}
     return {path: replace(info, role=roles[path]) if path in roles else info for path, info in modules.items()}
 
 

@@ -95,3 +95,15 @@ def test_rules_from_peft_write_roles_that_carry_to_another_architecture(tmp_path
     assert sorted({s.path.rsplit(".", 1)[-1] for s in qwen}) == ["down_proj", "q_proj", "v_proj"] and len(qwen) == 12
     gpt2 = plan("demo:gpt2", text).sites  # no separate q and v there: its MLP output projections
     assert {s.path.rsplit(".", 1)[-1] for s in gpt2} == {"c_proj"} and all(".mlp." in s.path for s in gpt2)
+
+
+def test_a_role_analysis_that_fails_warns_and_leaves_capture_working(monkeypatch):
+    import surgeon.roles
+
+    def broken(program, sites):
+        raise RuntimeError("a graph nobody foresaw")
+
+    monkeypatch.setattr(surgeon.roles, "site_roles", broken)
+    with pytest.warns(UserWarning, match="role analysis could not read this graph .*a graph nobody foresaw"):
+        capture = surgeon.capture_model(LinearAttention(), example_inputs=(torch.randn(2, 5, 16),))
+    assert len(capture.sites) == 4 and {capture.modules[p].role for p in capture.sites} == {"unknown"}
