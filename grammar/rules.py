@@ -138,14 +138,15 @@ class TypeSelector:
 
 @dataclass(frozen=True)
 class RoleSelector:
-    """``role(attn.q, mlp.*)``: sites whose dataflow role (surgeon/roles.py) is one of these; ``*`` is any word."""
+    """``role(attn.q, mlp.*)``: sites whose dataflow role (surgeon/roles.py) is one of these; ``*`` is any run of characters."""
 
     roles: tuple
     span: Span | None = _no_span()
     name_spans: tuple = field(default=(), compare=False, repr=False)  # where each role is written
 
     def matches_role(self, role: str | None) -> bool:
-        return role is not None and any(fnmatch.fnmatchcase(role, pattern) for pattern in self.roles)
+        # "unknown" is no role: role(*) selects what the analysis understood, never what it could not read
+        return role not in (None, "unknown") and any(fnmatch.fnmatchcase(role, pattern) for pattern in self.roles)
 
     def __str__(self) -> str:
         return f"role({', '.join(self.roles)})"

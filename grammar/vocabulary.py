@@ -25,12 +25,12 @@ ROLES = {
     "attn.k": "the key projection of a self-attention",
     "attn.v": "the value projection of a self-attention",
     "attn.qkv": "one projection feeding query, key and value (GPT-2's c_attn, GPT-NeoX's query_key_value)",
+    "attn.kv": "one projection feeding a self-attention's key and value",
     "attn.out": "the projection of the attention's output",
     "cross_attn.q": "the query projection of a cross-attention (a decoder attending to an encoder)",
     "cross_attn.k": "the key projection of a cross-attention",
     "cross_attn.v": "the value projection of a cross-attention",
     "cross_attn.kv": "one projection feeding a cross-attention's key and value",
-    "cross_attn.qkv": "one projection feeding a cross-attention's query, key and value",
     "cross_attn.out": "the projection of a cross-attention's output",
     "mlp.gate": "the gated MLP's projection that goes through the activation",
     "mlp.up": "the MLP's other input projection (the only one of an ungated MLP)",
@@ -39,7 +39,7 @@ ROLES = {
     "embed": "the embedding of the model's input (tokens, or image patches)",
     "embed.extra": "other embeddings (positions, token types, relative position biases)",
     "lm_head": "the output projection onto the token vocabulary",
-    "head": "other output projections after the last attention (classifiers, poolers)",
+    "head": "other output projections outside the numbered layers, after the last attention (classifiers, poolers)",
     "norm": "a normalization module (LayerNorm, RMSNorm): for train rules",
 }
 

@@ -401,14 +401,11 @@ def _rules_from_peft(args: argparse.Namespace) -> int:
 
     try:
         text = rules_from_peft_folder(args.folder)
-        rule_set = parse(text)  # what we print must be valid surgery
+        parse(text)  # what we print must be valid surgery
         if args.roles:
-            from surgeon.api import capture_model
-            from surgeon.role_rules import with_role_selectors
+            from surgeon.role_rules import rules_text_with_roles
 
-            rule_set, changed = with_role_selectors(rule_set, capture_model(args.roles))
-            text = f"# {changed} of {sum(len(a.rules) for a in rule_set.adapters)} rules by role, as read from {args.roles}\n"
-            text += rule_set.to_text()
+            text = rules_text_with_roles(text, args.roles)
     except SurgeryError as error:
         return _print_errors(error, "human")
     print(text, end="")

@@ -22,8 +22,8 @@ through another site.
   fused ``mlp.gate_up`` when its halves are multiplied; D is ``mlp.down``.
 - An embedding (or patch convolution) reading a model input is ``embed``; other
   embeddings (positions, token types, relative biases) are ``embed.extra``.
-- A linear with no attention after it is ``lm_head`` when it maps to the token
-  embedding's vocabulary, else ``head`` (classifiers, poolers).
+- A linear outside the numbered layers with no attention after it is ``lm_head``
+  when it maps to the token embedding's vocabulary, else ``head`` (classifiers, poolers).
 - Modules that normalize (layer_norm, or an rsqrt of a mean of squares) are ``norm``.
 
 Anything else is ``unknown``: the analysis says so rather than guess.
@@ -90,12 +90,18 @@ def _attentions(graph, flow) -> list:
             mixing = _closest(flow, node, {"matmul", "bmm", "einsum"}, upstream=False)
             if scores is None or mixing is None or len(scores.args) < 2 or len(mixing.args) < 2:
                 continue
-            if _op(scores) == "einsum":
-                (q, k), (_, v) = scores.args[1], mixing.args[1]
-            else:
-                q, k, v = scores.args[0], scores.args[1], mixing.args[1]
+            first, second = _operands(scores), _operands(mixing)
+            if len(first) != 2 or len(second) != 2:
+                continue
+            (q, k), (_, v) = first, second
             found.append((q, k, v, mixing))
     return found
+
+
+def _operands(node) -> tuple:
+    """The two tensors a matmul, bmm or einsum multiplies (einsum takes its equation first)."""
+    operands = node.args[1] if _op(node) == "einsum" else node.args[:2]
+    return tuple(operands) if isinstance(operands, (list, tuple)) else ()
 
 
 def _closest(flow, start, ops: set, upstream: bool, limit: int = 12):
@@ -142,7 +148,8 @@ def site_roles(program, sites: dict) -> dict:
         qs, ks, vs = (_nearest(flow, t, site_of, upstream=True) if hasattr(t, "op") else set() for t in (q, k, v))
         if not (qs and ks and vs):
             continue
-        cross = {reads(n) for n in qs}.isdisjoint({reads(n) for n in ks})
+        # through casts and views: a quantized stand-in or a Conv1D reshapes its own copy of the shared input
+        cross = {_through_casts(reads(n)) for n in qs}.isdisjoint({_through_casts(reads(n)) for n in ks})
         prefix = "cross_attn" if cross else "attn"
         if qs == ks == vs:
             label(qs, f"{prefix}.qkv")
@@ -200,7 +207,8 @@ def site_roles(program, sites: dict) -> dict:
     for node, path in site_of.items():
         if path in roles or sites[path].kind not in ("linear", "hf_conv1d") or not attention_outputs:
             continue
-        if not any(nx.has_path(flow, node, out) for out in attention_outputs):
+        numbered = any(part.isdigit() for part in path.split("."))  # inside a layer: not a head, whatever it is
+        if not numbered and not any(nx.has_path(flow, node, out) for out in attention_outputs):
             roles[path] = "lm_head" if sites[path].out_features in vocab else "head"
     return {path: roles.get(path, UNKNOWN) for path in sites}
 

@@ -193,7 +193,7 @@ def _no_match(rule: ir.Rule, modules: dict, sites: dict, where) -> Diagnostic:
             f"no module matched by {selectors} satisfies 'where {rule.where}' ({len(selected)} modules were tested)",
             f"among those modules {ranges}" if ranges else "check the where clause",
         )
-    if any(isinstance(s, ir.RoleSelector) for s in rule.selectors):
+    if all(isinstance(s, ir.RoleSelector) for s in rule.selectors):
         return where("no-match", f"this rule matches no module of the model: {selectors}", _role_hint(modules))
     words = _words(rule)
     closest = _closest_paths(words, list(modules))
@@ -291,8 +291,10 @@ def _synonym_hint(words: list, sites: dict, modules: dict, rule: ir.Rule) -> str
                 others = [leaf for leaf in group if leaf in leaves and leaf != word]
                 if others:
                     examples = ", ".join(f"{leaf} (e.g. {leaves[leaf]})" for leaf in others[:3])
-                    roles = sorted({modules[leaves[leaf]].role for leaf in others[:3]} - {None, "unknown"})
-                    portable = f"; role({', '.join(roles)}) selects them by what they do, on any architecture" if roles else ""
+                    # only when every module with those names does one thing (GPT-2's c_proj is attn.out and mlp.down)
+                    roles = {modules[p].role for p in sites if p.rsplit(".", 1)[-1] in others[:3]}
+                    one = len(roles) == 1 and not roles & {None, "unknown"}
+                    portable = f"; role({next(iter(roles))}) selects them by what they do, on any architecture" if one else ""
                     return f"this model has no '{word}'; it has {examples}{portable}"
     names = sorted(leaves)
     return f"the adaptable modules of this model end in: {', '.join(names[:12])}{', ...' if len(names) > 12 else ''}"

@@ -7,13 +7,14 @@
     python examples/distributed/train.py --engine single      # the same training in one process
 
 The model is the built-in tiny Llama with LoRA on every projection and, on a float32
-base, its output head trained in full. Every step takes one global
-batch; each of the N processes trains on its N-th of the rows, so N processes do the
-work of one process on the whole batch (for ddp and fsdp: the same weights, up to float
-rounding). On a machine with GPUs, each process uses the GPU of its LOCAL_RANK with the
-NCCL backend; without, the CPU with gloo (accelerate's --multi_gpu is its torchrun
-launcher: on a machine without GPUs it starts CPU processes). Rank 0 writes the adapter, in PEFT's format,
-to OUT/adapter.
+base, its output head trained in full. Every step takes one global batch (8 rows,
+rounded up to a multiple of N); each of the N processes trains on its N-th
+of the rows, so N processes do the work of one process on the whole batch (for ddp
+and fsdp: the same weights, up to float rounding). On a machine with GPUs, each
+process uses the GPU of its LOCAL_RANK with the NCCL backend; without, the CPU with
+gloo (accelerate's --multi_gpu is its torchrun launcher: on a machine without GPUs
+it starts CPU processes). Every rank calls save_adapter (FSDP gathers the shards);
+rank 0 writes the adapter, in PEFT's format, to OUT/adapter.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ from surgeon.demos import build_demo
 LORA = 'match "*.self_attn.{q,k,v,o}_proj", "*.mlp.{gate,up,down}_proj" apply lora(r=16, alpha=32)'
 HEAD = 'match "lm_head" train'
 TEXT = "surgeon compiles adapters into the graph; torchrun starts one process per device. " * 8
+
+
+def global_rows(world: int) -> int:
+    """8 rows per global batch, or more so that every one of ``world`` processes gets as many."""
+    return world * -(-8 // world)
 
 
 def global_batches(steps: int, rows: int = 8, seq: int = 32, seed: int = 0):
@@ -84,7 +90,7 @@ def train(engine: str, steps: int, out: Path | None, bf16: bool = False, lr: flo
 
         fully_shard(model, mesh=init_device_mesh(device.type, (world,)))  # one unit: see surgeon/distributed.py
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
-    for step, batch in enumerate(global_batches(steps)):
+    for step, batch in enumerate(global_batches(steps, global_rows(world))):
         mine = {k: v[rank::world].to(device) for k, v in batch.items()}
         loss = runner(**mine).loss
         loss.backward()
@@ -101,9 +107,12 @@ def train_with_trainer(steps: int, out: Path):
     """transformers' Trainer: it wraps the model in DDP itself under torchrun or accelerate."""
     import transformers
 
+    world = int(os.environ.get("WORLD_SIZE", 1))  # the processes torchrun or accelerate started
+    rows = global_rows(world)
+
     class Rows(torch.utils.data.Dataset):
         def __init__(self):
-            self.rows = [{k: v[i] for k, v in b.items()} for b in global_batches(steps) for i in range(8)]
+            self.rows = [{k: v[i] for k, v in b.items()} for b in global_batches(steps, rows) for i in range(rows)]
 
         def __len__(self):
             return len(self.rows)
@@ -111,10 +120,9 @@ def train_with_trainer(steps: int, out: Path):
         def __getitem__(self, i):
             return self.rows[i]
 
-    world = int(os.environ.get("WORLD_SIZE", 1))  # the processes torchrun or accelerate started
     model = compiled_model(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     args = transformers.TrainingArguments(
-        output_dir=str(out / "trainer"), per_device_train_batch_size=8 // world, max_steps=steps, learning_rate=1e-2,
+        output_dir=str(out / "trainer"), per_device_train_batch_size=rows // world, max_steps=steps, learning_rate=1e-2,
         report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
         ddp_backend=None if torch.cuda.is_available() else "gloo", ddp_timeout=60,
     )

@@ -135,8 +135,10 @@ def save_adapter(compiled, directory, adapters=None) -> None:
     PEFT adapter (the ``train`` modules go with the first). PEFT loads each part
     on its own; surgeon loads the whole.
     """
-    writes = writes_files()  # in a process group every rank gathers (FSDP shards), rank 0 writes
-    directory = output_folder(directory) if writes else Path(directory)
+    # Everything that can fail runs on every rank first (in a process group each rank gathers its FSDP shards, a
+    # collective): a rank that raised alone would leave the others waiting. Then rank 0 writes.
+    directory = output_folder(directory)
+    files, configs = [], []
     for adapter in adapters or compiled.rules.adapter_names:
         folder = _folder(directory, adapter)
         rules = "".join(f"{rule}\n" for rule in compiled.rules.adapter(adapter).rules)
@@ -144,18 +146,14 @@ def save_adapter(compiled, directory, adapters=None) -> None:
         if len(parts) <= 1:
             tensors, shapes = _tensors(compiled, adapter)
             metadata = {"format": "pt", "surgeon_rules": rules, "surgeon_fingerprint": fingerprint(shapes)}
-            if writes:
-                _write(folder, peft_config(compiled, adapter), tensors, metadata)
+            files.append((folder, peft_config(compiled, adapter), tensors, metadata))
             continue
         everything = {}
         for i, method in enumerate(parts):
             tensors, shapes = _tensors(compiled, adapter, method, trained=i == 0)  # train modules go with the first part
             metadata = {"format": "pt", "surgeon_fingerprint": fingerprint(shapes)}
-            if writes:
-                _write(folder / MIXTURE_PARTS / method, peft_config(compiled, adapter, method), tensors, metadata)
+            files.append((folder / MIXTURE_PARTS / method, peft_config(compiled, adapter, method), tensors, metadata))
             everything.update(shapes)
-        if not writes:
-            continue
         config = {
             "peft_type": MIXTURE,
             "format_version": 1,
@@ -165,6 +163,12 @@ def save_adapter(compiled, directory, adapters=None) -> None:
             "surgeon_rules": rules,
             "surgeon_fingerprint": fingerprint(everything),
         }
+        configs.append((folder, config))
+    if not writes_files():
+        return
+    for folder, config, tensors, metadata in files:
+        _write(folder, config, tensors, metadata)
+    for folder, config in configs:
         write_text(output_folder(folder) / CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

@@ -104,6 +104,9 @@ def test_adapter_files_both_ways_with_peft(compiled_cases, scheme, tmp_path):
 
 def test_what_cannot_apply_to_quantized_sites_is_refused_with_the_rule_line(compiled_cases):
     captured = surgeon.capture_model(compiled_cases("nf4").base_model)  # planned again: no new quantization
+    roles = {p.rsplit(".", 1)[-1]: captured.modules[p].role for p in captured.sites if ".layers.0." in p}
+    assert roles == {"q_proj": "attn.q", "k_proj": "attn.k", "v_proj": "attn.v", "o_proj": "attn.out",  # 4-bit sites too
+                     "gate_proj": "mlp.gate", "up_proj": "mlp.up", "down_proj": "mlp.down"}
     cases = [
         ('match "*.self_attn.q_proj" apply dora(r=4)', "quantized-site", r"dora cannot adapt .* quantized \(nf4"),
         ('match "*.self_attn.q_proj" apply lora(r=4, bias=true)', "quantized-site", r"bias of B cannot be folded"),

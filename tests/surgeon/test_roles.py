@@ -72,6 +72,8 @@ def test_a_graph_the_analysis_cannot_read_reports_unknown_and_role_rules_fail_cl
     model = torch.nn.Sequential(LinearAttention(), LinearAttention())
     capture = surgeon.capture_model(model, example_inputs=(torch.randn(2, 5, 16),))
     assert {capture.modules[p].role for p in capture.sites} == {"unknown"}
+    with pytest.raises(SurgeryError, match=r"matches no module of the model: role\(\*\)"):
+        plan(capture, 'match role(*) apply lora(r=4)')  # unknown is no role: even * leaves those sites alone
     with pytest.raises(SurgeryError, match=r"matches no module of the model: role\(attn.q\)") as caught:
         plan(capture, 'match role(attn.q) apply lora(r=4)')
     (found,) = caught.value.diagnostics
@@ -88,9 +90,13 @@ def test_rules_from_peft_write_roles_that_carry_to_another_architecture(tmp_path
 
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
     get_peft_model(build_demo("llama"), config).save_pretrained(tmp_path)
+    assert main(["rules-from-peft", str(tmp_path)]) == 0
+    plain = capsys.readouterr().out
     assert main(["rules-from-peft", str(tmp_path), "--roles", "demo:llama"]) == 0
     text = capsys.readouterr().out
     assert "role(attn.q, attn.v, mlp.down)" in text and "q_proj" not in text
+    assert "# 1 of 1 rules by role, as read from demo:llama" in text
+    assert all(line in text for line in plain.splitlines() if line.startswith("#"))  # its comments are kept
     qwen = plan("demo:qwen2", text).sites
     assert sorted({s.path.rsplit(".", 1)[-1] for s in qwen}) == ["down_proj", "q_proj", "v_proj"] and len(qwen) == 12
     gpt2 = plan("demo:gpt2", text).sites  # no separate q and v there: its MLP output projections
