@@ -26,6 +26,8 @@ What this file adds is what the graphs need to stay right under them.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -51,7 +53,8 @@ def gathered(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _fsdp_module_class():
+@functools.lru_cache(maxsize=1)
+def _fsdp_module_class():  # looked up once: is_sharded runs on every forward
     if not torch.distributed.is_available():
         return None
     from torch.distributed.fsdp import FSDPModule

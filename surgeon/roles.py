@@ -60,21 +60,26 @@ def _dataflow(graph):
     return flow
 
 
-def _nearest(flow, start, site_of: dict, upstream: bool, blocked=()) -> set:
-    """Sites reached from ``start`` against (``upstream``) or along the dataflow, stopping at each site."""
+def _reach(flow, start, site_of: dict, upstream: bool) -> tuple:
+    """(non-site nodes, sites) reached from ``start`` against (``upstream``) or along the dataflow, stopping at sites."""
     step = flow.predecessors if upstream else flow.successors
-    seen, found, queue = {start}, set(), deque([start])
+    seen, inside, sites, queue = {start}, set(), set(), deque([start])
     while queue:
-        node = queue.popleft()
-        for nxt in step(node):
-            if nxt in seen or nxt in blocked:
+        for nxt in step(queue.popleft()):
+            if nxt in seen:
                 continue
             seen.add(nxt)
             if nxt in site_of:
-                found.add(nxt)
-                continue
-            queue.append(nxt)
-    return found
+                sites.add(nxt)
+            else:
+                inside.add(nxt)
+                queue.append(nxt)
+    return inside, sites
+
+
+def _nearest(flow, start, site_of: dict, upstream: bool) -> set:
+    """Sites reached from ``start`` against (``upstream``) or along the dataflow, stopping at each site."""
+    return _reach(flow, start, site_of, upstream)[1]
 
 
 def _attentions(graph, flow) -> list:
@@ -235,30 +240,8 @@ def _user_inputs(program, placeholders) -> set:
 
 def _between(flow, feeding, target, site_of) -> dict:
     """For each feeding site, the non-site nodes on its paths to ``target``."""
-    found = {}
-    for f in feeding:
-        ahead = set()
-        queue, seen = deque([f]), {f}
-        while queue:
-            node = queue.popleft()
-            for nxt in flow.successors(node):
-                if nxt in seen or nxt in site_of:
-                    continue
-                seen.add(nxt)
-                ahead.add(nxt)
-                queue.append(nxt)
-        behind = set()
-        queue, seen = deque([target]), {target}
-        while queue:
-            node = queue.popleft()
-            for prev in flow.predecessors(node):
-                if prev in seen or prev in site_of:
-                    continue
-                seen.add(prev)
-                behind.add(prev)
-                queue.append(prev)
-        found[f] = ahead & behind
-    return found
+    behind = _reach(flow, target, site_of, upstream=True)[0]
+    return {f: _reach(flow, f, site_of, upstream=False)[0] & behind for f in feeding}
 
 
 def _multiplies_itself(between, source, nx, flow) -> bool:
