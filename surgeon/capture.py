@@ -98,7 +98,9 @@ def capture(opened: OpenedModel) -> Captured:
             "or return (module, example_inputs) from your factory",
         )
     started = time.perf_counter()
-    program = export_program(model, opened.example_args, opened.example_kwargs, opened.is_hugging_face, opened.name)
+    # A model of fake tensors is planned, never run: its program needs no dynamic sizes.
+    program = export_program(model, opened.example_args, opened.example_kwargs, opened.is_hugging_face, opened.name,
+                             dynamic=not opened.fake)
     captured = Captured(opened, program, training=model.training)
     captured.ties = _ties(model)
     captured.modules = module_table(model)
