@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["attribute", "module_path", "site_nodes", "site_args", "adapter_nodes", "Inserter", "SITE_OPS"]
+__all__ = ["attribute", "module_path", "site_nodes", "SiteNodes", "site_args", "adapter_nodes", "Inserter", "SITE_OPS"]
 
 
 def attribute(gm, target: str):
@@ -40,12 +40,24 @@ SITE_OPS = _site_ops
 
 def site_nodes(gm, path: str, kind: str) -> list:
     """The graph nodes computing site ``path`` of ``kind`` (a module called twice has two)."""
-    ops = {_site_ops().get(kind)} | (set(_quantized_bias()) if kind == "linear" else set())
-    return [
-        n
-        for n in gm.graph.nodes
-        if n.op == "call_function" and n.target in ops and "surgeon" not in n.meta and module_path(n) == path
-    ]
+    return SiteNodes(gm)(path, kind)
+
+
+class SiteNodes:
+    """``site_nodes`` for many sites from one walk of the graph (a pass over every site of a
+    7B model would otherwise walk its thousands of nodes once per site). The base ops a pass
+    finds stay where they are, so the index stays true while adapter nodes come and go."""
+
+    def __init__(self, gm):
+        ops = set(_site_ops().values()) | set(_quantized_bias())
+        self.by_path: dict = {}
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and n.target in ops and "surgeon" not in n.meta:
+                self.by_path.setdefault(module_path(n), []).append(n)
+
+    def __call__(self, path: str, kind: str) -> list:
+        ops = {_site_ops().get(kind)} | (set(_quantized_bias()) if kind == "linear" else set())
+        return [n for n in self.by_path.get(path, ()) if n.target in ops]
 
 
 def site_args(node, kind: str) -> tuple:

@@ -24,7 +24,7 @@ from surgeon.grammar.diagnostics import SurgeryError
 
 from surgeon.quantized import QUANTIZED_OPS
 
-from ._graph import attribute, site_args, site_nodes
+from ._graph import SiteNodes, attribute, site_args
 from .insert import attribute_prefix
 from .pipeline import PassResult
 
@@ -88,12 +88,13 @@ def fold_adapters(insertions, *, inplace: bool = False, originals: dict | None =
         for node in list(gm.graph.nodes):  # each branch's joint takes its first argument's place again
             if node.meta.get("surgeon", {}).get("role") in JOINTS:
                 node.replace_all_uses_with(node.args[0])
+        site_nodes, single = SiteNodes(gm), _single_readers(gm)
         with torch.no_grad():
             for (path, kind), specs in by_site.items():
-                base = site_nodes(gm, path, kind)[0]
+                base = site_nodes(path, kind)[0]
                 _, weight_node, bias_node = site_args(base, kind)
                 if base.target in QUANTIZED_OPS:
-                    _fold_quantized(gm, site_nodes(gm, path, kind), specs, weights, inplace, quantized)
+                    _fold_quantized(gm, site_nodes(path, kind), specs, weights, inplace, quantized)
                     continue
                 weight = attribute(gm, weight_node.target)
                 bias = attribute(gm, bias_node.target) if bias_node is not None and bias_node.op == "get_attr" else None
@@ -105,7 +106,7 @@ def fold_adapters(insertions, *, inplace: bool = False, originals: dict | None =
                 # only, so it gets its own weight; a method whose change the tied readers see
                 # (trainable tokens) writes into the shared weight.
                 follows = [getattr(spec.module, "follows_ties", False) for spec in specs]
-                tied = _used_elsewhere(gm, weight_node, base)
+                tied = _used_elsewhere(gm, weight_node, base, single)
                 if tied and any(follows) and not all(follows):
                     raise FoldError(
                         f"cannot fold {path}: its weight is tied, and some of its adapters change the tied readers "
@@ -116,6 +117,7 @@ def fold_adapters(insertions, *, inplace: bool = False, originals: dict | None =
                 if tied and all(follows):
                     targets = _targets_of(gm, weight)
                 elif tied and not inplace:
+                    single.pop(id(weight), None)
                     weight_node = _own_attribute(gm, base, weight_node, f"{path}.surgeon_folded_weight")
                     targets = [weight_node.target]
                 _set(gm, targets, new_weight.to(weight.dtype), inplace, originals, shared_ok=tied and all(follows))
@@ -193,9 +195,23 @@ def _targets_of(gm, tensor) -> list:
     return list(dict.fromkeys(n.target for n in gm.graph.nodes if n.op == "get_attr" and attribute(gm, n.target) is tensor))
 
 
-def _used_elsewhere(gm, weight_node, base) -> bool:
-    """Does any op other than this site's base op (and its adapter nodes) read this weight?"""
+def _single_readers(gm) -> dict:
+    """id(tensor) -> its get_attr node, for the tensors exactly one get_attr node reads (most weights)."""
+    readers: dict = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            tensor = attribute(gm, node.target)
+            readers[id(tensor)] = node if id(tensor) not in readers else None
+    return {k: v for k, v in readers.items() if v is not None}
+
+
+def _used_elsewhere(gm, weight_node, base, single: dict | None = None) -> bool:
+    """Does any op other than this site's base op (and its adapter nodes) read this weight?
+
+    ``single`` (from _single_readers) spares the walk over the graph for a weight only ``weight_node`` reads."""
     tensor = attribute(gm, weight_node.target)
+    if single is not None and single.get(id(tensor)) is weight_node:
+        return any(user is not base and "surgeon" not in user.meta for user in weight_node.users)
     for node in gm.graph.nodes:
         if node.op != "get_attr" or attribute(gm, node.target) is not tensor:
             continue

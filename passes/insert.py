@@ -32,7 +32,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ._graph import Inserter, attribute, site_args, site_nodes
+from ._graph import Inserter, SiteNodes, attribute, site_args
 from .pipeline import PassResult
 
 __all__ = ["Insertion", "Gates", "insert_adapters", "attribute_prefix", "GraphBuilder"]
@@ -221,8 +221,9 @@ def insert_adapters(insertions, *, training: bool, gates: Gates | None = None):
     def insert_adapter_branches(gm) -> PassResult:
         changed = False
         gate_of = _GateNodes(gm, gates) if gates is not None else None
+        site_nodes = SiteNodes(gm)
         for spec in insertions:
-            nodes = site_nodes(gm, spec.path, spec.kind)
+            nodes = site_nodes(spec.path, spec.kind)
             if not nodes:
                 raise ValueError(f"no {spec.kind} node computes site '{spec.path}' in this graph")
             owner = gm.get_submodule(spec.path)
