@@ -11,7 +11,9 @@ medians. Rows (the numbers of the benchmark issue):
 
 1. forward, unmerged: surgeon / base model, surgeon / PEFT
 2. training step (forward, backward, AdamW): surgeon / floor (every weight
-   frozen, backward down to the input embeddings), surgeon / PEFT; eager
+   frozen, backward down to the input embeddings), surgeon / PEFT; eager.
+   Rows 1, 2, 3, 5 and 8 give the median of per-round ratios (the two ran
+   seconds apart) with its interquartile range (bench/_timing.py)
 3. (``--compile``) training step under torch.compile, steady state and
    first step: surgeon / PEFT
 4. peak resident memory of a training step (after one warm-up step, the
@@ -40,7 +42,7 @@ import time
 from pathlib import Path
 
 import torch
-from _timing import alternate
+from _timing import round_ratio, rounds
 from forward import RULES, SIZES, build
 
 HERE = Path(__file__).parent
@@ -99,6 +101,12 @@ def _floor(base, inputs):
         model(inputs_embeds=embeds, labels=labels, **kwargs).loss.backward()
 
     return step
+
+
+def _ratio(per: dict, name: str, baseline: str, detail: str) -> tuple:
+    """(median per-round ratio, detail with its interquartile range): both ran within seconds in each round."""
+    ratio, low, high = round_ratio(per, name, baseline)
+    return ratio, f"{detail}{'; ' if detail else ''}per-round IQR {low:.3f}..{high:.3f}"
 
 
 def _subprocess(code: list, timeout: int = 900) -> dict:
@@ -163,18 +171,18 @@ def main() -> None:
     # 1 and 5: forward
     compiled.eval(), reference.eval()
     graph = compiled.graph(**inputs)
+    started = time.perf_counter()
+    compiled.fold(kwargs=inputs, verify=False)  # the first fold also captures the evaluation graph it folds
+    first_fold = time.perf_counter() - started
     folded = compiled.fold(kwargs=inputs)
     with torch.no_grad():
-        t = alternate({"base": lambda: base(**inputs), "surgeon": lambda: graph(**inputs), "peft": lambda: reference(**inputs),
-                       "folded": lambda: folded(**inputs)}, args.repeats)
-    rows["1 forward unmerged: surgeon / base"] = (t["surgeon"] / t["base"], f"{t['surgeon'] * 1e3:.0f} ms / {t['base'] * 1e3:.0f} ms")
-    rows["1 forward unmerged: surgeon / PEFT"] = (t["surgeon"] / t["peft"], f"PEFT {t['peft'] * 1e3:.0f} ms")
-    spread = []
-    with torch.no_grad():
-        for _ in range(args.repeats):
-            pair = alternate({"base": lambda: base(**inputs), "folded": lambda: folded(**inputs)}, 1, warmup=0)
-            spread.append(pair["folded"] / pair["base"])
-    rows["5 forward folded: surgeon / base"] = (t["folded"] / t["base"], f"per-round ratios {min(spread):.3f}..{max(spread):.3f}")
+        per = rounds({"base": lambda: base(**inputs), "surgeon": lambda: graph(**inputs), "peft": lambda: reference(**inputs),
+                      "folded": lambda: folded(**inputs)}, args.repeats)
+    t = {k: statistics.median(v) for k, v in per.items()}
+    rows["1 forward unmerged: surgeon / base"] = _ratio(per, "surgeon", "base", f"{t['surgeon'] * 1e3:.0f} ms / {t['base'] * 1e3:.0f} ms")
+    rows["1 forward unmerged: surgeon / PEFT"] = _ratio(per, "surgeon", "peft", f"PEFT {t['peft'] * 1e3:.0f} ms")
+    rows["1 forward unmerged: PEFT / base (for reference)"] = _ratio(per, "peft", "base", "")
+    rows["5 forward folded: surgeon / base"] = _ratio(per, "folded", "base", "")
 
     # 2: training step
     compiled.train(), reference.train()
@@ -183,9 +191,11 @@ def main() -> None:
         "surgeon": _trainer(compiled, inputs, [p for p in compiled.parameters() if p.requires_grad]),
         "peft": _trainer(reference, inputs, [p for p in reference.parameters() if p.requires_grad]),
     }
-    t = alternate(steps, max(3, args.repeats // 2), warmup=2)
-    rows["2 training step: surgeon / floor"] = (t["surgeon"] / t["floor"], f"{t['surgeon']:.2f} s / {t['floor']:.2f} s")
-    rows["2 training step: surgeon / PEFT"] = (t["surgeon"] / t["peft"], f"PEFT {t['peft']:.2f} s")
+    per = rounds(steps, args.repeats, warmup=2)
+    t = {k: statistics.median(v) for k, v in per.items()}
+    rows["2 training step: surgeon / floor"] = _ratio(per, "surgeon", "floor", f"{t['surgeon']:.2f} s / {t['floor']:.2f} s")
+    rows["2 training step: surgeon / PEFT"] = _ratio(per, "surgeon", "peft", f"PEFT {t['peft']:.2f} s")
+    rows["2 training step: PEFT / floor (for reference)"] = _ratio(per, "peft", "floor", "")
 
     # 3: torch.compile (optional: each first compile takes minutes here)
     if args.compile:
@@ -197,8 +207,9 @@ def main() -> None:
             step()
             firsts[name] = time.perf_counter() - started
             compiled_steps[name] = step
-        t = alternate(compiled_steps, max(3, args.repeats // 2), warmup=1)
-        rows["3 compiled training step: surgeon / PEFT"] = (t["surgeon"] / t["peft"], f"{t['surgeon']:.2f} s / {t['peft']:.2f} s")
+        per = rounds(compiled_steps, max(3, args.repeats // 2), warmup=1)
+        t = {k: statistics.median(v) for k, v in per.items()}
+        rows["3 compiled training step: surgeon / PEFT"] = _ratio(per, "surgeon", "peft", f"{t['surgeon']:.2f} s / {t['peft']:.2f} s")
         rows["3 first compiled step: surgeon / PEFT"] = (firsts["surgeon"] / firsts["peft"], f"{firsts['surgeon']:.1f} s / {firsts['peft']:.1f} s")
 
     # 6: fold time
@@ -217,7 +228,8 @@ def main() -> None:
         folds["peft"].append(time.perf_counter() - started)
     fold_t = {k: statistics.median(v) for k, v in folds.items()}
     rows["6 fold time: surgeon fold (new weights) / PEFT merge_and_unload"] = (fold_t["new"] / fold_t["peft"],
-                                                                             f"{fold_t['new']:.2f} s / {fold_t['peft']:.2f} s")
+                                                                             f"{fold_t['new']:.2f} s / {fold_t['peft']:.2f} s "
+                                                                             f"(the first fold, capturing its graph: {first_fold:.2f} s)")
     rows["6 fold time: surgeon fold(inplace=True) / PEFT merge_and_unload"] = (fold_t["inplace"] / fold_t["peft"],
                                                                              f"{fold_t['inplace']:.2f} s (keeps the originals for unfold)")
 
@@ -231,8 +243,10 @@ def main() -> None:
     single, mixed = routed.graph(**inputs), routed.graph(**inputs, adapter_ids=ids)
     routed.set_active(["b"])
     with torch.no_grad():
-        t = alternate({"single": lambda: single(**inputs), "routed": lambda: mixed(**inputs, adapter_ids=ids)}, args.repeats)
-    rows["8 routed forward: surgeon routed / single adapter"] = (t["routed"] / t["single"], f"{t['routed'] * 1e3:.0f} ms / {t['single'] * 1e3:.0f} ms")
+        per = rounds({"single": lambda: single(**inputs), "routed": lambda: mixed(**inputs, adapter_ids=ids)}, args.repeats)
+    t = {k: statistics.median(v) for k, v in per.items()}
+    rows["8 routed forward: surgeon routed / single adapter"] = _ratio(per, "routed", "single",
+                                                                       f"{t['routed'] * 1e3:.0f} ms / {t['single'] * 1e3:.0f} ms")
 
     # 4 and 7 (cold): fresh processes
     child = {what: _subprocess(["-c", CHILD.format(here=str(HERE), threads=args.threads, size=args.size, what=what)])

@@ -33,8 +33,9 @@ from .pipeline import PassResult
 __all__ = ["lower_adapters"]
 
 
-def lower_adapters(*, routed: bool = False):
-    """A pass lowering every eligible LoRA and DoRA branch to the fused ops (a routed graph's to the routed op)."""
+def lower_adapters(*, routed: bool = False, dora: bool = True):
+    """A pass lowering every eligible LoRA (and, with ``dora``, DoRA) branch to the fused ops (a routed
+    graph's to the routed op)."""
 
     def lower_lora_to_fused_kernels(gm) -> PassResult:
         if routed:
@@ -51,7 +52,7 @@ def lower_adapters(*, routed: bool = False):
         for out in list(graph.nodes):
             record = out.meta.get("surgeon", {})
             if record.get("role") == "out" and record.get("method") == "dora":
-                changed |= _lower_dora(gm, out, record)
+                changed |= dora and _lower_dora(gm, out, record)
                 continue
             if record.get("role") != "out" or record.get("method") != "lora" or out.target is not aten.add.Tensor:
                 continue

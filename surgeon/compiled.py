@@ -195,19 +195,28 @@ class Compiled(AdapterSwitching, Folding, nn.Module):
         """
         kwargs = self._with_defaults(kwargs)
         training = self.training if training is None else training
-        lowered = self.lowers() if lowered is None else lowered
+        lowered = self._lowering() if lowered is None else lowered
         key = (training, lowered) + self._key(args, kwargs)[1:]  # a routed call (adapter_ids) has a graph of its own
         if key not in self._graphs:
             self._graphs[key] = self._capture(args, kwargs, training, lowered)
         return self._graphs[key]
 
     def lowers(self) -> bool:
-        """Do graphs call the fused kernels? "triton": yes; "torch": no; "auto": on a GPU with Triton."""
+        """Do graphs call the fused ops? "triton": yes; "torch": no; "auto": on a GPU with Triton (the
+        fused kernels), and on the CPU for plain LoRA sites (see :meth:`_lowering`)."""
+        return bool(self._lowering())
+
+    def _lowering(self):
+        """True (every eligible site), False, or "lora": with kernels="auto" on the CPU, plain LoRA sites of
+        unrouted graphs only, the ones whose fused op's torch path beats the plain branch (it spares the
+        adapter's passes over each output: kernels/lora_linear.py), unless Triton's interpreter is on."""
         if self.kernels != "auto":
             return self.kernels == "triton"
+        device = next(iter(self.base_model.parameters()), torch.empty(0)).device
+        if device.type == "cpu":
+            return "lora" if not _interpreting() else False
         from surgeon.kernels import triton_mode
 
-        device = next(iter(self.base_model.parameters()), torch.empty(0)).device
         return device.type == "cuda" and triton_mode() == "gpu"
 
     def base_graph(self, *args, training: bool = False, **kwargs):
@@ -254,8 +263,8 @@ class Compiled(AdapterSwitching, Folding, nn.Module):
         gates = Gates(self.adapter_names, self.adapter_gates, routed)
         insert = insert_adapters(self._insertions(), training=training, gates=gates)
         core = {"insert": [insert, gate_trained_modules(self)]}
-        if lowered:
-            core["lower"] = [lower_adapters(routed=routed)]
+        if lowered and not (routed and lowered == "lora"):
+            core["lower"] = [lower_adapters(routed=routed, dora=lowered is True)]
         pipeline = Pipeline.with_points(core, self.user_passes)
         gm = pipeline.run(gm, lint=self.lint).graph_module
         gm.meta["surgeon_bindings"] = bindings(self, gm)  # which module owns each tensor (FSDP2 swaps them)
@@ -334,3 +343,16 @@ class Compiled(AdapterSwitching, Folding, nn.Module):
 
         export_program_file(self, path, fold=fold, args=args, kwargs=kwargs, quantized=quantized)
 
+
+def _interpreting() -> bool:
+    """Is Triton's interpreter on (which would run the fused kernels on the CPU)? Asked without importing Triton."""
+    import os
+    import sys
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    if "triton" in sys.modules:
+        from surgeon.kernels import triton_mode
+
+        return triton_mode() == "interpret"
+    return False

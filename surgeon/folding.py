@@ -72,15 +72,12 @@ class Folding:
             reference = self._reference_outputs(unfolded, weights, args, kwargs)
             stages.run(folded, lint=self.lint)
             verify_fold(lambda *a, **k: reference, folded, args, kwargs)
-            if inplace:
-                self._graphs.clear()
             return folded
         if inplace:
             reference = _outputs(unfolded, args, kwargs) if verify else None
             stages.run(folded, lint=self.lint)
             if verify:
                 verify_fold(lambda *a, **k: reference, folded, args, kwargs)
-            self._graphs.clear()
             return folded
         stages.run(folded, lint=self.lint)
         if verify:
@@ -101,8 +98,7 @@ class Folding:
 
     def unfold(self) -> None:
         """Undo ``fold(inplace=True)``: the base weights come back bit for bit."""
-        unfold_inplace(self._inplace_originals)
-        self._graphs.clear()
+        unfold_inplace(self._inplace_originals)  # into the same tensors: the captured graphs stay valid
 
     def merged_state_dict(self, adapters: dict | None = None, quantized: str = "dequantize") -> dict:
         """The base model's state dict with the adapters folded in (new tensors; nothing changes in place).

@@ -33,7 +33,9 @@ def export_program_file(compiled, path, *, fold: bool = True, args: tuple = (), 
     output_folder(path.parent)
     args = args or compiled.example_args
     kwargs = compiled._with_defaults(dict(kwargs) if kwargs is not None else dict(compiled.example_kwargs))
-    graph = compiled.fold(args=args, kwargs=kwargs, quantized=quantized) if fold else compiled.graph(*args, training=False, **kwargs)
+    # Unfolded: the fused ops where kernels run (GPU, kernels="triton"); on the CPU plain aten ops, which any torch loads.
+    graph = (compiled.fold(args=args, kwargs=kwargs, quantized=quantized) if fold
+             else compiled.graph(*args, training=False, lowered=compiled._lowering() is True, **kwargs))
     args, kwargs = widen_inputs(args, kwargs, compiled.hugging_face)
     with torch.no_grad():
         program = torch.export.export(

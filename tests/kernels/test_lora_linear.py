@@ -12,7 +12,7 @@ import torch
 
 import surgeon
 from surgeon.grammar import SurgeryError
-from surgeon.kernels.lora_linear import lora_linear, lora_linear_torch
+from surgeon.kernels.lora_linear import lora_linear, lora_linear_eager, lora_linear_torch
 
 HERE = Path(__file__).parent
 
@@ -27,6 +27,46 @@ def _args(dtype=torch.float64, requires_grad=False):
 def test_the_torch_path_passes_gradcheck_in_float64():
     *tensors, scale = _args(requires_grad=True)
     assert torch.autograd.gradcheck(lambda *t: lora_linear(*t, scale), tuple(tensors))
+
+
+def test_the_eager_path_and_its_gradients_equal_the_reference_in_float64():
+    """The op's torch path (scale on x A^T, the expand accumulated into the base GEMM's output) against
+    autograd through ``F.linear(x, W, b) + s F.linear(F.linear(x, A), B)``."""
+    for with_bias in (True, False):
+        ours = [t.detach().clone().requires_grad_() for t in _args()[:5]]
+        theirs = [t.detach().clone().requires_grad_() for t in ours]
+        scale = torch.tensor(0.7, dtype=torch.float64)
+        if not with_bias:
+            ours[2] = theirs[2] = None
+        got, want = lora_linear(*ours, scale), lora_linear_torch(*theirs, scale)
+        torch.testing.assert_close(lora_linear_eager(*ours, scale), want, rtol=1e-12, atol=1e-12)
+        grad = torch.randn(want.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        got.backward(grad), want.backward(grad)
+        for mine, reference in zip(ours, theirs):
+            if mine is not None:
+                torch.testing.assert_close(mine.grad, reference.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_auto_on_the_cpu_lowers_plain_lora_sites_only_and_keeps_what_the_plain_graph_computes():
+    rules = 'match "*.q_proj" apply lora(r=2)\nmatch "*.k_proj" apply lora(r=2, dropout=0.1)\nmatch "*.v_proj" apply dora(r=2)\n'
+    compiled = surgeon.compile("demo:llama", rules).train()
+    for _, _, module in compiled.sites():  # B = 0 at the start: give the branches something to add
+        torch.nn.init.normal_(module.lora_B, std=0.1)
+    ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(3))
+    batch = {"input_ids": ids, "labels": ids}
+    lowered, plain = compiled.graph(**batch), compiled.graph(lowered=False, **batch)
+    fused = [n for n in lowered.graph.nodes if n.target is torch.ops.surgeon.lora_linear.default]
+    layers = compiled.config.num_hidden_layers
+    assert [n.meta["surgeon"]["site"].rsplit(".", 1)[-1] for n in fused] == ["q_proj"] * layers  # dropout, DoRA: plain
+    grads = []
+    for graph in (lowered, plain):
+        torch.manual_seed(0)  # the same dropout masks
+        graph(**batch, use_cache=False).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in compiled.named_parameters() if p.grad is not None})
+        compiled.zero_grad(set_to_none=True)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6)
 
 
 def test_the_op_registration_is_sound():
@@ -62,7 +102,7 @@ def test_kernels_triton_without_triton_or_a_gpu_is_a_clear_error():
         pytest.skip("Triton runs here")
     with pytest.raises(SurgeryError, match="kernels='triton' needs Triton and a GPU"):
         surgeon.compile("demo:llama", 'match "*.q_proj" apply lora(r=2)', kernels="triton")
-    assert not surgeon.compile("demo:llama", 'match "*.q_proj" apply lora(r=2)').lowers()  # auto: torch ops on CPU
+    assert surgeon.compile("demo:llama", 'match "*.q_proj" apply lora(r=2)').lowers()  # auto: the op's torch path on CPU
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (pip install '.[triton]')")

@@ -80,6 +80,7 @@ def test_user_passes_run_at_their_points_in_compile_and_fold():
         "demo:llama",
         'match "*.q_proj" apply lora(r=2)',
         passes={"after_insert": [after_insert], "before_fold": before_fold, "after_fold": [after_fold]},
+        kernels="torch",  # one graph for the call and the fold (auto on the CPU lowers the call's LoRA sites)
     ).eval()
     compiled(**compiled.example_kwargs)
     compiled.fold()
