@@ -56,6 +56,7 @@ class Compiled(AdapterSwitching, Folding, nn.Module):
         # Plain attributes (not submodules): graphs share the parameters above.
         self.__dict__["_graphs"] = {}
         self.__dict__["_inplace_originals"] = {}
+        self.__dict__["_lowering_by_device"] = {}  # device type -> what kernels="auto" lowers there (see _lowering)
         self.fold_report: dict | None = None  # set by a fold of quantized sites (see fold)
         self.loftq_report: dict = {}  # site -> ||W - Q||, ||W - Q - s B A|| of LoftQ-started sites
         self.__dict__["captured"] = captured  # the planning capture: modules and sites
@@ -73,6 +74,7 @@ class Compiled(AdapterSwitching, Folding, nn.Module):
         self.register_buffer("adapter_gates", torch.ones(0), persistent=False)
         self._build(plan, adapter_dtype)
         Pipeline.with_points({}, self.user_passes)  # refuse unknown pass points now, not at the first call
+        self._lowering()  # decided before any torch.compile traces a call
         self._advertise_signature()
 
     def _advertise_signature(self) -> None:
@@ -209,15 +211,16 @@ class Compiled(AdapterSwitching, Folding, nn.Module):
     def _lowering(self):
         """True (every eligible site), False, or "lora": with kernels="auto" on the CPU, plain LoRA sites of
         unrouted graphs only, the ones whose fused op's torch path beats the plain branch (it spares the
-        adapter's passes over each output: kernels/lora_linear.py), unless Triton's interpreter is on."""
+        adapter's passes over each output: kernels/lora_linear.py), unless Triton's interpreter is on.
+
+        Decided once per device type and remembered: under torch.compile, Dynamo traces this call, and
+        asking Triton about its driver there would break the graph."""
         if self.kernels != "auto":
             return self.kernels == "triton"
-        device = next(iter(self.base_model.parameters()), torch.empty(0)).device
-        if device.type == "cpu":
-            return "lora" if not _interpreting() else False
-        from surgeon.kernels import triton_mode
-
-        return device.type == "cuda" and triton_mode() == "gpu"
+        device = next(iter(self.base_model.parameters()), torch.empty(0)).device.type
+        if device not in self._lowering_by_device:
+            self._lowering_by_device[device] = _auto_lowering(device)
+        return self._lowering_by_device[device]
 
     def base_graph(self, *args, training: bool = False, **kwargs):
         """The base model's graph, without adapters, for this call signature."""
@@ -290,6 +293,8 @@ class Compiled(AdapterSwitching, Folding, nn.Module):
         if self.adapter_gates.dtype != torch.float32:  # .half() / .to(bf16) would round weights like 0.7
             self.adapter_gates = self.adapter_gates.float()
         self._graphs.clear()  # graphs hold constants of the old device or dtype: capture again
+        if "_lowering_by_device" in self.__dict__:
+            self._lowering()  # the new device's, before any torch.compile traces a call
         return result
 
     def invalidate(self) -> None:
@@ -342,6 +347,14 @@ class Compiled(AdapterSwitching, Folding, nn.Module):
         from .checkpoints.program import export_program_file
 
         export_program_file(self, path, fold=fold, args=args, kwargs=kwargs, quantized=quantized)
+
+
+def _auto_lowering(device: str):
+    if device == "cpu":
+        return "lora" if not _interpreting() else False
+    from surgeon.kernels import triton_mode
+
+    return device == "cuda" and triton_mode() == "gpu"
 
 
 def _interpreting() -> bool:

@@ -73,3 +73,18 @@ def test_inductor_compiles_a_routed_graph_once():
         for ids in ([0, 1, -1, 1], [1, 0, 0, -1], [-1, -1, -1, -1]):
             torch.testing.assert_close(fast(x, adapter_ids=torch.tensor(ids)), graph(x, adapter_ids=torch.tensor(ids)), rtol=1e-5, atol=1e-5)
     assert counter.frame_count == 1
+
+
+def test_the_compiled_model_itself_compiles_whole_after_its_first_call():
+    """torch.compile of the Compiled module (not one graph): Dynamo traces its forward, which picks the graph;
+    nothing there may break the graph (the CPU's LoRA lowering is decided before, not asked of Triton)."""
+    torch._dynamo.reset()
+    compiled = _compiled()
+    batch = dict(inputs())
+    with torch.no_grad():
+        expected = compiled(**batch).logits  # the first call captures the graph, eagerly
+        counter = CompileCounterWithBackend("aot_eager")
+        fast = torch.compile(compiled, backend=counter, fullgraph=True)
+        torch.testing.assert_close(fast(**batch).logits, expected, rtol=1e-6, atol=1e-6)
+    assert counter.frame_count == 1
+    assert any(n.target is torch.ops.surgeon.lora_linear.default for g in compiled._graphs.values() for n in g.graph.nodes)
