@@ -22,11 +22,14 @@ medians. Rows (the numbers of the benchmark issue):
 6. fold time: surgeon ``fold()`` / PEFT ``merge_and_unload()``
 7. set-up time: ``surgeon.compile`` / ``get_peft_model``: the first capture
    in this process, the same architecture again in this process (surgeon's
-   in-memory cache), and cold in a fresh process (imports excluded); a cache
-   that survives the process (the issue's "warm") does not exist yet
+   in-memory cache), and in a fresh process (imports excluded) cold (capture
+   cache off) and warm (the capture cache: surgeon/capture_cache.py); set-up
+   plus the first training step too, as a warm compile exports its graph at
+   that first call
 8. routed forward (adapters r=8 and r=16 on q, v; a mixed batch): surgeon
    routed / surgeon single adapter
-9. planning a 7B-shaped Llama without weights (bench/plan_7b.py): seconds, MiB
+9. planning a 7B-shaped Llama without weights (bench/plan_7b.py), cold and
+   warm: seconds, MiB
 """
 
 from __future__ import annotations
@@ -109,8 +112,11 @@ def _ratio(per: dict, name: str, baseline: str, detail: str) -> tuple:
     return ratio, f"{detail}{'; ' if detail else ''}per-round IQR {low:.3f}..{high:.3f}"
 
 
-def _subprocess(code: list, timeout: int = 900) -> dict:
-    done = subprocess.run([sys.executable, *code], capture_output=True, text=True, cwd=HERE, timeout=timeout)
+def _subprocess(code: list, timeout: int = 900, env: dict | None = None) -> dict:
+    import os
+
+    done = subprocess.run([sys.executable, *code], capture_output=True, text=True, cwd=HERE, timeout=timeout,
+                          env={**os.environ, **(env or {})})
     if done.returncode:
         raise SystemExit(done.stderr[-3000:])
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -124,7 +130,7 @@ from forward import RULES, build
 base, _, inputs = build({size!r})
 what = {what!r}
 started = time.perf_counter()
-if what == "surgeon":
+if what.startswith("surgeon"):
     import surgeon
     model = surgeon.compile(base, RULES, example_inputs=inputs).train()
 else:
@@ -137,12 +143,14 @@ def step():
     model(**inputs, labels=inputs["input_ids"]).loss.backward()
     optimizer.step(); optimizer.zero_grad(set_to_none=True)
 step()  # the warm-up makes the graphs and the optimizer state
+first_step = time.perf_counter() - started - setup
 from pathlib import Path
 status = lambda field: int(next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field)).split()[1]) / 1024
 before = status("VmRSS")
 Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the resident set now
 step()
-print(json.dumps({{"setup_seconds": setup, "before_step_mib": before, "step_peak_mib": status("VmHWM")}}))
+print(json.dumps({{"setup_seconds": setup, "first_step_seconds": first_step, "before_step_mib": before,
+                  "step_peak_mib": status("VmHWM")}}))
 """
 
 
@@ -157,6 +165,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import surgeon
 
+    import os
+
+    # A capture cache of this run's own: the first capture below is cold, later processes find it warm.
+    cache = tempfile.TemporaryDirectory(prefix="surgeon-bench-cache-")
+    os.environ["SURGEON_CACHE_DIR"] = cache.name
     rows, started_all = {}, time.perf_counter()
     base, _, inputs = build(args.size)
     compiled, reference, compile_s, peft_s = _surgeon_and_peft(base, inputs)
@@ -248,24 +261,32 @@ def main() -> None:
     rows["8 routed forward: surgeon routed / single adapter"] = _ratio(per, "routed", "single",
                                                                        f"{t['routed'] * 1e3:.0f} ms / {t['single'] * 1e3:.0f} ms")
 
-    # 4 and 7 (cold): fresh processes
-    child = {what: _subprocess(["-c", CHILD.format(here=str(HERE), threads=args.threads, size=args.size, what=what)])
-             for what in ("surgeon", "peft")}
+    # 4 and 7 (cold and warm): fresh processes. "surgeon-cold" has the capture cache off; "surgeon" finds
+    # the captures this process wrote to its cache (the same architecture planned before, in another process).
+    child = {what: _subprocess(["-c", CHILD.format(here=str(HERE), threads=args.threads, size=args.size, what=what)],
+                               env={"SURGEON_CAPTURE_CACHE": "0"} if what == "surgeon-cold" else None)
+             for what in ("surgeon-cold", "surgeon", "peft")}
     rows["4 training step peak RSS: surgeon / PEFT"] = (child["surgeon"]["step_peak_mib"] / child["peft"]["step_peak_mib"],
                                                        f"{child['surgeon']['step_peak_mib']:.0f} MiB / {child['peft']['step_peak_mib']:.0f} MiB "
                                                        f"(before the step {child['surgeon']['before_step_mib']:.0f} / "
                                                        f"{child['peft']['before_step_mib']:.0f})")
-    rows["7 set-up, cold (fresh process)"] = (child["surgeon"]["setup_seconds"] / child["peft"]["setup_seconds"],
-                                              f"{child['surgeon']['setup_seconds']:.2f} s / {child['peft']['setup_seconds']:.2f} s")
+    peft_setup = child["peft"]["setup_seconds"]
+    for what, name in (("surgeon-cold", "cold"), ("surgeon", "warm (capture cache)")):
+        rows[f"7 set-up in a fresh process, {name}: surgeon / PEFT"] = (
+            child[what]["setup_seconds"] / peft_setup, f"{child[what]['setup_seconds']:.2f} s / {peft_setup:.2f} s")
+        mine, theirs = (child[w]["setup_seconds"] + child[w]["first_step_seconds"] for w in (what, "peft"))
+        rows[f"7 set-up + first training step, fresh process, {name}"] = (mine / theirs, f"{mine:.2f} s / {theirs:.2f} s")
 
-    # 9: planning a 7B-shaped model without weights
+    # 9: planning a 7B-shaped model without weights, cold (an empty capture cache) and warm (planned before)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, str(HERE / "plan_7b.py"), "--out", f"{tmp}/plan.json"], check=True, capture_output=True, cwd=HERE)
-        plan = json.loads(Path(f"{tmp}/plan.json").read_text())["plan"]
-    rows["9 plan 7B-shaped, no weights (seconds)"] = (plan["seconds"], f"{plan['max_rss_bytes'] / 2**20:.0f} MiB peak; "
-                                                      f"open {plan['open_seconds']:.1f} s, torch.export {plan['export_seconds']:.1f} s, "
-                                                      f"surgeon's own {plan['surgeon_own_seconds']:.1f} s "
-                                                      f"(roles {plan['roles_seconds']:.1f} s)")
+        subprocess.run([sys.executable, str(HERE / "plan_7b.py"), "--out", f"{tmp}/plan.json"], check=True,
+                              capture_output=True, cwd=HERE)
+        result = json.loads(Path(f"{tmp}/plan.json").read_text())
+    for name, plan in (("cold", result["plan"]), ("warm", result["plan_warm"])):
+        rows[f"9 plan 7B-shaped, no weights, {name} (seconds)"] = (
+            plan["seconds"], f"{plan['max_rss_bytes'] / 2**20:.0f} MiB peak; imports {plan['import_seconds']:.1f} s, "
+            f"open {plan['open_seconds']:.1f} s, torch.export {plan['export_seconds']:.1f} s, "
+            f"surgeon's own {plan['surgeon_own_seconds']:.1f} s (roles {plan['roles_seconds']:.1f} s)")
 
     total = time.perf_counter() - started_all
     print(f"surgeon vs PEFT, {args.size} Llama, {args.threads} thread(s), {args.repeats} rounds, {total:.0f} s in all")

@@ -30,7 +30,7 @@ _EXPORTS = {
     "compile": "surgeon.api",
     "capture_model": "surgeon.api",
     "open_model": "surgeon.models",
-    "Plan": "surgeon.plan",
+    "Plan": "surgeon.planning",
 }
 
 __all__ = ["__version__", *_EXPORTS]

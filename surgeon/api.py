@@ -20,7 +20,7 @@ from surgeon.grammar import RuleSet, load_rules, parse
 
 from .capture import Captured, capture
 from .models import open_model
-from .plan import Plan, build_plan
+from .planning import Plan, build_plan
 
 __all__ = ["capture_model", "plan", "compile"]
 

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from surgeon.grammar.diagnostics import ModelError
 
-from .export import export_program
+from .capture_cache import capture_key, load_capture, store_capture
+from .export import cached_program, export_program
 from .models import OpenedModel
 
 __all__ = ["ModuleInfo", "Site", "Captured", "capture", "module_table"]
@@ -86,6 +87,7 @@ class Captured:
     total_params: int = 0
     seconds: float = 0.0
     training: bool = False  # the model's mode when it was captured (export fixes it in the graph)
+    cached: bool = False  # sites and roles came from the capture cache (surgeon/capture_cache.py); program is None
 
 
 def capture(opened: OpenedModel) -> Captured:
@@ -98,22 +100,30 @@ def capture(opened: OpenedModel) -> Captured:
             "or return (module, example_inputs) from your factory",
         )
     started = time.perf_counter()
-    # A model of fake tensors is planned, never run: its program needs no dynamic sizes.
-    program = export_program(model, opened.example_args, opened.example_kwargs, opened.is_hugging_face, opened.name,
-                             dynamic=not opened.fake)
-    captured = Captured(opened, program, training=model.training)
+    key = capture_key(opened)
+    found = load_capture(key)  # sites and roles, when any process captured this architecture before
+    program = cached_program(model, opened.example_args, opened.example_kwargs, opened.is_hugging_face)
+    if program is None and found is None:
+        # A model of fake tensors is planned, never run: its program needs no dynamic sizes.
+        program = export_program(model, opened.example_args, opened.example_kwargs, opened.is_hugging_face, opened.name,
+                                 dynamic=not opened.fake)
+    captured = Captured(opened, program, training=model.training, cached=found is not None)
     captured.ties = _ties(model)
     captured.modules = module_table(model)
-    captured.sites = _sites(program, captured.modules, captured.ties)
-    captured.modules = _with_roles(program, captured.modules, captured.sites)
+    if found is not None:  # no export (program None) unless this process holds one already
+        captured.sites, roles = found
+        captured.modules = {path: replace(info, role=roles[path]) if path in roles else info
+                            for path, info in captured.modules.items()}
+    else:
+        captured.sites = _sites(program, captured.modules, captured.ties)
+        captured.modules = _with_roles(program, captured.modules, captured.sites)
+        store_capture(key, captured)
     captured.total_params = _count(model.parameters())
     captured.seconds = time.perf_counter() - started
     return captured
 
 
 def _with_roles(program, modules: dict, sites: dict) -> dict:
-    from dataclasses import replace
-
     from .roles import norm_modules, site_roles
 
     try:
@@ -257,6 +267,4 @@ def _sites(program, modules: dict, ties: tuple) -> dict:
 
 
 def _add_node(site: Site, node: str) -> Site:
-    from dataclasses import replace
-
     return replace(site, nodes=site.nodes + (node,))

@@ -192,6 +192,7 @@ def _inspect(args: argparse.Namespace) -> int:
     console.print(
         f"{len(paths)} of {len(captured.modules)} modules shown; {len(captured.sites)} adaptable sites ({summary}); "
         f"{captured.total_params:,} parameters; captured in {captured.seconds:.1f} s"
+        f"{' (from the capture cache)' if captured.cached else ''}"
     )
     for group in captured.ties:
         console.print(f"tied: {' = '.join(group)}")
@@ -224,13 +225,14 @@ def _inspect_json(captured, paths) -> dict:
         "ties": [list(g) for g in captured.ties],
         "total_params": captured.total_params,
         "capture_seconds": round(captured.seconds, 3),
+        "capture_cached": captured.cached,
     }
 
 
 def _plan(args: argparse.Namespace) -> int:
     from surgeon.api import capture_model
     from surgeon.grammar import SurgeryError, load_rules
-    from surgeon.plan import build_plan
+    from surgeon.planning import build_plan
 
     if _swapped(args.model, args.rules):
         return 2

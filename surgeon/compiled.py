@@ -32,7 +32,7 @@ from surgeon.passes.lower import lower_adapters
 from .distributed import bindings, check_sharding, is_sharded, rebind
 from .export import bind_program, export_program, widen_inputs
 from .methods.adapter import SiteAdapter, adapter_class
-from .plan import Plan
+from .planning import Plan
 from surgeon.kernels import check_kernels
 
 from .folding import Folding
@@ -125,7 +125,7 @@ class Compiled(AdapterSwitching, Folding, nn.Module):
 
     def add_adapter(self, name: str, rules: ir.RuleSet) -> None:
         """Add (or replace) adapter ``name`` with the rules of ``rules`` (all its adapters' rules, merged)."""
-        from .plan import build_plan
+        from .planning import build_plan
 
         merged_rules = tuple(rule for adapter in rules.adapters for rule in adapter.rules)
         new = ir.Adapter(name, merged_rules)

@@ -20,7 +20,7 @@ import sys
 
 from surgeon.grammar.diagnostics import ModelError
 
-__all__ = ["export_program", "bind_program", "dynamic_shapes", "widen_inputs", "TOKEN_INPUTS"]
+__all__ = ["export_program", "cached_program", "bind_program", "dynamic_shapes", "widen_inputs", "TOKEN_INPUTS"]
 
 # Inputs whose first two dimensions are batch and sequence.
 TOKEN_INPUTS = ("input_ids", "attention_mask", "labels", "token_type_ids", "position_ids", "decoder_input_ids")
@@ -93,6 +93,15 @@ def bind_program(program, model):
     if stale:
         raise ModelError(f"a cached program could not be bound to this model: {', '.join(stale[:3])} has no tensor")
     return gm
+
+
+def cached_program(model, args: tuple, kwargs: dict, hugging_face: bool):
+    """The program this process exported before for this model's architecture and call, or None."""
+    key = _program_key(model, args, kwargs, hugging_face)
+    if key is None or key not in _PROGRAMS:
+        return None
+    _PROGRAMS.move_to_end(key)
+    return _PROGRAMS[key]
 
 
 def export_program(model, args: tuple, kwargs: dict, hugging_face: bool, name: str, *, dynamic: bool = True):

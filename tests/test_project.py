@@ -61,3 +61,17 @@ def test_every_package_folder_is_listed_in_pyproject():
             relative = init.parent.relative_to(ROOT / folder)
             found.add(".".join([package, *relative.parts]))
     assert found == set(setuptools["packages"])
+
+
+def test_the_api_verbs_stay_functions_after_every_module_is_imported():
+    """A submodule named like a verb would replace it on the package once imported (``surgeon.plan``)."""
+    import importlib
+    import pkgutil
+
+    import surgeon
+
+    for info in pkgutil.iter_modules(surgeon.__path__):
+        if info.name not in ("__main__",):
+            importlib.import_module(f"surgeon.{info.name}")
+    for verb in ("plan", "compile", "capture_model", "parse", "load_rules", "open_model"):
+        assert callable(getattr(surgeon, verb)) and not isinstance(getattr(surgeon, verb), type(surgeon)), verb

@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 
 from surgeon.demos import build_demo
 from surgeon.grammar import PlanError, parse
-from surgeon.plan import build_plan
+from surgeon.planning import build_plan
 
 # (demo, rules, the equivalent PEFT LoraConfig)
 PEFT_CASES = {

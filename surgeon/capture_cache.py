@@ -1,0 +1,133 @@
+"""The capture cache: what a capture found (sites and roles), kept on disk for the next process.
+
+Exporting is most of what planning costs (torch.export traces every layer:
+3-4 s for the benchmark's 4-layer Llama, about 7 s for a 7B-shaped one), and
+what capture finds depends on the model's architecture and configuration, not
+on its weights. After a capture of a Hugging Face model, its sites and roles
+are written as JSON to ``$SURGEON_CACHE_DIR/captures/`` (default
+``$XDG_CACHE_HOME/surgeon``, else ``~/.cache/surgeon``), one file per key:
+
+    the model's class, its config (every field), attention implementation and
+    training mode; each parameter's name, shape, dtype and tensor type; the
+    example inputs' names, ranks and dtypes; the versions of torch and
+    transformers, and a hash of surgeon's capture code
+
+The next capture of the same key, in any process, reads the file instead of
+exporting (``Captured.cached``; ``Captured.program`` is then None, and a
+compiled model exports when its first call needs a graph). Only JSON is read;
+a file that does not parse or does not match is a miss. Files are written
+atomically, so many processes (ranks of one job) may write the same key.
+``SURGEON_CAPTURE_CACHE=0`` turns the cache off; models without a config
+(plain ``nn.Module``) are never cached, as nothing describes their forward.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from pathlib import Path
+
+__all__ = ["cache_folder", "capture_key", "load_capture", "store_capture"]
+
+FORMAT = 1
+# The code whose output the cache holds: a change to any of it is a new key.
+_ANALYSIS = ("capture.py", "roles.py", "export.py", "quantized.py")
+
+
+def cache_folder() -> Path | None:
+    """Where captures are kept, or None when the cache is off."""
+    if os.environ.get("SURGEON_CAPTURE_CACHE", "1").strip().lower() in ("0", "false", "off", "no"):
+        return None
+    root = os.environ.get("SURGEON_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "surgeon"
+    return Path(root) / "captures"
+
+
+@functools.lru_cache(maxsize=1)
+def _code_version() -> str:
+    import torch
+    import transformers
+
+    here = Path(__file__).parent
+    digest = hashlib.sha256()
+    for name in _ANALYSIS:
+        digest.update((here / name).read_bytes())
+    return f"torch {torch.__version__}; transformers {transformers.__version__}; surgeon {digest.hexdigest()[:16]}"
+
+
+def capture_key(opened) -> str | None:
+    """The cache key of an opened model (a hex digest), or None when it cannot be cached."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    model = opened.module
+    config = getattr(model, "config", None)
+    if not opened.is_hugging_face or config is None or not hasattr(config, "to_json_string"):
+        return None
+
+    def kind(p) -> str:  # planning builds the model of fake tensors: the same capture as real ones
+        return "Parameter" if isinstance(p, FakeTensor) or isinstance(getattr(p, "data", None), FakeTensor) else type(p).__name__
+
+    def signature(v):
+        if isinstance(v, torch.Tensor):
+            return ["tensor", v.dim(), str(v.dtype)]
+        return repr(v)
+
+    parts = {
+        "format": FORMAT,
+        "code": _code_version(),
+        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "config": config.to_json_string(use_diff=False),
+        "attention": str(getattr(config, "_attn_implementation", None)),
+        "training": model.training,
+        "parameters": [[n, list(p.shape), str(p.dtype), kind(p)] for n, p in model.named_parameters(remove_duplicate=False)],
+        "args": [signature(a) for a in opened.example_args],
+        "kwargs": [[k, signature(v)] for k, v in opened.example_kwargs.items()],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def load_capture(key: str | None) -> tuple[dict, dict] | None:
+    """(sites: path -> Site, roles: path -> role) kept under ``key``, or None."""
+    from .capture import Site
+
+    folder = cache_folder()
+    if key is None or folder is None:
+        return None
+    try:
+        found = json.loads((folder / f"{key}.json").read_text(encoding="utf-8"))
+        if found.get("format") != FORMAT or found.get("key") != key:
+            return None
+        sites = {}
+        for fields in found["sites"]:
+            for name in ("weight_shape", "nodes", "tied_with"):
+                fields[name] = tuple(fields[name])
+            sites[fields["path"]] = Site(**fields)
+        return sites, dict(found["roles"])
+    except (OSError, ValueError, KeyError, TypeError):  # missing, half-foreign or unreadable: capture again
+        return None
+
+
+def store_capture(key: str | None, captured) -> None:
+    """Keep ``captured``'s sites and roles under ``key`` (nothing when the cache is off or cannot be written)."""
+    from dataclasses import asdict
+
+    from .checkpoints.atomic import atomic_path
+
+    folder = cache_folder()
+    if key is None or folder is None:
+        return
+    payload = {
+        "format": FORMAT,
+        "key": key,
+        "model": captured.model.name,
+        "sites": [asdict(site) for site in captured.sites.values()],
+        "roles": {path: info.role for path, info in captured.modules.items() if info.role is not None},
+    }
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / f"{key}.json") as tmp:
+            tmp.write_text(json.dumps(payload), encoding="utf-8")
+    except OSError:  # a read-only home or a full disk: the cache is an optimisation, never a failure
+        pass
