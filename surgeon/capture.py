@@ -80,14 +80,28 @@ class Captured:
     """A captured model: its exported program, modules and adaptable sites."""
 
     model: OpenedModel
-    program: Any  # torch.export.ExportedProgram
+    _program: Any = field(default=None, repr=False)  # torch.export.ExportedProgram (see ``program``)
     modules: dict = field(default_factory=dict)  # path -> ModuleInfo, in module order
     sites: dict = field(default_factory=dict)  # path -> Site
     ties: tuple = ()  # groups of parameter names that share one tensor
     total_params: int = 0
     seconds: float = 0.0
     training: bool = False  # the model's mode when it was captured (export fixes it in the graph)
-    cached: bool = False  # sites and roles came from the capture cache (surgeon/capture_cache.py); program is None
+    cached: bool = False  # sites and roles came from the capture cache (surgeon/capture_cache.py)
+    _released: bool = field(default=False, repr=False)
+
+    @property
+    def program(self):
+        """The exported program. After a capture-cache hit it is exported on first use (and kept)."""
+        if self._program is None and self.cached and not self._released:
+            opened = self.model
+            self._program = export_program(opened.module, opened.example_args, opened.example_kwargs,
+                                           opened.is_hugging_face, opened.name, dynamic=not opened.fake)
+        return self._program
+
+    @program.setter
+    def program(self, value) -> None:  # None: let go of it (a compiled model took it for its first graph)
+        self._program, self._released = value, value is None
 
 
 def capture(opened: OpenedModel) -> Captured:
@@ -111,21 +125,27 @@ def capture(opened: OpenedModel) -> Captured:
     captured.ties = _ties(model)
     captured.modules = module_table(model)
     if found is not None:  # no export (program None) unless this process holds one already
-        captured.sites, roles = found
+        sites, roles = found
+        # How bitsandbytes stores a weight is read from the live model, not the file.
+        captured.sites = {path: replace(site, quantization=captured.modules[path].quantization) if path in captured.modules else site
+                          for path, site in sites.items()}
         captured.modules = {path: replace(info, role=roles[path]) if path in roles else info
                             for path, info in captured.modules.items()}
     else:
         captured.sites = _sites(program, captured.modules, captured.ties)
-        captured.modules = _with_roles(program, captured.modules, captured.sites)
-        store_capture(key, captured)
+        captured.modules, understood = _with_roles(program, captured.modules, captured.sites)
+        if understood:  # a role analysis that failed here is not kept for later processes
+            store_capture(key, captured)
     captured.total_params = _count(model.parameters())
     captured.seconds = time.perf_counter() - started
     return captured
 
 
-def _with_roles(program, modules: dict, sites: dict) -> dict:
+def _with_roles(program, modules: dict, sites: dict) -> tuple[dict, bool]:
+    """(modules with their roles, whether the analysis read the graph)."""
     from .roles import norm_modules, site_roles
 
+    understood = True
     try:
         roles = site_roles(program, sites)
         roles.update({path: "norm" for path in norm_modules(program, modules) if path not in roles})
@@ -134,8 +154,8 @@ def _with_roles(program, modules: dict, sites: dict) -> dict:
 
         warnings.warn(f"the role analysis could not read this graph ({type(exc).__name__}: {exc}); every site's role is unknown",
                       stacklevel=2)
-        roles = {path: "unknown" for path in sites}
-    return {path: replace(info, role=roles[path]) if path in roles else info for path, info in modules.items()}
+        roles, understood = {path: "unknown" for path in sites}, False
+    return {path: replace(info, role=roles[path]) if path in roles else info for path, info in modules.items()}, understood
 
 
 def _layer(path: str) -> int | None:

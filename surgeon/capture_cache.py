@@ -8,15 +8,20 @@ are written as JSON to ``$SURGEON_CACHE_DIR/captures/`` (default
 ``$XDG_CACHE_HOME/surgeon``, else ``~/.cache/surgeon``), one file per key:
 
     the model's class, its config (every field), attention implementation and
-    training mode; each parameter's name, shape, dtype and tensor type; the
-    example inputs' names, ranks and dtypes; the versions of torch and
-    transformers, and a hash of surgeon's capture code
+    training mode; every module's path and class, with a hash of the code of
+    each class's forward (a patched or edited forward is another key); each
+    parameter's name, shape, dtype and tensor type, and which ones are tied;
+    the device type; the example inputs' names, ranks and dtypes; the versions
+    of torch and transformers, and a hash of surgeon's capture code
 
 The next capture of the same key, in any process, reads the file instead of
 exporting (``Captured.cached``; ``Captured.program`` is then None, and a
 compiled model exports when its first call needs a graph). Only JSON is read;
 a file that does not parse or does not match is a miss. Files are written
-atomically, so many processes (ranks of one job) may write the same key.
+atomically, so many processes (ranks of one job) may write the same key. What
+the key cannot see: an edit to a function the forwards call (inside an
+editable transformers install, say) - turn the cache off, or clear the folder,
+while editing model code.
 ``SURGEON_CAPTURE_CACHE=0`` turns the cache off; models without a config
 (plain ``nn.Module``) are never cached, as nothing describes their forward.
 """
@@ -26,6 +31,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import marshal
 import os
 from pathlib import Path
 
@@ -33,14 +39,19 @@ __all__ = ["cache_folder", "capture_key", "load_capture", "store_capture"]
 
 FORMAT = 1
 # The code whose output the cache holds: a change to any of it is a new key.
-_ANALYSIS = ("capture.py", "roles.py", "export.py", "quantized.py")
+_ANALYSIS = ("surgeon.capture", "surgeon.roles", "surgeon.export", "surgeon.quantized", "surgeon.grammar.vocabulary")
 
 
 def cache_folder() -> Path | None:
     """Where captures are kept, or None when the cache is off."""
     if os.environ.get("SURGEON_CAPTURE_CACHE", "1").strip().lower() in ("0", "false", "off", "no"):
         return None
-    root = os.environ.get("SURGEON_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "surgeon"
+    root = os.environ.get("SURGEON_CACHE_DIR")
+    if not root:
+        try:
+            root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "surgeon"
+        except RuntimeError:  # no home folder to be found: no cache
+            return None
     return Path(root) / "captures"
 
 
@@ -49,11 +60,28 @@ def _code_version() -> str:
     import torch
     import transformers
 
-    here = Path(__file__).parent
-    digest = hashlib.sha256()
+    import importlib
+
+    from surgeon import __version__
+
+    digest = hashlib.sha256(__version__.encode())
     for name in _ANALYSIS:
-        digest.update((here / name).read_bytes())
+        try:
+            digest.update(Path(importlib.import_module(name).__file__).read_bytes())
+        except (OSError, TypeError):  # no source on disk (a zipped install): the version stands for it
+            digest.update(name.encode())
     return f"torch {torch.__version__}; transformers {transformers.__version__}; surgeon {digest.hexdigest()[:16]}"
+
+
+def _code_hash(function) -> str:
+    """A hash of a function's code (bytecode, constants, names), or its qualified name if it has none."""
+    code = getattr(getattr(function, "__func__", function), "__code__", None)
+    if code is None:
+        return getattr(function, "__qualname__", repr(type(function)))
+    try:
+        return hashlib.sha256(marshal.dumps(code)).hexdigest()[:16]
+    except ValueError:  # a code object marshal cannot write
+        return code.co_qualname if hasattr(code, "co_qualname") else code.co_name
 
 
 def capture_key(opened) -> str | None:
@@ -74,10 +102,28 @@ def capture_key(opened) -> str | None:
             return ["tensor", v.dim(), str(v.dtype)]
         return repr(v)
 
+    def class_name(module) -> str:
+        return f"{type(module).__module__}.{type(module).__qualname__}"
+
+    forwards = {}  # one hash per distinct forward: a class's, or one patched onto an instance
+    modules = []
+    for path, module in model.named_modules():
+        forward = module.__dict__.get("forward", type(module).forward)
+        name = f"{class_name(module)}{'+instance' if 'forward' in module.__dict__ else ''}"
+        forwards.setdefault(name, _code_hash(forward))
+        modules.append([path, name])
+    ties: dict = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        ties.setdefault(id(p), []).append(n)
+    first = next(iter(model.parameters()), None)
     parts = {
         "format": FORMAT,
         "code": _code_version(),
-        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "class": class_name(model),
+        "modules": modules,
+        "forwards": sorted(forwards.items()),
+        "ties": sorted(group for group in ties.values() if len(group) > 1),
+        "device": first.device.type if first is not None else None,
         "config": config.to_json_string(use_diff=False),
         "attention": str(getattr(config, "_attn_implementation", None)),
         "training": model.training,

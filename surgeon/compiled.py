@@ -30,7 +30,7 @@ from surgeon.passes.insert import ROUTING_INPUT, Gates
 from surgeon.passes.lower import lower_adapters
 
 from .distributed import bindings, check_sharding, is_sharded, rebind
-from .export import bind_program, export_program, widen_inputs
+from .export import autocast_state, bind_program, export_program, widen_inputs
 from .methods.adapter import SiteAdapter, adapter_class
 from .planning import Plan
 from surgeon.kernels import check_kernels
@@ -197,8 +197,10 @@ class Compiled(AdapterSwitching, Folding, nn.Module):
         """
         kwargs = self._with_defaults(kwargs)
         training = self.training if training is None else training
-        lowered = self._lowering() if lowered is None else lowered
-        key = (training, lowered) + self._key(args, kwargs)[1:]  # a routed call (adapter_ids) has a graph of its own
+        autocast = autocast_state(self.base_model)  # export keeps the dtypes it traced: a graph per autocast state
+        if lowered is None:  # under autocast the plain aten ops (the fused ops take one dtype); else as kernels says
+            lowered = False if autocast is not None else self._lowering()
+        key = (training, lowered, autocast) + self._key(args, kwargs)[1:]  # a routed call (adapter_ids) has a graph of its own
         if key not in self._graphs:
             self._graphs[key] = self._capture(args, kwargs, training, lowered)
         return self._graphs[key]
@@ -248,8 +250,9 @@ class Compiled(AdapterSwitching, Folding, nn.Module):
             )
         planning = self.captured
         reuse = (
-            planning.program is not None
-            and not planning.model.fake
+            not planning.model.fake
+            and autocast_state(self.base_model) is None  # the planning capture ran without autocast
+            and planning.program is not None
             and training == planning.training
             and self._key(args, kwargs)[1:] == self._key(self.example_args, self._with_defaults(self.example_kwargs))[1:]
         )

@@ -20,7 +20,7 @@ import sys
 
 from surgeon.grammar.diagnostics import ModelError
 
-__all__ = ["export_program", "cached_program", "bind_program", "dynamic_shapes", "widen_inputs", "TOKEN_INPUTS"]
+__all__ = ["autocast_state", "export_program", "cached_program", "bind_program", "dynamic_shapes", "widen_inputs", "TOKEN_INPUTS"]
 
 # Inputs whose first two dimensions are batch and sequence.
 TOKEN_INPUTS = ("input_ids", "attention_mask", "labels", "token_type_ids", "position_ids", "decoder_input_ids")
@@ -31,6 +31,17 @@ TOKEN_INPUTS = ("input_ids", "attention_mask", "labels", "token_type_ids", "posi
 # weights). A program is bound to a model's own tensors with bind_program.
 _PROGRAMS: "collections.OrderedDict" = collections.OrderedDict()
 _PROGRAMS_KEPT = 16
+
+
+def autocast_state(model):
+    """The autocast dtype in force on ``model``'s device, or None. torch.export records the dtypes it
+    traced (and asserts them), so a program exported under autocast runs only under the same autocast."""
+    import torch
+
+    device = next(iter(model.parameters()), torch.empty(0)).device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        return str(torch.get_autocast_dtype(device))
+    return None
 
 
 def _program_key(model, args: tuple, kwargs: dict, hugging_face: bool):
@@ -54,6 +65,7 @@ def _program_key(model, args: tuple, kwargs: dict, hugging_face: bool):
         config.to_json_string(use_diff=False),
         getattr(config, "_attn_implementation", None),
         model.training,
+        autocast_state(model),
         tuple(params),
         tuple(signature(a) for a in args),
         tuple((k, signature(v)) for k, v in kwargs.items()),

@@ -181,3 +181,20 @@ def test_the_dora_op_matches_pefts_dora_layer():
     expected = torch.autograd.grad(theirs.square().sum(), (a, b, m))
     for mine, reference in zip(grads, expected):
         torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_under_autocast_the_graph_keeps_plain_ops_and_trains():
+    """The fused ops take one dtype for all their tensors; autocast casts op by op, so it gets the plain graph,
+    captured under autocast (export asserts the dtypes it traced: the fp32 graph would fail there)."""
+    compiled = surgeon.compile("demo:llama", 'match "*.q_proj" apply lora(r=2)').train()
+    for _, _, module in compiled.sites():
+        torch.nn.init.normal_(module.lora_B, std=0.1)
+    ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(3))
+    exact = compiled(input_ids=ids, labels=ids).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = compiled(input_ids=ids, labels=ids).loss
+        graph = compiled.graph(input_ids=ids, labels=ids)
+    loss.backward()
+    assert not any(n.target is torch.ops.surgeon.lora_linear.default for n in graph.graph.nodes)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for _, p in compiled.trainable_parameters())
+    torch.testing.assert_close(loss.float(), exact.detach(), rtol=5e-2, atol=5e-2)

@@ -27,10 +27,25 @@ def test_a_second_capture_reads_the_sites_and_roles_the_first_exported(cache):
     assert not exported.cached and exported.program is not None
     assert [f.suffix for f in cache.iterdir()] == [".json"]
     again = capture(open_model("demo:llama", weights=False))
-    assert again.cached and again.program is None
+    assert again.cached and again._program is None  # nothing exported ...
     assert again.sites == exported.sites  # Site dataclasses, field by field
     assert {p: m.role for p, m in again.modules.items()} == {p: m.role for p, m in exported.modules.items()}
     assert again.modules == exported.modules and again.ties == exported.ties and again.total_params == exported.total_params
+    assert again.program is not None and again.program.graph is not None  # ... until the program is asked for
+
+
+def test_a_patched_forward_or_a_retied_weight_is_another_key(cache):
+    import types
+
+    opened = open_model("demo:gpt2", weights=False)
+    key = capture_key(opened)
+    block = opened.module.transformer.h[0]
+    block.forward = types.MethodType(lambda self, *a, **k: type(self).forward(self, *a, **k), block)
+    assert capture_key(opened) != key
+    del block.forward
+    assert capture_key(opened) == key
+    opened.module.lm_head.weight = torch.nn.Parameter(opened.module.lm_head.weight.detach().clone())  # untied
+    assert capture_key(opened) != key
 
 
 def test_a_model_compiled_from_the_cache_computes_what_one_compiled_without_it_does(cache, monkeypatch):
@@ -80,7 +95,7 @@ def test_an_unreadable_or_foreign_file_is_a_miss_and_is_written_again(cache):
     for text in ("{not json", json.dumps({"format": 1, "key": "another", "sites": [], "roles": {}})):
         (cache / f"{key}.json").write_text(text)
         captured = capture(opened)
-        assert not captured.cached and captured.program is not None
+        assert not captured.cached and captured._program is not None
         assert json.loads((cache / f"{key}.json").read_text())["key"] == key
 
 
