@@ -69,7 +69,8 @@ def compile(
 
     ``passes`` adds graph passes of your own at named points (surgeon.passes.POINTS),
     e.g. ``{"after_insert": [my_pass]}``. ``kernels``: "auto" (the fused Triton
-    kernels on a GPU with Triton, torch ops elsewhere), "triton" or "torch".
+    kernels on a GPU with Triton; on the CPU plain LoRA sites call the fused op's torch path;
+    aten ops elsewhere), "triton" or "torch" (plain aten ops everywhere).
     ``full_precision``: for a bitsandbytes-quantized model, its unquantized weights
     (a model, a state dict, or a safetensors folder), which ``lora(init="loftq")``
     starts from (the quantized demos know theirs). ``kbit_training``: first do to the

@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
                           help="with --fold on a bitsandbytes model: quantize the merged weights again (default: full "
                           "precision, no quantization); OUT/fold_report.json gives the error this adds")
     compile_.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto",
-                          help="fused Triton kernels (auto: on a GPU with Triton) or plain torch ops")
+                          help="fused ops (auto: Triton kernels on a GPU, their torch path for LoRA on the CPU) or plain torch ops")
     output_format(compile_)
 
     merge = command(
