@@ -26,7 +26,6 @@ What this file adds is what the graphs need to stay right under them.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 from torch import nn
@@ -53,13 +52,16 @@ def gathered(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-@functools.lru_cache(maxsize=1)
-def _fsdp_module_class():  # looked up once: is_sharded runs on every forward
-    if not torch.distributed.is_available():
-        return None
-    from torch.distributed.fsdp import FSDPModule
+_FSDP_MODULE: list = []  # [FSDPModule or None], looked up once: is_sharded runs on every forward
 
-    return FSDPModule
+
+def _fsdp_module_class():  # a plain memo, not lru_cache, which Dynamo warns about when it traces forward
+    if not _FSDP_MODULE:
+        found = None
+        if torch.distributed.is_available():
+            from torch.distributed.fsdp import FSDPModule as found
+        _FSDP_MODULE.append(found)
+    return _FSDP_MODULE[0]
 
 
 def is_sharded(module: nn.Module) -> bool:
