@@ -179,9 +179,11 @@ def _set(gm, targets: list, value, inplace: bool, originals: dict | None, shared
                 f"cannot fold into {targets[0]} in place: the tensor is shared with another weight (tied embeddings)",
                 hint="fold() without inplace=True gives the merged graph and leaves the tie alone",
             )
+        # The parameter object stays (graphs and the user's model hold it); its data becomes the merged tensor, and
+        # the original tensor is kept for unfold: no copy of either (PEFT's safe merge swaps .data the same way).
         if originals is not None and targets[0] not in originals:
-            originals[targets[0]] = (current, current.detach().clone())
-        current.data.copy_(value)
+            originals[targets[0]] = (current, current.data)
+        current.data = value.to(current.dtype) if value.dtype != current.dtype else value
         return
     new = torch.nn.Parameter(value, requires_grad=False)  # one object, so tied attributes stay tied
     for target in targets:
@@ -256,12 +258,9 @@ def _shared(gm, target: str, tensor) -> bool:
 
 
 def unfold_inplace(originals: dict) -> None:
-    """Restore the weights an in-place fold changed, bit for bit."""
-    import torch
-
-    with torch.no_grad():
-        for weight, saved in originals.values():
-            weight.data.copy_(saved)
+    """Restore the weights an in-place fold changed, bit for bit (their original tensors come back)."""
+    for weight, saved in originals.values():
+        weight.data = saved
     originals.clear()
 
 
