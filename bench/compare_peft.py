@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -113,8 +114,6 @@ def _ratio(per: dict, name: str, baseline: str, detail: str) -> tuple:
 
 
 def _subprocess(code: list, timeout: int = 900, env: dict | None = None) -> dict:
-    import os
-
     done = subprocess.run([sys.executable, *code], capture_output=True, text=True, cwd=HERE, timeout=timeout,
                           env={**os.environ, **(env or {})})
     if done.returncode:
@@ -165,8 +164,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import surgeon
-
-    import os
 
     # A capture cache of this run's own: the first capture below is cold, later processes find it warm.
     cache = tempfile.TemporaryDirectory(prefix="surgeon-bench-cache-")

@@ -23,7 +23,6 @@ from pathlib import Path
 
 RULES = 'match "*.self_attn.{q,k,v,o}_proj" apply lora(r=16, alpha=32)\nmatch "*.mlp.*_proj" where layer >= 16 apply lora(r=8)\n'
 BOUND_BYTES = 1.5 * 2**30
-CACHE = ""  # the capture cache of this run (a new folder): the first plan is cold, the second warm
 
 CHILD = """
 import json, resource, sys, time
@@ -66,9 +65,10 @@ print(json.dumps(result))
 """
 
 
-def run(*args: str) -> dict:
+def run(cache: str, *args: str) -> dict:
+    """The child's result; ``cache``: its capture-cache folder (this run's own, so the first plan is cold)."""
     done = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True, check=True,
-                          env={**os.environ, "SURGEON_CACHE_DIR": CACHE})
+                          env={**os.environ, "SURGEON_CACHE_DIR": cache})
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -79,9 +79,8 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import LlamaConfig
 
-    global CACHE
     with tempfile.TemporaryDirectory() as tmp:
-        CACHE = str(Path(tmp) / "cache")
+        cache = str(Path(tmp) / "cache")
         folder = Path(tmp) / "llama-7b-shaped"
         LlamaConfig(
             hidden_size=4096,
@@ -94,9 +93,9 @@ def main() -> None:
         ).save_pretrained(folder)
         rules = Path(tmp) / "rules.surgery"
         rules.write_text(RULES)
-        baseline = run("baseline")
-        planned = run("plan", str(folder), str(rules))
-        warm = run("plan", str(folder), str(rules))  # the capture cache holds the first plan's capture
+        baseline = run(cache, "baseline")
+        planned = run(cache, "plan", str(folder), str(rules))
+        warm = run(cache, "plan", str(folder), str(rules))  # the capture cache holds the first plan's capture
     fp32_weights = planned["total_params"] * 4
     result = {
         "layers": args.layers,

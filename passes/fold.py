@@ -183,7 +183,7 @@ def _set(gm, targets: list, value, inplace: bool, originals: dict | None, shared
         # the original tensor is kept for unfold: no copy of either (PEFT's safe merge swaps .data the same way).
         if originals is not None and targets[0] not in originals:
             originals[targets[0]] = (current, current.data)
-        current.data = value.to(current.dtype) if value.dtype != current.dtype else value
+        current.data = value.to(current.dtype)
         return
     new = torch.nn.Parameter(value, requires_grad=False)  # one object, so tied attributes stay tied
     for target in targets:

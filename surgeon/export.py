@@ -109,7 +109,10 @@ def bind_program(program, model):
 
 def cached_program(model, args: tuple, kwargs: dict, hugging_face: bool):
     """The program this process exported before for this model's architecture and call, or None."""
-    key = _program_key(model, args, kwargs, hugging_face)
+    return _remembered(_program_key(model, args, kwargs, hugging_face))
+
+
+def _remembered(key):
     if key is None or key not in _PROGRAMS:
         return None
     _PROGRAMS.move_to_end(key)
@@ -128,9 +131,9 @@ def export_program(model, args: tuple, kwargs: dict, hugging_face: bool, name: s
     the innermost module that was running.
     """
     key = _program_key(model, args, kwargs, hugging_face) if dynamic else None
-    if key is not None and key in _PROGRAMS:
-        _PROGRAMS.move_to_end(key)
-        return _PROGRAMS[key]
+    remembered = _remembered(key)
+    if remembered is not None:
+        return remembered
     program = _export(model, args, kwargs, hugging_face, name, dynamic)
     if key is not None:
         _PROGRAMS[key] = _template(program)

@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 from hypothesis import HealthCheck, settings
 
@@ -10,10 +13,6 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "surgeon"))
 
 # Captures are cached on disk (surgeon/capture_cache.py): the suite keeps its own cache, new each run,
 # never the user's ~/.cache/surgeon.
-import atexit  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-
 _CACHE = tempfile.mkdtemp(prefix="surgeon-test-cache-")
 os.environ["SURGEON_CACHE_DIR"] = _CACHE
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
