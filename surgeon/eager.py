@@ -5,6 +5,11 @@ each adapted module gets a hook computing its method's ``eager`` form, read
 through the adapter's gate as the graphs do, and the ``train`` modules' copies
 stand in for their parameters. Training through the graph and generating
 through the hooks use the very same tensors.
+
+While attached, the model's bitsandbytes 4-bit linears stay on the
+dequantize + matmul path the graph takes (surgeon.quantized.exact_4bit_matmuls):
+on an AVX512-BF16 CPU, generation (evaluation mode, no grad) would otherwise
+run them in bfloat16 and rewrite their tensors in place.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ __all__ = ["attach"]
 
 def attach(compiled, model: nn.Module) -> list:
     """Hook ``compiled``'s adapters into ``model``; returns handles (``.remove()`` detaches)."""
-    handles = []
+    from .quantized import exact_4bit_matmuls
+
+    handles = [_Handles(exact_4bit_matmuls(model))]  # first: it refuses a rewritten 4-bit layer before any hook
     for name, path, adapter in compiled.sites():
         hook = _gated_hook(adapter.hook(), compiled.adapter_gates, compiled.adapter_names.index(name))
         paths = [path]

@@ -28,6 +28,19 @@ fake implementation for export and ``torch.compile``. Capture classifies
 these ops as ``linear`` sites with a :class:`Quantization`; methods that only
 read the site's input and output (LoRA) adapt them unchanged. Folding into
 them: surgeon/quantized_merge.py.
+
+On a CPU with AVX512-BF16, bitsandbytes' ``Linear4bit`` (0.50: its CPU fused
+kernel) has a second path: in evaluation mode, with an input that does not
+require grad, its forward rewrites the layer's packed weight and ``QuantState``
+in place into a CPU inference layout (nibbles regrouped by 32 rows, which needs
+out_features divisible by 32; block scales rounded to bfloat16; double
+quantization undone), and every later call multiplies in bfloat16 whatever the
+compute dtype. The float32 scales are lost (bitsandbytes' inverse, run when it
+saves the state dict, does not give them back), so a layer in that layout is
+refused (:func:`_quant_state`), and every 4-bit linear that capture or
+:func:`surgeon.eager.attach` sees is kept off that path
+(:func:`exact_4bit_matmuls`): the graph, later captures, folds and checkpoints
+read the layer's tensors, and the eager model must compute what the graph does.
 """
 
 from __future__ import annotations
@@ -42,8 +55,13 @@ from torch import nn
 
 __all__ = [
     "Quantization", "quantization_of", "dequantized_weight", "quantized_stand_ins", "QUANTIZED_OPS",
-    "quantize_like", "prepare_kbit_training",
+    "quantize_like", "prepare_kbit_training", "exact_4bit_matmuls",
 ]
+
+# Linear4bit's own switch for the AVX512-BF16 CPU layout (bitsandbytes/nn/modules.py, set from has_avx512bf16()
+# in __init__); the layout's mark on the QuantState.
+_CPU_LAYOUT_SWITCH = "support_avx512bf16_for_cpu"
+_CPU_LAYOUT_MARK = "packing_format_for_cpu"
 
 
 @dataclass(frozen=True)
@@ -106,15 +124,42 @@ def _int8_state(module) -> tuple:
     return weight.as_subclass(torch.Tensor), scb
 
 
-def _4bit_tensors(module) -> dict:
+def _quant_state(module):
+    """The 4-bit module's ``QuantState``, refused when bitsandbytes has rewritten it into its CPU inference layout
+    (its scales rounded to bfloat16 for good: nothing read from it is the weight the model was loaded with)."""
     state = module.weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):
+    if getattr(state, _CPU_LAYOUT_MARK, False):
         from surgeon.grammar.diagnostics import ModelError
 
         raise ModelError(
             "a 4-bit weight is in bitsandbytes' CPU inference packing (the model ran in evaluation mode on an AVX512-BF16 CPU)",
-            hint="open the model again, or save and reload it, before compiling",
+            hint="load the model again from its checkpoint (saving it now writes bitsandbytes' lossy inverse of that layout)",
         )
+    return state
+
+
+def exact_4bit_matmuls(model):
+    """Keep every bitsandbytes 4-bit linear of ``model`` (the model itself included) on its dequantize + matmul
+    path on any CPU, the one the graph's ``surgeon::linear_4bit`` takes, so that its eager forward neither rounds
+    to bfloat16 nor rewrites its tensors (see the module docstring). Refuses, before changing anything, a layer
+    already rewritten. Returns a function that puts the previous settings back."""
+    layers = [m for m in model.modules() if hasattr(m, _CPU_LAYOUT_SWITCH)]
+    for module in layers:
+        if getattr(module.weight, "quant_state", None) is not None:  # (one not quantized yet is capture's to refuse)
+            _quant_state(module)
+    saved = [(module, getattr(module, _CPU_LAYOUT_SWITCH)) for module in layers]
+    for module in layers:
+        setattr(module, _CPU_LAYOUT_SWITCH, False)
+
+    def restore():
+        for module, value in saved:
+            setattr(module, _CPU_LAYOUT_SWITCH, value)
+
+    return restore
+
+
+def _4bit_tensors(module) -> dict:
+    state = _quant_state(module)
     tensors = {"weight": module.weight.as_subclass(torch.Tensor).reshape(-1, 1)}
     if state.nested:
         if state.state2.blocksize != 256:
@@ -132,7 +177,7 @@ def dequantized_weight(module, dtype=None) -> torch.Tensor:
     if kind == "4bit":
         import bitsandbytes.functional as bnbf
 
-        state = module.weight.quant_state
+        state = _quant_state(module)
         w = bnbf.dequantize_4bit(module.weight.data, state)
         return w.to(dtype or module.compute_dtype or state.dtype)
     if kind == "8bit":
@@ -289,7 +334,11 @@ class _Linear8bitStandIn(nn.Module):
 
 @contextlib.contextmanager
 def quantized_stand_ins(model):
-    """While inside, every bitsandbytes linear of ``model`` is its stand-in (same tensors); restored after."""
+    """While inside, every bitsandbytes linear of ``model`` is its stand-in (same tensors); restored after.
+
+    The 4-bit linears stay on their exact CPU path after too (:func:`exact_4bit_matmuls`, not undone): the
+    graph aliases their tensors and later captures read them again, which bitsandbytes' CPU inference
+    layout would replace."""
     planned = []  # every stand-in is made (and may refuse its module) before the model is touched
     for path, module in list(model.named_modules()):
         kind = _bnb_kind(module)
@@ -300,6 +349,7 @@ def quantized_stand_ins(model):
         stand_in = _Linear4bitStandIn(module) if kind == "4bit" else _Linear8bitStandIn(module)
         stand_in.train(module.training)
         planned.append((parent, leaf, module, stand_in))
+    exact_4bit_matmuls(model)
     swapped = []
     try:
         for parent, leaf, module, stand_in in planned:
@@ -319,7 +369,7 @@ def quantize_like(module, weight, dtype=None) -> tuple:
     if _bnb_kind(module) == "8bit":
         cb, scb, _ = bnbf.int8_vectorwise_quant(weight.to(torch.float16))
         return cb, scb
-    state = module.weight.quant_state
+    state = _quant_state(module)
     return bnbf.quantize_4bit(weight.to(dtype or module.compute_dtype or state.dtype), blocksize=state.blocksize,
                               compress_statistics=bool(state.nested), quant_type=state.quant_type, quant_storage=module.weight.dtype)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .quantized import _bnb_kind, _dequantize_4bit, dequantized_weight, quantize_like
+from .quantized import _bnb_kind, _dequantize_4bit, _quant_state, dequantized_weight, quantize_like
 
 __all__ = ["QUANTIZED_MERGES", "graph_weight", "dequantize_graph_site", "requantize_graph_site", "merged_quantized_state",
            "conv1d_paths"]
@@ -115,7 +115,7 @@ def _requantized_state(path: str, module, weight) -> dict:
 def _full_precision_dtype(model, module):
     """A dequantized weight's dtype: the 4-bit compute dtype; for int8, the model's own float dtype."""
     if _bnb_kind(module) == "4bit":
-        return module.compute_dtype or module.weight.quant_state.dtype
+        return module.compute_dtype or _quant_state(module).dtype
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 

@@ -39,3 +39,19 @@ def inputs(batch: int = 2, seq: int = 7, labels: bool = True):
     if labels:
         kwargs["labels"] = ids
     return kwargs
+
+
+def exact_bnb_cpu_path(model):
+    """``model`` with each bitsandbytes ``Linear4bit`` on its dequantize + matmul path on every CPU, as surgeon's
+    graph (returned, changed in place). On a CPU with AVX512-BF16, bitsandbytes' forward in evaluation mode with an
+    input that does not require grad switches a layer to a bfloat16 kernel for good (``support_avx512bf16_for_cpu``,
+    read from the CPU in ``Linear4bit.__init__``), whatever its compute dtype: references set the switch off, so
+    they take the same path, and compare at the same tolerances, with and without that CPU feature."""
+    import bitsandbytes as bnb
+
+    has_layout = hasattr(bnb.functional, "_convert_weight_packed_for_cpu")  # (older bitsandbytes: no such path)
+    for layer in [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]:
+        assert hasattr(layer, "support_avx512bf16_for_cpu") or not has_layout, "bitsandbytes renamed its CPU-kernel switch"
+        assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False), "already in the bf16 layout"
+        layer.support_avx512bf16_for_cpu = False
+    return model
