@@ -10,7 +10,7 @@ giving back the base graph).
 """
 
 from ._graph import adapter_nodes, module_path
-from .fold import FoldError, copy_graph_module, fold_adapters, unfold_inplace, verify_fold
+from .fold import FoldError, copy_graph_module, fold_adapters, verify_fold
 from .insert import Gates, GraphBuilder, Insertion, insert_adapters
 from .lower import lower_adapters
 from .pipeline import POINTS, PassError, PassResult, Pipeline, run_passes
@@ -27,7 +27,6 @@ __all__ = [
     "lower_adapters",
     "GraphBuilder",
     "fold_adapters",
-    "unfold_inplace",
     "verify_fold",
     "FoldError",
     "copy_graph_module",

@@ -9,10 +9,12 @@ Each method says how it merges (``SiteAdapter.fold``); for LoRA::
 Several adapters on one site fold in the order they were inserted. The merge
 is computed in float32 (float64 for a float64 weight: :func:`merge_dtype`)
 and rounded once to the weight's dtype. The folded
-graph has exactly the base graph's op sequence. By default the new weights
-are new tensors set on the graph module (the user's model and the unfolded
-graph keep theirs); ``inplace=True`` writes them into the existing tensors and
-keeps the originals so that :func:`unfold_inplace` restores them bit for bit.
+graph has exactly the base graph's op sequence. The new weights are new
+tensors set on the graph module (the user's model and the unfolded graph keep
+theirs). A ``merged`` dict given to the pass keeps them, by site: a second
+graph of the same model (another call signature) folded with that dict reads
+the very same tensors, computed once (surgeon/folded.py writes them into the
+model for an in-place fold and reads a merged checkpoint from them).
 
 :func:`verify_fold` runs the folded and unfolded graphs on the same inputs and
 raises :class:`FoldError` when they differ beyond a tolerance for the dtype.
@@ -28,7 +30,7 @@ from ._graph import SiteNodes, attribute, site_args
 from .insert import attribute_prefix
 from .pipeline import PassResult
 
-__all__ = ["merge_dtype", "fold_weighted", "fold_adapters", "unfold_inplace", "verify_fold", "output_difference", "FoldError",
+__all__ = ["merge_dtype", "fold_weighted", "fold_adapters", "verify_fold", "output_difference", "FoldError",
            "copy_graph_module", "TOLERANCES"]
 
 # Roles of the nodes that stand in for a value of the base graph (the site's output, input or
@@ -63,9 +65,8 @@ def copy_graph_module(gm):
     return torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
 
 
-def fold_adapters(insertions, *, inplace: bool = False, originals: dict | None = None, weights: dict | None = None,
-                  quantized: str = "dequantize"):
-    """A pass that folds every adapter of ``insertions``. With ``inplace``, ``originals`` records what it overwrote.
+def fold_adapters(insertions, *, weights: dict | None = None, quantized: str = "dequantize", merged: dict | None = None):
+    """A pass that folds every adapter of ``insertions``.
 
     ``weights`` (adapter name -> w, default 1) folds each adapter with a
     strength: ``W + w (fold(W) - W)``, the gated graph's interpolation, exact
@@ -74,8 +75,12 @@ def fold_adapters(insertions, *, inplace: bool = False, originals: dict | None =
     weight, then ``quantized`` decides: "dequantize" makes it a plain linear
     on the merged weight in its compute dtype, "requantize" quantizes the
     merged weight again with the site's own scheme (which adds error).
+
+    ``merged`` ((path, kind) -> (weight, bias) parameters, or ("quantized", full-precision weight)) is filled
+    with what the pass computes, and what it already holds is used instead of computing it again.
     """
     weights = weights or {}
+    merged = {} if merged is None else merged
 
     def fold_adapter_branches(gm) -> PassResult:
         import torch
@@ -91,17 +96,19 @@ def fold_adapters(insertions, *, inplace: bool = False, originals: dict | None =
         site_nodes, single = SiteNodes(gm), _single_readers(gm)
         with torch.no_grad():
             for (path, kind), specs in by_site.items():
+                if any(hasattr(spec.module, "for_weight") for spec in specs):  # MultiheadAttention: two weights
+                    _fold_projections(gm, path, kind, site_nodes(path, kind), specs, weights, merged)
+                    continue
                 base = site_nodes(path, kind)[0]
                 _, weight_node, bias_node = site_args(base, kind)
                 if base.target in QUANTIZED_OPS:
-                    _fold_quantized(gm, site_nodes(path, kind), specs, weights, inplace, quantized)
+                    _fold_quantized(gm, site_nodes(path, kind), specs, weights, quantized, merged)
                     continue
                 weight = attribute(gm, weight_node.target)
                 bias = attribute(gm, bias_node.target) if bias_node is not None and bias_node.op == "get_attr" else None
-                wide = merge_dtype(weight.dtype)
-                new_weight, new_bias = weight.detach().to(wide), None if bias is None else bias.detach().to(wide)
-                for spec in specs:
-                    new_weight, new_bias = fold_weighted(spec, new_weight, new_bias, kind, weights.get(spec.adapter, 1.0))
+                if (path, kind) not in merged:
+                    merged[(path, kind)] = _merged_site(specs, weight, bias, kind, weights)
+                new_weight, new_bias = merged[(path, kind)]
                 # A tied weight (GPT-2's wte and lm_head read one tensor): most methods adapt this site
                 # only, so it gets its own weight; a method whose change the tied readers see
                 # (trainable tokens) writes into the shared weight.
@@ -116,13 +123,13 @@ def fold_adapters(insertions, *, inplace: bool = False, originals: dict | None =
                 targets = [weight_node.target]
                 if tied and all(follows):
                     targets = _targets_of(gm, weight)
-                elif tied and not inplace:
+                elif tied:
                     single.pop(id(weight), None)
                     weight_node = _own_attribute(gm, base, weight_node, f"{path}.surgeon_folded_weight")
                     targets = [weight_node.target]
-                _set(gm, targets, new_weight.to(weight.dtype), inplace, originals, shared_ok=tied and all(follows))
+                _set(gm, targets, new_weight)
                 if bias is not None and new_bias is not None:
-                    _set(gm, [bias_node.target], new_bias.to(bias.dtype), inplace, originals)
+                    _set(gm, [bias_node.target], new_bias)
         for node in reversed(list(gm.graph.nodes)):
             if "surgeon" in node.meta and not node.users:
                 gm.graph.erase_node(node)
@@ -138,20 +145,51 @@ def fold_adapters(insertions, *, inplace: bool = False, originals: dict | None =
     return fold_adapter_branches
 
 
-def _fold_quantized(gm, nodes, specs, weights: dict, inplace: bool, quantized: str) -> None:
+def _merged_site(specs, weight, bias, kind: str, weights: dict) -> tuple:
+    """(weight, bias) of one site with its adapters folded, as new frozen parameters in the base tensors' dtypes."""
+    import torch
+
+    wide = merge_dtype(weight.dtype)
+    new_weight, new_bias = weight.detach().to(wide), None if bias is None else bias.detach().to(wide)
+    for spec in specs:
+        new_weight, new_bias = fold_weighted(spec, new_weight, new_bias, kind, weights.get(spec.adapter, 1.0))
+    frozen = lambda value, like: torch.nn.Parameter(value.to(like.dtype), requires_grad=False)  # noqa: E731
+    return frozen(new_weight, weight), None if bias is None or new_bias is None else frozen(new_bias, bias)
+
+
+def _fold_projections(gm, path: str, kind: str, nodes, specs, weights: dict, merged: dict) -> None:
+    """A site whose calls read several weights (MultiheadAttention: in_proj_weight, then out_proj.weight), each
+    folded with its own projection of every adapter (``module.for_weight``, surgeon/methods/mha_weights.py).
+    ``merged`` keeps the first weight under (path, kind), as any site's, and each other under (path, kind, its
+    parameter name); biases are left as they are (these adapters have none)."""
+    from dataclasses import replace
+
+    if not all(hasattr(spec.module, "for_weight") for spec in specs):
+        raise FoldError(f"cannot fold {path}: it has adapters of several projections and of one weight together",
+                        hint="this is a bug in surgeon: a MultiheadAttention site takes LoRA only")
+    targets = list(dict.fromkeys(site_args(node, kind)[1].target for node in nodes))
+    for i, target in enumerate(targets):
+        key = (path, kind) if i == 0 else (path, kind, target)
+        if key not in merged:
+            parts = [replace(spec, module=spec.module.for_weight(target[len(path) + 1:])) for spec in specs]
+            merged[key] = (_merged_site(parts, attribute(gm, target), None, kind, weights)[0], None)
+        _set(gm, [target], merged[key][0])
+
+
+def _fold_quantized(gm, nodes, specs, weights: dict, quantized: str, merged: dict) -> None:
     """Every call (``nodes``) of a quantized site: merged in float32 from the dequantized weight, then made a plain
     linear or quantized again (surgeon/quantized.py). LoRA biases are refused at planning on such sites."""
     from surgeon.quantized_merge import dequantize_graph_site, graph_weight, requantize_graph_site
 
     path = specs[0].path
-    if inplace:
-        raise FoldError(f"cannot fold into {path} in place: its weight is quantized (bitsandbytes)",
-                        hint="fold() without inplace=True gives the merged graph; save_pretrained() the merged checkpoint")
-    weight = graph_weight(gm, nodes[0])
-    for spec in specs:
-        weight, bias = fold_weighted(spec, weight, None, "linear", weights.get(spec.adapter, 1.0))
-        if bias is not None:
-            raise FoldError(f"cannot fold {path}: an adapter with a bias on a quantized linear", hint="use lora(bias=false)")
+    if (path, "linear") not in merged:
+        weight = graph_weight(gm, nodes[0])
+        for spec in specs:
+            weight, bias = fold_weighted(spec, weight, None, "linear", weights.get(spec.adapter, 1.0))
+            if bias is not None:
+                raise FoldError(f"cannot fold {path}: an adapter with a bias on a quantized linear", hint="use lora(bias=false)")
+        merged[(path, "linear")] = ("quantized", weight)
+    weight = merged[(path, "linear")][1]
     (dequantize_graph_site if quantized == "dequantize" else requantize_graph_site)(gm, nodes, weight)
 
 
@@ -168,24 +206,9 @@ def fold_weighted(spec, weight, bias, kind: str, w: float):
     return weight, bias
 
 
-def _set(gm, targets: list, value, inplace: bool, originals: dict | None, shared_ok: bool = False) -> None:
-    """Give every attribute in ``targets`` (one tensor, or a tied group) the value ``value``."""
-    import torch
-
-    current = attribute(gm, targets[0])
-    if inplace:
-        if not shared_ok and _shared(gm, targets[0], current):
-            raise FoldError(
-                f"cannot fold into {targets[0]} in place: the tensor is shared with another weight (tied embeddings)",
-                hint="fold() without inplace=True gives the merged graph and leaves the tie alone",
-            )
-        # The parameter object stays (graphs and the user's model hold it); its data becomes the merged tensor, and
-        # the original tensor is kept for unfold: no copy of either (PEFT's safe merge swaps .data the same way).
-        if originals is not None and targets[0] not in originals:
-            originals[targets[0]] = (current, current.data)
-        current.data = value.to(current.dtype)
-        return
-    new = torch.nn.Parameter(value, requires_grad=False)  # one object, so tied attributes stay tied
+def _set(gm, targets: list, new) -> None:
+    """Give every attribute in ``targets`` (one tensor, or a tied group) the parameter ``new`` (one object, so tied
+    attributes stay tied)."""
     for target in targets:
         owner_path, _, name = target.rpartition(".")
         owner = gm.get_submodule(owner_path) if owner_path else gm
@@ -251,17 +274,6 @@ def _make_module(gm, path: str):
             owner.add_module(part, torch.nn.Module())
         owner = getattr(owner, part)
     return owner
-
-
-def _shared(gm, target: str, tensor) -> bool:
-    return any(t is tensor and n != target for n, t in gm.named_parameters(remove_duplicate=False))
-
-
-def unfold_inplace(originals: dict) -> None:
-    """Restore the weights an in-place fold changed, bit for bit (their original tensors come back)."""
-    for weight, saved in originals.values():
-        weight.data = saved
-    originals.clear()
 
 
 def output_difference(expected, got) -> tuple:

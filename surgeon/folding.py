@@ -1,22 +1,26 @@
 """Folding: a compiled model's adapters merged into its base weights (the ``Folding`` mixin of Compiled).
 
-``fold()`` gives the merged evaluation graph (the base graph's op sequence
-with folded weights, verified against the unfolded graph), ``fold(inplace=
-True)`` / ``unfold()`` write into and restore the base model's own tensors,
-``merged_state_dict()`` the merged weights for a checkpoint. Sites on
-bitsandbytes weights merge from their dequantized weights, then stay in
-full precision or are quantized again (surgeon/quantized.py).
+There is one fold: ``fold()`` runs the fold pass on the evaluation graph and
+checks the merged graph against the unfolded one (surgeon/folded.py). Every
+merged artifact comes from it: the :class:`~surgeon.folded.Folded` model it
+returns, ``merged_state_dict()`` and the merged checkpoint (its
+``state_dict()``), the merged program, and ``fold(inplace=True)``, which writes
+its tensors into the base model's own parameters. While folded in place the
+compiled model runs the base graph (the adapters are in the weights), as a
+merged PEFT layer does, until ``unfold()`` restores every tensor bit for bit.
+Sites on bitsandbytes weights merge from their dequantized weights, then stay
+in full precision or are quantized again (surgeon/quantized_merge.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from surgeon.passes import Insertion, Pipeline, copy_graph_module, fold_adapters, unfold_inplace, verify_fold
-from surgeon.passes.fold import merge_dtype, output_difference
+from surgeon.passes import verify_fold
+from surgeon.passes.fold import FoldError, output_difference
 
 from .distributed import refuse_sharded
-from .switching import fold_trained_modules
+from .folded import Folded
 
 __all__ = ["Folding"]
 
@@ -24,15 +28,24 @@ __all__ = ["Folding"]
 class Folding:
     """fold / unfold / merged_state_dict for :class:`surgeon.compiled.Compiled`."""
 
+    @property
+    def folded_in_place(self) -> bool:
+        """Are the adapters folded into the base model's own weights (``fold(inplace=True)``, until ``unfold()``)?"""
+        return self.__dict__.get("_in_place") is not None
+
     def fold(self, *, adapters: dict | None = None, inplace: bool = False, verify: bool = True, args: tuple = (),
              kwargs: dict | None = None, quantized: str = "dequantize"):
-        """The merged evaluation graph: the adapters folded into their base weights.
+        """The merged model: the adapters folded into their base weights, called like the base model.
 
         ``adapters`` (name -> weight) chooses which adapters fold and how
         strongly (default: the active ones, with their gates). The compiled
-        model keeps its adapters. With ``inplace=True`` the merged weights are
-        written into the base model's own tensors (as PEFT's
-        ``merge_and_unload``); :meth:`unfold` restores them bit for bit.
+        model keeps its adapters. The fold is checked on ``args``/``kwargs``
+        (default: the example inputs) against the unfolded graph. With
+        ``inplace=True`` the merged weights (and the trained copies of
+        ``train`` modules) are written into the base model's own tensors, as
+        PEFT's ``merge_and_unload``, and the base model is returned; the
+        compiled model then computes with the merged weights only, and
+        :meth:`unfold` restores them bit for bit.
         Sites on bitsandbytes weights merge in full precision; ``quantized``
         says what the folded graph holds there: "dequantize" (the merged
         weight in the compute dtype) or "requantize" (quantized again, which
@@ -44,45 +57,72 @@ class Folding:
 
         if quantized not in QUANTIZED_MERGES:
             raise ValueError(f"quantized must be one of {QUANTIZED_MERGES}, not {quantized!r}")
+        if self.folded_in_place:
+            if inplace or adapters is not None:
+                raise FoldError("the adapters are folded into the base weights already (fold(inplace=True))",
+                                hint="unfold() first, then fold again")
+            return Folded(self, self._in_place, quantized, identity=True)
         weights = self._fold_weights(adapters)
         self.fold_report = None
         quantized_sites = sum(1 for s in self.plan.sites if s.quantization and weights.get(s.adapter, 0.0))
         if quantized_sites and inplace:  # refused before anything is written
-            from surgeon.passes.fold import FoldError
-
             raise FoldError(f"cannot fold in place: {quantized_sites} adapted sites have quantized weights (bitsandbytes)",
                             hint="fold() without inplace=True gives the merged graph; save_pretrained() the merged checkpoint")
+        if inplace:
+            self._refuse_tied_in_place(weights)
         args = args or self.example_args
         kwargs = self._with_defaults(dict(kwargs) if kwargs is not None else dict(self.example_kwargs))
-        unfolded = self.graph(*args, training=False, lowered=False, **kwargs)  # folding reads the plain branches
-        folded = copy_graph_module(unfolded)
-        fold_pass = fold_adapters(self._insertions(), inplace=inplace, originals=self._inplace_originals, weights=weights,
-                                  quantized=quantized)
-        stages = Pipeline.with_points({"fold": [fold_trained_modules(self, weights), fold_pass]}, self.user_passes)
+        folded = Folded(self, weights, quantized)
+        unfolded = self.graph(*args, training=False, lowered=False, **kwargs)
+        gated = adapters is not None or quantized_sites  # the reference: the graph with the asked weights as gates
+        reference = self._reference_outputs(unfolded, weights if gated else None, args, kwargs) if verify or quantized_sites else None
+        graph = folded.graph(*args, **kwargs)
         if quantized_sites:  # the report is the check: a requantized merge differs by design
-            reference = self._reference_outputs(unfolded, weights if adapters is not None else None, args, kwargs)
-            stages.run(folded, lint=self.lint)
-            worst, mean = output_difference(reference, _outputs(folded, args, kwargs))
+            worst, mean = output_difference(reference, _outputs(graph, args, kwargs))
             self.fold_report = {"quantized_sites": quantized_sites, "quantized": quantized,
                                 "max_abs_output_difference": worst, "mean_abs_output_difference": mean}
             if verify and quantized == "dequantize":
-                verify_fold(lambda *a, **k: reference, folded, args, kwargs, _quantized_tolerance(self.plan.sites))
-            return folded
-        if adapters is not None and verify:  # the reference: the graph with the asked weights as gates
-            reference = self._reference_outputs(unfolded, weights, args, kwargs)
-            stages.run(folded, lint=self.lint)
-            verify_fold(lambda *a, **k: reference, folded, args, kwargs)
-            return folded
+                verify_fold(lambda *a, **k: reference, graph, args, kwargs, _quantized_tolerance(self.plan.sites))
+        elif verify:
+            verify_fold(lambda *a, **k: reference, graph, args, kwargs)
         if inplace:
-            reference = _outputs(unfolded, args, kwargs) if verify else None
-            stages.run(folded, lint=self.lint)
-            if verify:
-                verify_fold(lambda *a, **k: reference, folded, args, kwargs)
-            return folded
-        stages.run(folded, lint=self.lint)
-        if verify:
-            verify_fold(unfolded, folded, args, kwargs)
+            self._write_in_place(folded)
+            return self.base_model
         return folded
+
+    def _refuse_tied_in_place(self, weights: dict) -> None:
+        """An in-place fold cannot give one of two tied names a weight of its own (PEFT unties; we refuse)."""
+        shared: dict = {}
+        for name, tensor in self.base_model.named_parameters(remove_duplicate=False):
+            shared.setdefault(id(tensor), []).append(name)
+        for adapter, path, module in self.sites():
+            name = self.captured.sites[path].weight if path in self.captured.sites else f"{path}.weight"
+            tensor = self.base_model.get_parameter(name)
+            if weights.get(adapter, 0.0) and len(shared[id(tensor)]) > 1 and not getattr(module, "follows_ties", False):
+                raise FoldError(
+                    f"cannot fold into {name} in place: the tensor is shared with another weight (tied embeddings)",
+                    hint="fold() without inplace=True gives the merged model and leaves the tie alone",
+                )
+
+    def _write_in_place(self, folded: Folded) -> None:
+        """Every merged tensor of ``folded`` into the base model's parameter of that name. The parameter objects
+        stay (graphs, optimizers and the user hold them); their data is swapped, and the original data kept
+        for unfold: no copy of either (PEFT's safe merge swaps .data the same way)."""
+        originals = {}
+        with torch.no_grad():
+            for name, value in folded.state_dict().items():
+                try:
+                    current = self.base_model.get_parameter(name)
+                except AttributeError:
+                    continue  # a buffer: folds change weights only
+                if value is current or value.data_ptr() == current.data_ptr():
+                    continue
+                if id(current) not in originals:  # a tied name: written once
+                    originals[id(current)] = (current, current.data)
+                    current.data = value.to(current.dtype)
+        self.__dict__["_in_place"] = dict(folded.weights)
+        self.__dict__["_inplace_originals"] = originals
+        self.invalidate()  # the graphs with adapter branches would add them to the merged weights again
 
     def _reference_outputs(self, unfolded, weights: dict | None, args, kwargs):
         """The unfolded graph's outputs, with ``weights`` (adapter -> strength) as its gates when given."""
@@ -97,59 +137,19 @@ class Folding:
                 self.adapter_gates.copy_(saved)
 
     def unfold(self) -> None:
-        """Undo ``fold(inplace=True)``: the base weights come back bit for bit."""
-        unfold_inplace(self._inplace_originals)  # into the same tensors: the captured graphs stay valid
+        """Undo ``fold(inplace=True)``: the base weights (and modules trained by ``train`` rules) come back bit for bit."""
+        for current, saved in self.__dict__.get("_inplace_originals", {}).values():
+            current.data = saved
+        self.__dict__["_inplace_originals"] = {}
+        if self.folded_in_place:
+            self.__dict__["_in_place"] = None
+            self.invalidate()
 
     def merged_state_dict(self, adapters: dict | None = None, quantized: str = "dequantize") -> dict:
-        """The base model's state dict with the adapters folded in (new tensors; nothing changes in place).
-
-        ``adapters`` (name -> weight) as for :meth:`fold`; default the active adapters with their gates.
-        A bitsandbytes model's quantized linears are merged from their dequantized weights;
-        ``quantized`` = "dequantize" gives every one of them in full precision (no quantization left),
-        "requantize" quantizes the merged ones again with their own scheme.
-        """
+        """The base model's state dict with the adapters folded in (new tensors; nothing changes in place):
+        ``fold(adapters=adapters, quantized=quantized).state_dict()``, verified like every fold."""
         refuse_sharded(self, "merged_state_dict")
-        from surgeon.passes.fold import fold_weighted
-        from surgeon.quantized import dequantized_weight
-        from surgeon.quantized_merge import QUANTIZED_MERGES, merged_quantized_state
-
-        if quantized not in QUANTIZED_MERGES:
-            raise ValueError(f"quantized must be one of {QUANTIZED_MERGES}, not {quantized!r}")
-        weights = self._fold_weights(adapters)
-        state = dict(self.base_model.state_dict())
-        merged: dict = {}  # weight name -> (weight, bias) in the merge dtype, folded adapter after adapter
-        with torch.no_grad():
-            for site in self.plan.sites:
-                if weights.get(site.adapter, 0.0) == 0:
-                    continue
-                name, bias_name = f"{site.path}.weight", f"{site.path}.bias"
-                wide = merge_dtype(state[name].dtype)
-                start = dequantized_weight(self.base_model.get_submodule(site.path), wide) if site.quantization else state[name].to(wide)
-                weight, bias = merged.get(name) or (start, state[bias_name].to(wide) if bias_name in state else None)
-                spec = Insertion(site.path, site.kind, site.adapter, self.adapter_module(site.adapter, site.path))
-                merged[name] = fold_weighted(spec, weight, bias, site.kind, weights[site.adapter])
-            for site in self.plan.sites:  # tied readers that see the change get the merged weight too
-                if weights.get(site.adapter, 0.0) and getattr(self.adapter_module(site.adapter, site.path), "follows_ties", False):
-                    for tied in site.tied_with:
-                        if tied in state:
-                            merged[tied] = merged[f"{site.path}.weight"]
-            if any(s.quantization for s in self.captured.sites.values()):
-                quantized_names = {f"{s.path}.weight" for s in self.plan.sites if s.quantization}
-                state = merged_quantized_state(self.base_model, state, {n: merged[n][0] for n in merged if n in quantized_names}, quantized)
-                merged = {n: (None, b) if n in quantized_names else (w, b) for n, (w, b) in merged.items()}
-            for name, (weight, bias) in merged.items():
-                bias_name = name[: -len("weight")] + "bias"
-                if bias is not None and bias_name in state:
-                    state[bias_name] = bias.to(state[bias_name].dtype)
-                if weight is not None:
-                    state[name] = weight.to(state[name].dtype)
-            for key, module in self.trained.items():
-                path = key.replace("__", ".")
-                w = max((weights.get(t.adapter, 0.0) for t in self.plan.trained if t.path == path), default=0.0)
-                for name, param in module.state_dict().items():
-                    base = state[f"{path}.{name}"]
-                    state[f"{path}.{name}"] = param.detach() if w == 1 else base if w == 0 else torch.lerp(base, param.detach().to(base.dtype), w)
-        return state
+        return self.fold(adapters=adapters, quantized=quantized).state_dict()
 
 
 def _quantized_tolerance(sites):

@@ -9,6 +9,7 @@ adapters that train them through the passes at the end of this file.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from surgeon.passes._graph import attribute
 from surgeon.passes.insert import GATES_BUFFER
@@ -209,9 +210,13 @@ def gate_trained_modules(compiled):
     return gate_trained_module_parameters
 
 
-def fold_trained_modules(compiled, weights: dict):
-    """A pass: each gated parameter of a trained module becomes one tensor, lerp(base, copy, w)."""
+def fold_trained_modules(compiled, weights: dict, merged: dict | None = None):
+    """A pass: each gated parameter of a trained module becomes one tensor, lerp(base, copy, w), read under the
+    parameter's own name. ``merged`` keeps those tensors (("trained", name) -> tensor) as fold_adapters keeps the
+    sites': a copy of the trained parameter, so that the folded graph does not change when training goes on."""
     from surgeon.passes import PassResult
+
+    merged = {} if merged is None else merged
 
     def fold_trained_module_parameters(gm) -> PassResult:
         aten = torch.ops.aten
@@ -221,18 +226,17 @@ def fold_trained_modules(compiled, weights: dict):
             if record.get("role") != "trained" or node.target is not aten.lerp.Tensor:
                 continue
             base_node, copy_node = node.args[0], node.args[1]
-            owners = {t.adapter for t in compiled.plan.trained if t.path == record["site"]}
-            w = max(weights.get(a, 0.0) for a in owners)
-            base, trained = attribute(gm, base_node.target), attribute(gm, copy_node.target)
-            with torch.no_grad():
-                value = trained if w == 1 else base if w == 0 else torch.lerp(base, trained.detach(), w)
-            target = copy_node.target if w == 1 else base_node.target if w == 0 else f"{base_node.target}_folded"
-            if w not in (0, 1):
-                owner_path, _, leaf = target.rpartition(".")
-                gm.get_submodule(owner_path).register_buffer(leaf, value)
-            with gm.graph.inserting_before(node):
-                constant = gm.graph.get_attr(target)
-            node.replace_all_uses_with(constant)
+            key = ("trained", copy_node.target)
+            if key not in merged:
+                owners = {t.adapter for t in compiled.plan.trained if t.path == record["site"]}
+                w = max(weights.get(a, 0.0) for a in owners)
+                base, trained = attribute(gm, base_node.target), attribute(gm, copy_node.target).detach()
+                with torch.no_grad():
+                    merged[key] = base if w == 0 else nn.Parameter(trained.clone() if w == 1 else torch.lerp(base, trained, w),
+                                                                  requires_grad=False)
+            owner_path, _, leaf = copy_node.target.rpartition(".")
+            setattr(gm.get_submodule(owner_path), leaf, merged[key])  # the folded module's own tree (copy_graph_module)
+            node.replace_all_uses_with(copy_node)
             changed = True
         for node in reversed(list(gm.graph.nodes)):  # the gating nodes, and the base copies they read
             if node.meta.get("surgeon", {}).get("role") == "trained" and not node.users:
@@ -244,4 +248,3 @@ def fold_trained_modules(compiled, weights: dict):
         return PassResult(gm, changed)
 
     return fold_trained_module_parameters
-

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 from surgeon.grammar.diagnostics import SurgeryError
 
-__all__ = ["atomic_path", "write_text", "output_folder"]
+__all__ = ["atomic_path", "write_text", "output_folder", "replace_folder"]
 
 
 def output_folder(directory) -> Path:
@@ -56,3 +57,24 @@ def _umask() -> int:
 def write_text(target, text: str) -> None:
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def replace_folder(staging, directory) -> None:
+    """Put the finished folder ``staging`` at ``directory`` (a sibling), so that ``directory`` holds exactly
+    what ``staging`` holds: files an earlier write left there (old shards, an old index) do not survive.
+    The old folder is renamed aside, the new one renamed into place, then the old one removed; a crash
+    between the two renames leaves both folders whole beside each other."""
+    staging, directory = Path(staging), Path(directory)
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; give what mkdir would
+    if not directory.exists():
+        os.replace(staging, directory)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+    os.replace(directory, aside / directory.name)
+    try:
+        os.replace(staging, directory)
+    except BaseException:
+        os.replace(aside / directory.name, directory)  # the earlier folder comes back
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)

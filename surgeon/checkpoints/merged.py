@@ -1,15 +1,16 @@
 """A merged Hugging Face checkpoint: every adapter folded into the base weights.
 
-``save_merged(compiled, dir)`` writes what ``save_pretrained`` writes (config,
-``model.safetensors``) with the folded weights; ``from_pretrained`` loads it
-and gives the folded model's outputs. Files are written into a temporary
-folder beside ``dir`` and moved into place one by one, each atomically.
+``save_merged(folded, dir)`` writes what ``save_pretrained`` writes (config,
+``model.safetensors``) with the folded weights: the state dict of the one
+verified fold (``compiled.fold(...).state_dict()``); ``from_pretrained`` loads
+it and gives the folded model's outputs. The checkpoint is written into a
+temporary folder beside ``dir``, which then takes ``dir``'s place whole: ``dir``
+holds exactly the new checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,12 +19,14 @@ from surgeon.grammar.diagnostics import SurgeryError
 
 from surgeon.distributed import refuse_sharded, writes_files
 
-from .atomic import output_folder
+from .atomic import output_folder, replace_folder
 
 __all__ = ["save_merged"]
 
 
-def save_merged(compiled, directory, adapters: dict | None = None, quantized: str = "dequantize") -> None:
+def save_merged(folded, directory) -> None:
+    """Write ``folded`` (a :class:`surgeon.folded.Folded`) as a Hugging Face checkpoint folder."""
+    compiled, quantized = folded._compiled, folded.quantized
     refuse_sharded(compiled, "save_pretrained")
     if not writes_files():  # in a process group, rank 0 writes
         return
@@ -31,31 +34,33 @@ def save_merged(compiled, directory, adapters: dict | None = None, quantized: st
     if not hasattr(model, "save_pretrained"):
         raise SurgeryError(
             f"{type(model).__name__} is not a Hugging Face model: it has no save_pretrained",
-            hint="use compiled.export(path) for a .pt2 program, or compiled.merged_state_dict()",
+            hint="use compiled.export(path) for a .pt2 program, or compiled.fold().state_dict()",
         )
     # Adapters whose change the tied readers see too (trainable tokens) keep the tie; others would break it.
-    weights = compiled._fold_weights(adapters)
-    folded = {
+    weights = folded.weights
+    changed = {
         f"{path}.weight"
         for name, path, adapter in compiled.sites()
         if weights.get(name, 0.0) and not getattr(adapter, "follows_ties", False)
     }
     for group in compiled.captured.ties:
-        touched = folded & set(group)
+        touched = changed & set(group)
         if touched and getattr(model.config, "tie_word_embeddings", False):
             raise SurgeryError(
                 f"cannot save a merged checkpoint: {', '.join(sorted(touched))} is tied to "
                 f"{', '.join(sorted(set(group) - touched))} and folding would untie them",
                 hint="do not adapt a tied weight, or set config.tie_word_embeddings = False first",
             )
-    state = compiled.merged_state_dict(adapters, quantized)
-    directory = output_folder(directory)
+    state = folded.state_dict()
+    directory = Path(directory)
+    output_folder(directory.parent)
+    if directory.exists() and not directory.is_dir():
+        raise SurgeryError(f"cannot write into {directory}: it is a file, not a folder", hint="choose another output path")
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         with _own_state_dict(model, quantized == "dequantize"):
             model.save_pretrained(staging, state_dict=state, safe_serialization=True)
-        for item in staging.iterdir():
-            os.replace(item, directory / item.name)
+        replace_folder(staging, directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

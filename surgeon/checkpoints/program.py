@@ -19,7 +19,8 @@ __all__ = ["export_program_file", "load_program"]
 
 
 def export_program_file(compiled, path, *, fold: bool = True, args: tuple = (), kwargs: dict | None = None,
-                        quantized: str = "dequantize") -> None:
+                        quantized: str = "dequantize", folded=None) -> None:
+    """``folded``: the fold to save (a :class:`surgeon.folded.Folded`; default: ``compiled.fold(...)`` now)."""
     import torch
 
     from surgeon.export import dynamic_shapes, widen_inputs
@@ -34,7 +35,12 @@ def export_program_file(compiled, path, *, fold: bool = True, args: tuple = (), 
     args = args or compiled.example_args
     kwargs = compiled._with_defaults(dict(kwargs) if kwargs is not None else dict(compiled.example_kwargs))
     # Unfolded: the fused ops where kernels run (GPU, kernels="triton"); on the CPU plain aten ops, which any torch loads.
-    graph = (compiled.fold(args=args, kwargs=kwargs, quantized=quantized) if fold
+    if not fold and compiled.folded_in_place:
+        raise SurgeryError("cannot export the unfolded program: the adapters are folded into the base weights (fold(inplace=True))",
+                           hint="unfold() first, or export(fold=True)")
+    if fold and folded is None:
+        folded = compiled.fold(args=args, kwargs=kwargs, quantized=quantized)
+    graph = (folded.graph(*args, **kwargs) if fold
              else compiled.graph(*args, training=False, lowered=compiled._lowering() is True, **kwargs))
     args, kwargs = widen_inputs(args, kwargs, compiled.hugging_face)
     with torch.no_grad():

@@ -12,7 +12,7 @@ from surgeon.api import plan
 from surgeon.demos import build_quantized_demo
 from surgeon.grammar import SurgeryError
 
-from ._peft_reference import inputs, peft_twin, randomize_adapters
+from ._peft_reference import exact_bnb_cpu_path, inputs, peft_twin, randomize_adapters
 
 RULES = 'match "*.self_attn.{q,v,o}_proj", "*.mlp.down_proj" apply lora(r=4, alpha=8)'
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
@@ -35,7 +35,7 @@ def compiled_cases():
 
 
 def _peft_twin(compiled, base):
-    return peft_twin(compiled, base, r=4, lora_alpha=8, target_modules=TARGETS).eval()
+    return exact_bnb_cpu_path(peft_twin(compiled, base, r=4, lora_alpha=8, target_modules=TARGETS).eval())
 
 
 @pytest.mark.parametrize("scheme", sorted(TOLERANCE))
@@ -93,7 +93,7 @@ def test_adapter_files_both_ways_with_peft(compiled_cases, scheme, tmp_path):
     with torch.no_grad():
         expected = compiled(**inputs()).logits
     compiled.save_adapter(tmp_path / "ours")
-    theirs = PeftModel.from_pretrained(build_quantized_demo("llama", scheme), tmp_path / "ours").eval()
+    theirs = exact_bnb_cpu_path(PeftModel.from_pretrained(build_quantized_demo("llama", scheme), tmp_path / "ours").eval())
     with torch.no_grad():
         torch.testing.assert_close(theirs(**inputs()).logits, expected, rtol=1e-5, atol=1e-5)
     theirs.save_pretrained(tmp_path / "theirs")
@@ -141,7 +141,7 @@ def test_folds_merge_in_full_precision_or_requantize_with_the_error_reported(com
     compiled = compiled_cases(scheme)
     with torch.no_grad():
         unmerged = compiled(**inputs()).logits
-    kept = lambda graph: sum(n.target in QUANTIZED_OPS for n in graph.graph.nodes)  # noqa: E731
+    kept = lambda folded: sum(n.target in QUANTIZED_OPS for n in folded.graph(**inputs()).graph.nodes)  # noqa: E731
     dequantized = compiled.fold(kwargs=inputs())
     exact = dict(compiled.fold_report)
     assert kept(dequantized) == 28 - 16  # q, v, o, down of 4 layers are plain linears now; the rest stay quantized
@@ -153,7 +153,7 @@ def test_folds_merge_in_full_precision_or_requantize_with_the_error_reported(com
     assert extra["mean_abs_output_difference"] > 2 * exact["mean_abs_output_difference"]
     for mode, graph in (("dequantize", dequantized), ("requantize", requantized)):
         compiled.save_pretrained(tmp_path / mode, quantized=mode)
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / mode, device_map="cpu").eval()
+        reloaded = exact_bnb_cpu_path(AutoModelForCausalLM.from_pretrained(tmp_path / mode, device_map="cpu").eval())
         layer = reloaded.model.layers[0].self_attn.q_proj
         assert (type(layer).__name__ == "Linear") == (mode == "dequantize")
         # (the dequantized checkpoint has every linear in full precision; the graph keeps the unadapted ones
@@ -207,7 +207,7 @@ def test_a_hand_built_linear4bit_model_and_its_saved_program():
     model = torch.nn.Sequential(bnb.nn.Linear4bit(40, 48, quant_type="fp4", compute_dtype=torch.float32), torch.nn.GELU(),
                                 bnb.nn.Linear4bit(48, 24, quant_type="fp4", compute_dtype=torch.float32))
     model.load_state_dict(dense.state_dict())
-    model = model.to("cpu").eval()
+    model = exact_bnb_cpu_path(model.to("cpu").eval())  # the reference below is this model's own forward
     x = torch.randn(3, 40)
     compiled = surgeon.compile(model, 'match type(Linear) apply lora(r=2, alpha=4)', example_inputs=(x,)).eval()
     assert [s.quantization for s in compiled.plan.sites] == ["fp4 double-quant, blocks of 64, compute float32"] * 2  # bnb default
