@@ -19,6 +19,17 @@ linear           ``surgeon.linear_4bit`` / ``linear_8bit``    bitsandbytes 4-bit
 Every node knows the module it ran in (``node.meta["nn_module_stack"]``); a
 site is a module path with its kind, weight and shapes. Parameters shared
 between modules (GPT-2's ``wte`` and ``lm_head``) are reported as tied.
+
+A site reads one weight: a module whose own frame runs site ops on several
+parameters is no site (an adapter sized for one would meet the others), but
+for ``nn.MultiheadAttention``. Its forward calls ``F.multi_head_attention_forward``,
+which runs the packed in-projection (``in_proj_weight``, (3E, E)) and
+``out_proj.weight`` (E, E) in the MHA's frame: one site at the MHA's path, as
+PEFT's ``target_modules=["attn"]`` adapts both. Its ``weight`` is the
+in-projection; ``parts`` names both weights, in-projection first. A
+cross-attention MHA (query is not key) slices the packed weight, and one with
+separate q/k/v weights has no packed one: neither is a site (PEFT refuses the
+latter too).
 """
 
 from __future__ import annotations
@@ -34,7 +45,7 @@ from .capture_cache import capture_key, load_capture, store_capture
 from .export import cached_program, export_program
 from .models import OpenedModel
 
-__all__ = ["ModuleInfo", "Site", "Captured", "capture", "module_table"]
+__all__ = ["ModuleInfo", "Site", "Captured", "capture", "module_table", "site_weight"]
 
 _LAYER = re.compile(r"\.(\d+)(?:\.|$)")
 
@@ -73,6 +84,9 @@ class Site:
     nodes: tuple  # names of the graph nodes that compute it (a module called twice has two)
     tied_with: tuple = ()  # other names of the same weight tensor
     quantization: str | None = None  # how bitsandbytes stores the weight; None: a plain tensor
+    # A site computing several linears (MultiheadAttention): ((weight name, weight shape), ...), the site's own
+    # ``weight`` first; () for a site of one weight.
+    parts: tuple = ()
 
 
 @dataclass
@@ -233,6 +247,41 @@ def _module_path(node) -> str | None:
 
 
 def _sites(program, modules: dict, ties: tuple) -> dict:
+    reads = _site_reads(program, modules)
+    tied = {name: group for group in ties for name in group}
+    found: dict = {}
+    for path, calls in reads.items():
+        info = modules[path]
+        parts = ()
+        if "MultiheadAttention" in info.type_names:
+            parts = _mha_parts(path, calls)
+            if not parts:  # cross-attention (a sliced packed weight) or separate q/k/v weights: not a site
+                continue
+        else:
+            calls = [call for call in calls if call[2] is not None]  # a computed weight: nothing to adapt
+            if not calls or len({name for _, _, name, _ in calls}) > 1:
+                continue  # several weights in one frame: an adapter sized for one would meet the others
+        _, kind, name, shape = calls[0]
+        own = f"{path}.weight"
+        if name != own and own in tied.get(name, ()):
+            name = own  # export names a tied tensor once; call it by this module's name
+        found[path] = Site(
+            path=path,
+            kind=kind,
+            weight=name,
+            weight_shape=shape,
+            in_features=info.in_features if info.in_features is not None else shape[-1],
+            out_features=info.out_features if info.out_features is not None else shape[0],
+            nodes=tuple(node for node, *_ in calls),
+            tied_with=tuple(n for n in tied.get(name, ()) if n != name),
+            quantization=info.quantization,
+            parts=parts,
+        )
+    return found
+
+
+def _site_reads(program, modules: dict) -> dict:
+    """path -> [(node name, kind, weight parameter name, weight shape)] of the site ops each module's frame runs."""
     import torch
 
     aten = torch.ops.aten
@@ -241,8 +290,7 @@ def _sites(program, modules: dict, ties: tuple) -> dict:
 
     parameters = program.graph_signature.inputs_to_parameters
     buffers = program.graph_signature.inputs_to_buffers  # a quantized weight is its stand-in's buffer
-    tied = {name: group for group in ties for name in group}
-    found: dict = {}
+    reads: dict = {}
     for node in program.graph.nodes:
         if node.op != "call_function":
             continue
@@ -263,28 +311,30 @@ def _sites(program, modules: dict, ties: tuple) -> dict:
         name = parameters.get(getattr(weight, "name", None))
         if node.target in QUANTIZED_OPS:
             name = buffers.get(getattr(weight, "name", None))
-        if name is None:  # a computed weight, not a parameter: nothing to adapt
+        if name is None:  # a computed weight, not a parameter (kept: a MultiheadAttention slicing its weight is no site)
+            reads.setdefault(path, []).append((node.name, kind, None, None))
             continue
-        if path in found:
-            found[path] = _add_node(found[path], node.name)
-            continue
-        own = f"{path}.weight"
-        if name != own and own in tied.get(name, ()):
-            name = own  # export names a tied tensor once; call it by this module's name
         shape = tuple(weight.meta["val"].shape) if not info.quantization else info.weight_shape
-        found[path] = Site(
-            path=path,
-            kind=kind,
-            weight=name,
-            weight_shape=shape,
-            in_features=info.in_features if info.in_features is not None else shape[-1],
-            out_features=info.out_features if info.out_features is not None else shape[0],
-            nodes=(node.name,),
-            tied_with=tuple(n for n in tied.get(name, ()) if n != name),
-            quantization=info.quantization,
-        )
-    return found
+        reads.setdefault(path, []).append((node.name, kind, name, shape))
+    return reads
 
 
-def _add_node(site: Site, node: str) -> Site:
-    return replace(site, nodes=site.nodes + (node,))
+def _mha_parts(path: str, calls: list) -> tuple:
+    """((in_proj_weight, shape), (out_proj.weight, shape)) when ``calls`` are a MultiheadAttention's packed
+    self-attention projections (linears on exactly those two parameters, the in-projection first), else ()."""
+    packed, out = f"{path}.in_proj_weight", f"{path}.out_proj.weight"
+    if any(kind != "linear" for _, kind, _, _ in calls) or calls[0][2] != packed:
+        return ()
+    shapes = {name: shape for _, _, name, shape in calls}
+    if set(shapes) != {packed, out}:
+        return ()
+    return ((packed, shapes[packed]), (out, shapes[out]))
+
+
+def site_weight(model, site: Site):
+    """The tensor ``site`` reads as its weight in ``model``: the parameter it names (MultiheadAttention's
+    ``in_proj_weight``), else its module's ``weight`` (a bitsandbytes weight, named by its stand-in)."""
+    try:
+        return model.get_parameter(site.weight)
+    except AttributeError:
+        return model.get_submodule(site.path).weight

@@ -37,7 +37,7 @@ from pathlib import Path
 
 __all__ = ["cache_folder", "capture_key", "load_capture", "store_capture"]
 
-FORMAT = 1
+FORMAT = 2  # 2: sites have parts (MultiheadAttention's two projections)
 # The code whose output the cache holds: a change to any of it is a new key.
 _ANALYSIS = ("surgeon.capture", "surgeon.roles", "surgeon.export", "surgeon.quantized", "surgeon.grammar.vocabulary")
 
@@ -149,6 +149,7 @@ def load_capture(key: str | None) -> tuple[dict, dict] | None:
         for fields in found["sites"]:
             for name in ("weight_shape", "nodes", "tied_with"):
                 fields[name] = tuple(fields[name])
+            fields["parts"] = tuple((weight, tuple(shape)) for weight, shape in fields["parts"])
             sites[fields["path"]] = Site(**fields)
         return sites, dict(found["roles"])
     except (OSError, ValueError, KeyError, TypeError):  # missing, half-foreign or unreadable: capture again

@@ -10,11 +10,13 @@ on demand, one per (training mode, call signature), by capturing the base model
 with ``torch.export`` and running the pass pipeline on the result; every graph
 references the very same parameters, so ``.train()`` and ``.eval()`` switch
 between a graph with dropout and one without, and training either updates the
-same weights. A graph is captured the first time a call needs it (a few
-seconds), and again after ``.to()`` or a change of adapters.
+same weights. A graph is captured the first time a call needs it, in
+``__call__`` before ``forward`` runs (outside a ``torch.compile`` trace, which
+then finds it), and again after ``.to()`` or a change of adapters.
 
 Base parameters are frozen (``requires_grad=False``), as PEFT does; their
-values are never changed unless ``fold(inplace=True)`` is asked for.
+values are never changed unless ``fold(inplace=True)`` is asked for, after
+which the graphs are the base model's on the merged weights (surgeon/folding.py).
 """
 
 from __future__ import annotations
@@ -92,19 +94,27 @@ class Compiled(AdapterSwitching, Folding, nn.Module):
 
     def _build(self, plan: Plan, adapter_dtype=None) -> None:
         """Create the parameters of every site and trained module of ``plan`` not made yet."""
+        from .capture import site_weight
+
         conv1d = None  # GPT-2 Conv1D paths of a quantized model, found once (LoftQ only)
         for site in plan.sites:
             if site.adapter in self.adapters and site_key(site.path) in self.adapters[site.adapter]:
                 continue
-            weight = self.base_model.get_submodule(site.path).weight
+            captured = self.captured.sites[site.path]
+            weight = site_weight(self.base_model, captured)  # the parameter the site reads (MHA: in_proj_weight)
             dtype = adapter_dtype or (weight.dtype if weight.dtype == torch.float64 else torch.float32)
             group = self.adapters[site.adapter] if site.adapter in self.adapters else nn.ModuleDict()
-            # peers: the adapter's sites of the same method (VeRA shares its projections among them)
-            peers = tuple(s for s in plan.sites if s.adapter == site.adapter and s.method == site.method)
-            group[site_key(site.path)] = adapter_class(site.method)(
-                site.config, site.kind, site.in_features, site.out_features, dtype=dtype, device=weight.device, weight=weight,
-                peers=peers,
-            )
+            if captured.parts:  # MultiheadAttention: two projections in one site (surgeon/methods/mha_weights.py)
+                from .methods.mha_weights import mha_adapter
+
+                group[site_key(site.path)] = mha_adapter(site, captured, self.rules, dtype=dtype, device=weight.device)
+            else:
+                # peers: the adapter's sites of the same method (VeRA shares its projections among them)
+                peers = tuple(s for s in plan.sites if s.adapter == site.adapter and s.method == site.method)
+                group[site_key(site.path)] = adapter_class(site.method)(
+                    site.config, site.kind, site.in_features, site.out_features, dtype=dtype, device=weight.device, weight=weight,
+                    peers=peers,
+                )
             module = group[site_key(site.path)]
             module.site_path, module.tied_with = site.path, tuple(site.tied_with)
             if getattr(site.config, "init", None) == "loftq":
@@ -175,6 +185,10 @@ class Compiled(AdapterSwitching, Folding, nn.Module):
 
     def _insertions(self) -> list:
         return [Insertion(s.path, s.kind, s.adapter, self.adapter_module(s.adapter, s.path)) for s in self.plan.sites]
+
+    def _site_keys(self) -> tuple:
+        """What a fold depends on besides tensors: every (adapter, site, kind, method) and trained module."""
+        return tuple((s.adapter, s.path, s.kind, s.method) for s in self.plan.sites) + tuple((t.adapter, t.path) for t in self.plan.trained)
 
     def _key(self, args: tuple, kwargs: dict) -> tuple:
         def static(v):
@@ -248,6 +262,10 @@ class Compiled(AdapterSwitching, Folding, nn.Module):
                 "adapter_ids cannot route batches through adapters that train whole modules (train rules)",
                 hint="route adapters made of apply rules only; set_active() switches the others",
             )
+        if self.folded_in_place:  # the adapters are in the weights: the base graph, on the merged tensors
+            gm = bind_program(self._export(args, kwargs, training), self.base_model)
+            gm.meta["surgeon_bindings"] = bindings(self, gm)
+            return gm
         planning = self.captured
         reuse = (
             not planning.model.fake
@@ -275,6 +293,22 @@ class Compiled(AdapterSwitching, Folding, nn.Module):
         gm = pipeline.run(gm, lint=self.lint).graph_module
         gm.meta["surgeon_bindings"] = bindings(self, gm)  # which module owns each tensor (FSDP2 swaps them)
         return gm
+
+    @torch.compiler.disable(recursive=False)
+    def __call__(self, *args, **kwargs):
+        # torch.compile traces neither this frame (recursive=False: this one only) nor _prepare (disabled), so the
+        # graph for this call is captured here, outside Dynamo, and the forward Dynamo traces next finds it:
+        # torch.export cannot run inside a trace.
+        if not is_sharded(self):  # FSDP2 gathers the weights in its pre-forward hook: captured in forward then
+            self._prepare(args, kwargs)
+        return super().__call__(*args, **kwargs)
+
+    @torch.compiler.disable
+    def _prepare(self, args, kwargs) -> None:
+        kwargs = self._with_defaults(dict(kwargs))
+        if ROUTING_INPUT in kwargs:
+            kwargs[ROUTING_INPUT] = self._checked_ids(kwargs[ROUTING_INPUT], args, kwargs)
+        self.graph(*args, **kwargs)
 
     def forward(self, *args, **kwargs):
         """Call the adapted model like the base model (the graph for this signature is captured on first use).
@@ -341,10 +375,8 @@ class Compiled(AdapterSwitching, Folding, nn.Module):
 
     def save_pretrained(self, directory, adapters: dict | None = None, quantized: str = "dequantize") -> None:
         """The folded model (``adapters``: name -> weight, default the active ones) as a Hugging Face checkpoint
-        (``quantized``: see :meth:`merged_state_dict`; "dequantize" writes no quantization_config)."""
-        from .checkpoints.merged import save_merged
-
-        save_merged(self, directory, adapters, quantized)
+        (``quantized``: see :meth:`fold`; "dequantize" writes no quantization_config): ``fold(...).save_pretrained``."""
+        self.fold(adapters=adapters, quantized=quantized).save_pretrained(directory)
 
     def export(self, path, *, fold: bool = True, args: tuple = (), kwargs: dict | None = None, quantized: str = "dequantize") -> None:
         from .checkpoints.program import export_program_file

@@ -82,8 +82,12 @@ def open_model(spec: Any, *, weights: bool = True, example_inputs: Any = None) -
     if example_inputs is not None:
         opened.example_args, opened.example_kwargs = _split_inputs(example_inputs, opened.name)
     elif not opened.example_args and not opened.example_kwargs and opened.is_hugging_face:
-        with opened.fake_mode or contextlib.nullcontext():
-            opened.example_kwargs = hugging_face_inputs(opened.module, opened.config)
+        try:
+            with opened.fake_mode or contextlib.nullcontext():
+                opened.example_kwargs = hugging_face_inputs(opened.module, opened.config)
+        except Exception as exc:  # a config surgeon cannot read inputs from: say which, never a traceback
+            raise ModelError(f"cannot make example inputs for {opened.name} from its config: {type(exc).__name__}: "
+                             f"{_first_line(exc)}", hint="pass example_inputs= (a dict of keyword arguments)") from None
     return opened
 
 
@@ -260,13 +264,71 @@ def _model_class(config, where: str):
 
 
 def _fake_from_config(config, model_class, name: str, source: str) -> OpenedModel:
-    """The model built under a fake-tensor mode: real shapes, no storage, no weights read."""
+    """The model built from its config with fake tensors: real shapes, no storage, no weights read.
+
+    It is built on the meta device, as transformers' ``from_pretrained`` builds every model: there
+    ``init_weights`` skips weight initialisation (which would read values a fake tensor does not
+    have: ViT's ``trunc_normal_`` asks ``mask.any()``) but still ties weights. Its tensors then
+    become fake CPU tensors, ties kept, so that capture traces it like a real model.
+    """
+    import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    try:
+        with torch.device("meta"), _meta_safe_creation():
+            model = model_class(config)
+    except Exception as exc:  # a model's own __init__ can raise anything; the user needs which model and why
+        raise ModelError(
+            f"cannot build {name} ({model_class.__name__}) from its config: {type(exc).__name__}: {_first_line(exc)}",
+            hint="planning builds the model without weights (on the meta device); "
+            "check config.json, or plan with the weights loaded (surgeon.compile)",
+        ) from None
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with mode:
-        model = model_class(config)
+    _to_fake(model, mode)
     return OpenedModel(model.eval(), name, source, config=config, fake=True, fake_mode=mode)
+
+
+def _meta_safe_creation():
+    """transformers' guard for building on the meta device (``torch.linspace`` on the CPU for ``.item()``
+    schedules), when this transformers has it."""
+    try:
+        from transformers import initialization
+    except ImportError:
+        return contextlib.nullcontext()
+    guard = getattr(initialization, "meta_device_safe_creation_ops", None)
+    return guard() if guard is not None else contextlib.nullcontext()
+
+
+def _to_fake(model, mode) -> None:
+    """Replace every meta tensor of ``model`` (parameters, buffers, plain tensor attributes) by a fake
+    CPU tensor of the same shape, dtype and strides; a tensor shared by several modules (tied weights)
+    stays one tensor."""
+    import torch
+
+    made: dict = {}  # id(meta tensor) -> (the meta tensor, kept alive so that its id stays its own; its fake)
+
+    def fake(tensor):
+        if id(tensor) not in made:
+            with mode:
+                value = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="cpu")
+            if isinstance(tensor, torch.nn.Parameter):
+                value = torch.nn.Parameter(value, requires_grad=tensor.requires_grad)
+            made[id(tensor)] = (tensor, value)
+        return made[id(tensor)][1]
+
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for key, tensor in table.items():
+                if tensor is not None and tensor.device.type == "meta":
+                    table[key] = fake(tensor)
+        for key, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and value.device.type == "meta":
+                module.__dict__[key] = fake(value)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def hugging_face_inputs(model, config, batch: int = 2, seq: int = 8) -> dict:
