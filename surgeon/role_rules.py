@@ -17,12 +17,15 @@ from surgeon.grammar import rules as ir
 __all__ = ["with_role_selectors", "rules_text_with_roles"]
 
 
-def rules_text_with_roles(text: str, model) -> str:
-    """Rules text (comments kept) with role selectors where they select the same sites of ``model``."""
+def rules_text_with_roles(text: str, model, rule_set: ir.RuleSet | None = None) -> str:
+    """Rules text (comments kept) with role selectors where they select the same sites of ``model``.
+
+    ``rule_set``: the checked rules ``text`` prints, when the caller has them (then ``text`` gives only its comments).
+    """
     from surgeon.api import capture_model
     from surgeon.grammar import parse
 
-    rule_set, changed = with_role_selectors(parse(text), capture_model(model))
+    rule_set, changed = with_role_selectors(parse(text) if rule_set is None else rule_set, capture_model(model))
     comments = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
     total = sum(len(a.rules) for a in rule_set.adapters)
     return f"{comments}# {changed} of {total} rules by role, as read from {model}\n{rule_set.to_text()}"

@@ -12,22 +12,29 @@ patterns are in peft_format.py). The reader turns a config back into rules, so
 a loaded adapter is planned and checked like any other. An adapter that mixes
 methods is saved in surgeon's mixture format (see :func:`save_adapter`). Only
 safetensors are read; a config or tensor that does not fit the model is an
-error, never silently ignored.
+error, never silently ignored, and so is a PEFT field surgeon does not
+implement (peft_fields.py). What PEFT's config cannot hold per site (LoRA's
+dropout, bias) is said when saving, and kept exactly in surgeon's record in the
+safetensors metadata, which surgeon reads back (peft_record.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 from surgeon.distributed import gathered, writes_files
 from surgeon.grammar import DEFAULT_ADAPTER, parse
+from surgeon.grammar import rules as ir
 from surgeon.methods._registry import method_names
 from surgeon.methods.adapter import adapter_class, peft_reader
 
 from .atomic import atomic_path, output_folder, write_text
-from .peft_format import PREFIX, AdapterError, peft_names
+from .peft_fields import check_peft_fields
+from .peft_format import PREFIX, AdapterError, PeftFidelityWarning, peft_names, regex_text
+from .peft_record import RECORD_KEY, fidelity_warning, read_metadata, record, recorded_rules
 
 __all__ = [
     "save_adapter",
@@ -37,8 +44,10 @@ __all__ = [
     "read_peft_config",
     "adapter_folders",
     "rules_from_peft_folder",
+    "exact_rules_from_folder",
     "rules_from_folder",
     "AdapterError",
+    "PeftFidelityWarning",
 ]
 
 CONFIG = "adapter_config.json"
@@ -88,12 +97,14 @@ def peft_config(compiled, adapter: str, method: str | None = None) -> dict:
 
 def _tensors(compiled, adapter: str, method: str | None = None, trained: bool = True) -> tuple:
     """(PEFT keys -> tensors, site shapes) for one adapter, or for its sites of one method."""
+    from surgeon.capture import site_weight
+
     tensors, shapes = {}, {}
     for key, tensor in _expected(compiled, adapter, method, trained, saving=True).items():
         tensors[key] = gathered(tensor.detach())
     for site in compiled.plan.sites:
         if site.adapter == adapter and method in (None, site.method):
-            shapes[site.path] = compiled.base_model.get_submodule(site.path).weight.shape
+            shapes[site.path] = site_weight(compiled.base_model, compiled.captured.sites[site.path]).shape  # MHA: in_proj_weight
     return {k: v.to("cpu").contiguous().clone() for k, v in tensors.items()}, shapes
 
 
@@ -138,21 +149,30 @@ def save_adapter(compiled, directory, adapters=None) -> None:
     # Everything that can fail runs on every rank first (in a process group each rank gathers its FSDP shards, a
     # collective): a rank that raised alone would leave the others waiting. Then rank 0 writes.
     directory = output_folder(directory)
-    files, configs = [], []
+    files, configs, lossy = [], [], []
+
+    def recorded(adapter, method, config, first=True):
+        # surgeon's exact record of the sites (PEFT's config may hold less: see peft_record.py)
+        trained = [t.path for t in compiled.plan.trained if t.adapter == adapter] if first else []
+        lossy.append(fidelity_warning(compiled, adapter, method, config))
+        return {RECORD_KEY: record(compiled, adapter, method, config, trained)}
+
     for adapter in adapters or compiled.rules.adapter_names:
         folder = _folder(directory, adapter)
         rules = "".join(f"{rule}\n" for rule in compiled.rules.adapter(adapter).rules)
         parts = _parts(compiled, adapter)
         if len(parts) <= 1:
             tensors, shapes = _tensors(compiled, adapter)
+            config = peft_config(compiled, adapter)
             metadata = {"format": "pt", "surgeon_rules": rules, "surgeon_fingerprint": fingerprint(shapes)}
-            files.append((folder, peft_config(compiled, adapter), tensors, metadata))
+            files.append((folder, config, tensors, dict(metadata, **recorded(adapter, None, config))))
             continue
         everything = {}
         for i, method in enumerate(parts):
             tensors, shapes = _tensors(compiled, adapter, method, trained=i == 0)  # train modules go with the first part
-            metadata = {"format": "pt", "surgeon_fingerprint": fingerprint(shapes)}
-            files.append((folder / MIXTURE_PARTS / method, peft_config(compiled, adapter, method), tensors, metadata))
+            config = peft_config(compiled, adapter, method)
+            metadata = {"format": "pt", "surgeon_fingerprint": fingerprint(shapes), **recorded(adapter, method, config, i == 0)}
+            files.append((folder / MIXTURE_PARTS / method, config, tensors, metadata))
             everything.update(shapes)
         config = {
             "peft_type": MIXTURE,
@@ -166,6 +186,8 @@ def save_adapter(compiled, directory, adapters=None) -> None:
         configs.append((folder, config))
     if not writes_files():
         return
+    for message in filter(None, lossy):
+        warnings.warn(message, PeftFidelityWarning, stacklevel=3)
     for folder, config, tensors, metadata in files:
         _write(folder, config, tensors, metadata)
     for folder, config in configs:
@@ -197,12 +219,24 @@ def read_peft_config(folder) -> dict:
     return config
 
 
+def _header(config: dict) -> str:
+    return f"# from a PEFT adapter_config.json (base model: {config.get('base_model_name_or_path')})"
+
+
 def rules_from_peft(config: dict) -> str:
-    """Surgery text that targets what a PEFT config targets, with the same ranks and scales."""
-    lines = [f"# from a PEFT adapter_config.json (base model: {config.get('base_model_name_or_path')})"]
+    """Surgery text that targets what a PEFT config targets, with the same ranks and scales.
+
+    A field surgeon does not implement, set to anything but PEFT's default, is
+    refused naming it (see peft_fields.py), as is a read field of the wrong type.
+    """
+    check_peft_fields(config)
+    lines = [_header(config)]
     lines += peft_reader(config["peft_type"]).rules_from_peft(config)
-    for name in config.get("exclude_modules") or ():
-        lines.append(f"match {peft_names([name])} skip")
+    excluded = config.get("exclude_modules")
+    if isinstance(excluded, str):  # PEFT: one regex the whole name must match
+        lines.append(f"match {regex_text(excluded)} skip")
+    elif excluded:
+        lines.append(f"match {peft_names(excluded)} skip")
     if config.get("modules_to_save"):
         lines.append(f"match {peft_names(config['modules_to_save'])} train")
     return "\n".join(lines) + "\n"
@@ -241,17 +275,50 @@ def adapter_folders(directory) -> list:
     return found
 
 
+def _block(name: str, text: str) -> str:
+    if name == DEFAULT_ADAPTER:
+        return text
+    body = "".join(f"  {line}\n" for line in text.splitlines())
+    return f'adapter "{name}" {{\n{body}}}\n'
+
+
 def rules_from_peft_folder(directory) -> str:
-    """Surgery text for every adapter of a folder: "default" at the top level, the others in blocks."""
-    parts = []
+    """Surgery text for every adapter of a folder: "default" at the top level, the others in blocks.
+
+    From the PEFT configs alone, as PEFT reads them (:func:`exact_rules_from_folder` reads surgeon's record too).
+    """
+    return "\n".join(_block(name, rules_from_folder(folder)) for name, folder in adapter_folders(directory))
+
+
+def _part_rules(part: Path, config: dict, keys=None) -> tuple:
+    """(checked rules from surgeon's record, or None where it has no usable one; text) of one PEFT adapter file.
+
+    The record's rules are objects, printed and never parsed; without them the text is the config's, as PEFT reads it.
+    """
+    metadata, found = read_metadata(part / WEIGHTS)
+    rules = recorded_rules(part / WEIGHTS, config, metadata, found if keys is None else keys)
+    if rules is None:
+        return None, rules_from_peft(config)
+    note = f"# surgeon's exact rules, from its record in {WEIGHTS} (PEFT reads {CONFIG} alone)"
+    return rules, "\n".join([_header(config), *map(str, rules), note]) + "\n"
+
+
+def _folder_rules(folder: Path, found: list) -> tuple:
+    """The rules of an adapter folder from its parts' :func:`_part_rules`: a config's text is parsed, a record's not."""
+    if all(rules is None for rules, _ in found):  # a PEFT folder: one text, so diagnostics show its lines
+        return parse("\n".join(text for _, text in found), path=f"{folder / CONFIG} (as rules)").rules
+    parsed = [rules if rules is not None else parse(text, path=f"{folder / CONFIG} (as rules)").rules for rules, text in found]
+    return tuple(rule for rules in parsed for rule in rules)
+
+
+def exact_rules_from_folder(directory) -> tuple:
+    """(text, RuleSet) of every adapter of a folder, each from surgeon's record where it has one (else as PEFT reads it)."""
+    texts, adapters = [], []
     for name, folder in adapter_folders(directory):
-        text = rules_from_folder(folder)
-        if name == DEFAULT_ADAPTER:
-            parts.append(text)
-        else:
-            body = "".join(f"  {line}\n" for line in text.splitlines())
-            parts.append(f'adapter "{name}" {{\n{body}}}\n')
-    return "\n".join(parts)
+        found = [_part_rules(part, config) for part, config in _configs(folder)]
+        texts.append(_block(name, "\n".join(text for _, text in found)))
+        adapters.append(ir.Adapter(name, _folder_rules(folder, found)))
+    return "\n".join(texts), ir.RuleSet(tuple(adapters))
 
 
 def load_adapter(compiled, directory, name: str | None = None) -> str:
@@ -268,12 +335,14 @@ def load_adapter(compiled, directory, name: str | None = None) -> str:
 
 
 def _load_one(compiled, folder: Path, name: str) -> str:
-    tensors, texts = {}, []
+    tensors, found = {}, []
     for part, config in _configs(folder):
-        tensors.update(_read_tensors(part))
-        texts.append(rules_from_peft(config))
-    rules = parse("\n".join(texts), path=f"{folder / CONFIG} (as rules)")
-    compiled.add_adapter(name, rules)
+        part_tensors = _read_tensors(part)
+        tensors.update(part_tensors)
+        found.append(_part_rules(part, config, keys=part_tensors))  # surgeon's own folder: its exact rules
+    source = "\n".join(text for _, text in found) if all(rules is None for rules, _ in found) else None
+    rules = ir.Adapter(name, _folder_rules(folder, found))
+    compiled.add_adapter(name, ir.RuleSet((rules,), path=f"{folder / CONFIG} (as rules)", source=source))
     _fill(compiled, name, tensors, folder / WEIGHTS)
     return name
 
@@ -312,9 +381,14 @@ def _fill(compiled, adapter: str, tensors: dict, source: Path) -> None:
     unknown = sorted(set(tensors) - set(expected))
     missing = sorted(set(expected) - set(tensors))
     if unknown or missing:
-        what = f"weights for modules this model does not adapt: {', '.join(unknown[:3])}" if unknown else ""
+        # every odd tensor at a module the rules adapt: a PEFT setting the reading missed, not another base model
+        adapted = tuple(f"{PREFIX}{path}." for owner, path, _ in compiled.sites() if owner == adapter)
+        here = all(k.startswith(adapted) for k in unknown + missing)
+        what = f"{'tensors its adapters here do not have' if here else 'weights for modules this model does not adapt'}: "
+        what = what + ", ".join(unknown[:3]) if unknown else ""
         what += ("; " if what else "") + (f"no weights for {', '.join(missing[:3])}" if missing else "")
-        raise AdapterError(f"{source} does not fit this model: {what}", hint="was it saved from another base model?")
+        hint = "the adapter uses a PEFT setting surgeon does not read?" if here else "was it saved from another base model?"
+        raise AdapterError(f"{source} does not fit this model: {what}", hint=hint)
     for key, param in expected.items():
         tensor = tensors[key]
         if tuple(tensor.shape) != tuple(param.shape):

@@ -15,10 +15,13 @@ import re
 from collections import Counter
 
 from surgeon.grammar.diagnostics import SurgeryError
+from surgeon.grammar.rules import GlobSelector, NameTest, Or, RegexSelector, format_value
 
 __all__ = [
     "PREFIX",
     "AdapterError",
+    "PeftFidelityWarning",
+    "path_globs",
     "peft_names",
     "peft_literal",
     "peft_where",
@@ -36,42 +39,68 @@ class AdapterError(SurgeryError):
     """An adapter folder that cannot be read, or that does not fit the model."""
 
 
+class PeftFidelityWarning(UserWarning):
+    """A PEFT file that says less than the rules: PEFT (or surgeon reading it alone) gets other settings."""
+
+
 def common(values):
     """The most common of ``values`` (the first seen among equals)."""
     return Counter(values).most_common(1)[0][0]
 
 
-def _compact(names) -> list:
-    """Names that differ only in one layer number, written once: model.layers.{1,2,3}.mlp.up_proj."""
-    groups: dict = {}
-    for name in names:
-        match = re.search(r"(?<=\.)\d+(?=\.)", name)
-        key = (name[: match.start()], name[match.end() :]) if match else (name, None)
-        groups.setdefault(key, []).append(match.group() if match else None)
-    out = []
-    for (head, tail), numbers in groups.items():
-        if tail is None:
-            out.append(head)
-        else:
-            out.append(f"{head}{numbers[0] if len(numbers) == 1 else '{' + ','.join(numbers) + '}'}{tail}")
-    return out
+_GLOB_SPECIAL = re.compile(r"([\\*?\[\]{},])")
 
 
-def _alternation(names) -> str:
-    names = _compact(names)
-    return names[0] if len(names) == 1 else "{" + ",".join(names) + "}"
+def path_globs(names) -> list:
+    """Globs matching exactly ``names`` (taken literally), paths that differ in one segment written once.
+
+    ``model.layers.{0,1}.self_attn.{q_proj,v_proj}`` stands for four paths; braces
+    never nest. Merging two globs that agree on every other segment keeps the
+    set exact, so the result matches the names and nothing else.
+    """
+    items = [tuple((segment,) for segment in name.split(".")) for name in dict.fromkeys(names)]
+    merged_any = True
+    while merged_any:
+        merged_any = False
+        for i in range(max(map(len, items), default=0)):
+            groups: dict = {}
+            for item in items:
+                key = (len(item), item[:i], item[i + 1 :]) if i < len(item) else (item,)
+                groups.setdefault(key, []).append(item)
+            items = []
+            for group in groups.values():
+                if len(group) > 1:
+                    merged_any = True
+                    group = [group[0][:i] + (tuple(dict.fromkeys(a for g in group for a in g[i])),) + group[0][i + 1 :]]
+                items.append(group[0])
+    return [".".join(_segment(alternatives) for alternatives in item) for item in items]
+
+
+def _segment(alternatives) -> str:
+    texts = [_GLOB_SPECIAL.sub(r"\\\1", a) for a in alternatives]
+    return texts[0] if len(texts) == 1 else "{" + ",".join(texts) + "}"
+
+
+def glob_text(pattern: str) -> str:
+    """A glob as a quoted selector."""
+    return str(GlobSelector(pattern))
+
+
+def regex_text(pattern: str) -> str:
+    """A regex as a quoted ``re"..."`` selector."""
+    return str(RegexSelector(pattern))
 
 
 def peft_names(names) -> str:
     """Selectors matching PEFT's rule for a list entry: the name itself, or a path ending in '.name'."""
-    body = _alternation(names)
-    return f'"{body}", "*.{body}"'
+    globs = path_globs(names)
+    return ", ".join([glob_text(g) for g in globs] + [glob_text(f"*.{g}") for g in globs])
 
 
 def peft_targets(targets) -> str | None:
     """The selector for a config's ``target_modules`` (a list, or one regex)."""
     if isinstance(targets, str):
-        return f're"{targets}"'
+        return regex_text(targets)
     return peft_names(targets) if targets else None
 
 
@@ -111,11 +140,27 @@ def lora_family_config(sites, scale_of=None, rank_of=None) -> dict:
 
 
 def peft_where(config: dict) -> str:
-    """The where clause for a config's layers_to_transform ("" when it has none)."""
+    """The where clause for a config's layers_to_transform ("" when it has none).
+
+    PEFT takes the layer index from the first numbered segment (surgeon's
+    ``layer``), or with ``layers_pattern`` from the number after that name.
+    """
     layers = config.get("layers_to_transform")
-    if layers is None:
+    if layers is None or layers == []:
         return ""
-    return f"layer in {list(layers) if isinstance(layers, list) else [layers]}"
+    layers = list(layers) if isinstance(layers, list) else [layers]
+    patterns = config.get("layers_pattern")
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns or [])
+    if not patterns or patterns == [""]:
+        return f"layer in {layers}"
+    # PEFT puts the pattern into a regex; a dotted name ("model.layers") is meant literally
+    names = [p if re.fullmatch(r"[\w.]+", p) else peft_literal(p) for p in patterns]
+    if None in names:
+        raise AdapterError(
+            f"{config.get('peft_type')}'s layers_pattern {patterns!r} is a regex; surgeon reads plain names (e.g. \"layers\")"
+        )
+    globs = path_globs([f"{name}.{i}" for name in names for i in layers])
+    return f"({Or(tuple(NameTest(p) for g in globs for p in (f'{g}.*', f'*.{g}.*')))})"
 
 
 def lora_family_rules(config: dict, method: str, alpha_key: str = "lora_alpha", extra: str = "") -> list:
@@ -133,7 +178,7 @@ def lora_family_rules(config: dict, method: str, alpha_key: str = "lora_alpha", 
         selector = peft_targets(targets)
     lines = []
     if selector is not None:
-        lines.append(f"match {selector}{f' where {where}' if where else ''} apply {method}(r={r}, alpha={alpha}{extra})")
+        lines.append(f"match {selector}{f' where {where}' if where else ''} apply {method}({_rank_alpha(r, alpha)}{extra})")
     ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     groups: dict = {}
     for key in dict.fromkeys([*ranks, *alphas]):
@@ -145,14 +190,25 @@ def lora_family_rules(config: dict, method: str, alpha_key: str = "lora_alpha", 
             rule_selector, clause = peft_names(literals), where  # each key is itself a target
         elif listed and all(lit is not None for lit in literals):
             rule_selector = peft_names(literals)  # ... but only where a target matches too
-            body = _alternation(targets)
-            clause = " and ".join(filter(None, [f'(name("{body}") or name("*.{body}"))', where]))
+            globs = path_globs(targets)
+            targeted = Or(tuple(NameTest(p) for p in [*globs, *(f"*.{g}" for g in globs)]))
+            clause = " and ".join(filter(None, [f"({targeted})", where]))
         else:
-            target = targets if isinstance(targets, str) else "(?:.*\\.)?(?:" + "|".join(map(re.escape, targets or [".*"])) + ")"
-            rule_selector = f're"(?=(?:.*\\.)?(?:{"|".join(keys)})$){target}"'
             clause = where
-        lines.append(f"match {rule_selector}{f' where {clause}' if clause else ''} apply {method}(r={rank}, alpha={key_alpha}{extra})")
+            if targets == "all-linear":  # the keys' sites among the linears that "all-linear" takes
+                target, clause = ".*", f"(type(Linear) or type(Conv1D)) and {where}"
+            elif isinstance(targets, str):
+                target = targets
+            else:
+                target = "(?:.*\\.)?(?:" + "|".join(map(re.escape, targets or [".*"])) + ")"
+            rule_selector = regex_text(f'(?=(?:.*\\.)?(?:{"|".join(keys)})$){target}')
+        lines.append(f"match {rule_selector}{f' where {clause}' if clause else ''} apply {method}({_rank_alpha(rank, key_alpha)}{extra})")
     return lines
+
+
+def _rank_alpha(r, alpha) -> str:
+    # format_value quotes a string and spells a bool as a bool: the rules checker then refuses it
+    return f"r={format_value(r)}, alpha={format_value(alpha)}"
 
 
 def refuse(config: dict, *fields: str) -> None:

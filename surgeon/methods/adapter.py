@@ -22,7 +22,11 @@ what the method does there, four ways:
 
 The constructor is called as ``cls(config, kind, in_features, out_features,
 dtype=, device=, weight=, peers=)``: ``weight`` is the base weight, ``peers``
-the plan sites of the same adapter and method.
+the plan sites of the same adapter and method. What the constructor would
+refuse about a site, planning asks first: ``validate_site(site, context)``
+returns :class:`SiteProblem` records, which ``surgeon plan`` reports at the
+rule that chose the site (the constructor's own checks stay, for adapters
+built without a plan).
 
 A method ``NAME`` has its config in ``surgeon/methods/NAME.py`` (torch-free,
 for the language) and its SiteAdapter in ``surgeon/methods/NAME_weights.py``,
@@ -33,24 +37,55 @@ checkpoint code find it with :func:`adapter_class`.
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["SiteAdapter", "site_adapter", "adapter_class", "peft_reader"]
+__all__ = ["SiteAdapter", "SiteProblem", "SiteContext", "site_adapter", "adapter_class", "peft_reader"]
 
 _CLASSES: dict = {}
+
+
+@dataclass(frozen=True)
+class SiteProblem:
+    """Why a method cannot adapt one planned site (planning locates it at the rule)."""
+
+    code: str
+    message: str
+    hint: str | None = None
+
+
+@dataclass(frozen=True)
+class SiteContext:
+    """What planning knows of a site besides its plan entry."""
+
+    peers: tuple = ()  # the plan's sites of the same adapter and method (the constructor's ``peers``)
+    weight: object = None  # the base weight as the captured model holds it
+
+    @property
+    def weight_values(self) -> bool:
+        """Will compile see the weight's values? A fake tensor (planned without weights) stands for
+        weights compile loads; a meta-device tensor has none."""
+        return self.weight is not None and self.weight.device.type != "meta"
 
 
 class SiteAdapter(nn.Module):
     method: str = ""
     peft_type: str = ""  # PEFT's peft_type for an adapter of this method alone
     peft_required: tuple = ()  # fields a PEFT config of that type must have
+    replaces_weight: bool = False  # its branch swaps the weight the base op reads (one such adapter per tensor)
+    unroutable: str | None = None  # why adapter_ids cannot route it per batch row; None: it can
 
     def __init__(self, config, kind: str, in_features: int, out_features: int):
         super().__init__()
         self.config = config
         self.kind = kind
         self.in_features, self.out_features = in_features, out_features
+
+    @classmethod
+    def validate_site(cls, site, context: SiteContext) -> list:
+        """The SiteProblems of adapting the plan site ``site`` (its ``config``, kind and shapes)."""
+        return []
 
     def branch(self, graph, x, y):  # pragma: no cover - every method overrides it
         raise NotImplementedError
@@ -72,6 +107,15 @@ class SiteAdapter(nn.Module):
     def peft_saved_state(self) -> dict:
         """What :meth:`peft_state` writes to a file (a method may save a converted form)."""
         return self.peft_state()
+
+    @classmethod
+    def peft_saved_configs(cls, sites) -> list:
+        """The config of each plan site as :meth:`peft_saved_state` writes it (surgeon's record of the rules).
+
+        A method that saves a converted form (LoRA's PiSSA as rank 2r) gives the
+        config that reloads that form; the others give each site's own.
+        """
+        return [site.config for site in sites]
 
     @classmethod
     def peft_shared_state(cls, modules: list) -> dict:

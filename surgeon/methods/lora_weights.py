@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgeon.checkpoints.peft_format import AdapterError, common, lora_family_config, lora_family_rules, refuse
+from surgeon.grammar.rules import format_value
 
 from .adapter import SiteAdapter, site_adapter
 
@@ -36,7 +37,7 @@ class LoraWeights(SiteAdapter):
         kernel = tuple(weight.shape[2:]) if kind.startswith("conv") else ()
         # A grouped convolution (weight (out, in/g, *k)): A sees every input channel, B is grouped (PEFT's layout).
         self.groups = in_features // weight.shape[1] if kernel else 1
-        if config.r % self.groups:
+        if config.r % self.groups:  # planning refuses it first (validate_site); this guards adapters built by hand
             from surgeon.grammar.diagnostics import PlanError
 
             raise PlanError(f"LoRA on a convolution with {self.groups} groups needs a rank divisible by {self.groups}, not {config.r}")
@@ -48,6 +49,35 @@ class LoraWeights(SiteAdapter):
         if self.residual:
             self._start_from_weight(weight, **factory)
 
+    @classmethod
+    def validate_site(cls, site, context) -> list:
+        """What the constructor would refuse: a rank the conv's groups do not divide, PiSSA/OLoRA on a site
+        they are not defined for or on a weight without values."""
+        from .adapter import SiteProblem
+
+        config, kind, path, problems = site.config, site.kind, site.path, []
+        if kind.startswith("conv") and len(site.weight_shape) > 2:
+            groups = max(1, site.in_features // site.weight_shape[1])
+            if config.r % groups:
+                problems.append(SiteProblem(
+                    "rank-groups", f"{cls.method} on {path}: a convolution with {groups} groups needs a rank divisible by "
+                    f"{groups}, not {config.r}",
+                    f"B is a 1x1 convolution grouped as the base (PEFT's layout): use r={-(-config.r // groups) * groups}"))
+        init = getattr(config, "init", "kaiming")
+        if init in ("pissa", "olora") or init.startswith("pissa_niter_"):
+            allowed = ("linear",) if init == "olora" else ("linear", "hf_conv1d")
+            if kind not in allowed:
+                other = 'init="pissa" or "kaiming"' if kind == "hf_conv1d" else 'init="kaiming"'
+                problems.append(SiteProblem(
+                    "init-site", f'{cls.method}(init="{init}") on {path} needs a Linear{" or Conv1D" if len(allowed) > 1 else ""} '
+                    f"site, not {kind}", f"on {kind} sites use {other}, or narrow the rule to linear layers"))
+            elif not context.weight_values:
+                problems.append(SiteProblem(
+                    "init-weight", f'{cls.method}(init="{init}") on {path} starts from the base weight\'s values, which this '
+                    "model does not have (its weights are on the meta device)",
+                    "load the weights first (to_empty() then load_state_dict(), or from_pretrained), or use init=\"kaiming\""))
+        return problems
+
     def _start_from_weight(self, weight, dtype, device) -> None:
         """PiSSA / OLoRA: A0, B0 from the base weight; the base becomes W - s B0 A0 (kept as A0, B0).
 
@@ -55,13 +85,14 @@ class LoraWeights(SiteAdapter):
         weight and subtracts s x A0^T B0^T in the graph: a rank-r correction, so
         no copy of W is held.
         """
-        init, kind = self.config.init, self.kind
-        if kind not in ("linear", "hf_conv1d") or (init == "olora" and kind != "linear"):
-            from surgeon.grammar.diagnostics import PlanError
+        from surgeon.grammar.diagnostics import PlanError
 
+        init, kind = self.config.init, self.kind
+        # validate_site refuses both at plan time; these guard adapters built without a plan
+        if kind not in ("linear", "hf_conv1d") or (init == "olora" and kind != "linear"):
             raise PlanError(f"lora(init={init!r}) needs a Linear{'' if init == 'olora' else ' or Conv1D'} site, not {kind}")
         if weight is None or weight.device.type == "meta" or weight.is_floating_point() is False:
-            raise ValueError(f"lora(init={init!r}) starts from the base weight's values, which this model does not have")
+            raise PlanError(f"lora(init={init!r}) starts from the base weight's values, which this model does not have")
         with torch.no_grad():
             w = weight.detach().to(torch.float32)
             w = w.T if kind == "hf_conv1d" else w  # (out, in)
@@ -223,19 +254,45 @@ class LoraWeights(SiteAdapter):
         )
 
     @classmethod
+    def peft_saved_configs(cls, sites) -> list:
+        """Each site's config as the file holds it: PiSSA/OLoRA as plain LoRA of rank 2r, LoftQ's as plain LoRA.
+
+        The scale stays the site's own; how a fresh adapter would start (init) is
+        what the PEFT config says, since the saved weights replace it.
+        """
+        from dataclasses import replace
+
+        saved = []
+        for site in sites:
+            config = site.config
+            if config.init in ("pissa", "olora") or config.init.startswith("pissa_niter_"):
+                alpha = config.r if config.alpha is None else config.alpha
+                alpha = alpha * math.sqrt(2) if config.rslora else 2 * alpha  # s = alpha/r with twice the rank
+                config = replace(config, r=2 * config.r, alpha=alpha, init="kaiming")
+            elif config.init == "loftq":
+                config = replace(config, init="kaiming", loftq_iter=1)
+            saved.append(config)
+        return saved
+
+    @classmethod
     def rules_from_peft(cls, config: dict) -> list:
         refuse(config, "layer_replication", "alora_invocation_tokens", "target_parameters")
-        method = "dora" if config.get("use_dora") else "lora"
-        extra = (", rslora=true" if config.get("use_rslora") else "") + (", bias=true" if config.get("lora_bias") else "")
+        dora = bool(config.get("use_dora"))
         init = config.get("init_lora_weights", True)
-        if isinstance(init, str) and (init in ("pissa", "olora") or init.startswith("pissa_niter_")):
+        pissa = isinstance(init, str) and (init in ("pissa", "olora") or init.startswith("pissa_niter_"))
+        if dora and (config.get("lora_bias") or pissa):
+            # surgeon's dora has neither a bias of B nor a start from the base weight's SVD/QR
+            field = "lora_bias" if config.get("lora_bias") else f"init_lora_weights={init!r}"
+            raise AdapterError(f"LoRA's use_dora with {field} is not supported yet", hint="dora takes r, alpha, dropout and rslora")
+        extra = (", rslora=true" if config.get("use_rslora") else "") + (", bias=true" if config.get("lora_bias") else "")
+        if pissa:
             # PEFT's own PiSSA/OLoRA files: the residual base is made again from the base weight, as PEFT does
-            extra += f', init="{init}"'
+            extra += f", init={format_value(init)}"
         elif isinstance(init, str) and init != "gaussian":
             raise AdapterError(f"LoRA's init_lora_weights={init!r} is not supported yet", hint="supported: true, false, gaussian, pissa, pissa_niter_K, olora")
         if config.get("lora_dropout"):
-            extra += f", dropout={config['lora_dropout']}"
-        return lora_family_rules(config, method, extra=extra)
+            extra += f", dropout={format_value(config['lora_dropout'])}"
+        return lora_family_rules(config, "dora" if dora else "lora", extra=extra)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.config.r}, scale={self.scale:g}"

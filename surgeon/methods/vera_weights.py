@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgeon.checkpoints.peft_format import AdapterError, peft_targets
+from surgeon.checkpoints.peft_format import AdapterError, peft_targets, peft_where
 from surgeon.grammar.diagnostics import PlanError
+from surgeon.grammar.rules import format_value
 
 from .adapter import SiteAdapter, site_adapter
 
@@ -76,7 +77,7 @@ _SHARED: "weakref.WeakValueDictionary[tuple, _Projections]" = weakref.WeakValueD
 
 def _shared_projections(config, in_features, out_features, peers, dtype, device) -> _Projections:
     peers = tuple(peers)
-    if len({p.config for p in peers}) > 1:
+    if len({p.config for p in peers}) > 1:  # validate_site refuses it at plan time; this guards adapters built by hand
         raise PlanError(
             f"adapter '{peers[0].adapter}' gives its VeRA sites different arguments, but they share one A and B",
             hint="use the same vera(...) arguments for every site of an adapter (as PEFT, which holds one VeRA config per adapter)",
@@ -97,6 +98,26 @@ def _shared_projections(config, in_features, out_features, peers, dtype, device)
 class VeraWeights(SiteAdapter):
     peft_type = "VERA"
     peft_required = ("r", "target_modules")
+
+    @classmethod
+    def validate_site(cls, site, context) -> list:
+        """A site whose arguments differ from the adapter's first VeRA site (they share one A and B)."""
+        from surgeon.grammar.rules import format_value
+
+        from .adapter import SiteProblem
+
+        first = context.peers[0] if context.peers else site
+        if site.config == first.config:
+            return []
+        keys = [k for k, v in site.params.items() if v != first.params.get(k)]
+
+        def given(s):
+            return ", ".join(f"{k}={format_value(s.params[k])}" for k in keys)
+
+        return [SiteProblem("vera-arguments", f"adapter '{site.adapter}' gives its VeRA sites different arguments, but they "
+                            f"share one A and B: {first.path} (line {first.rule_line}) has {given(first)}, {site.path} has {given(site)}",
+                            "use the same vera(...) arguments for every site of an adapter (as PEFT, which holds one VeRA "
+                            "config per adapter)")]
 
     def __init__(self, config, kind, in_features, out_features, *, dtype=torch.float32, device=None, weight=None, peers=()):
         super().__init__(config, kind, in_features, out_features)
@@ -184,10 +205,10 @@ class VeraWeights(SiteAdapter):
     def rules_from_peft(cls, config: dict) -> list:
         if config.get("bias", "none") != "none":
             raise AdapterError(f"VERA's bias={config['bias']!r} (training the base model's biases) is not supported yet")
-        arguments = f"r={config['r']}"
+        arguments = f"r={format_value(config['r'])}"
         for key, name, default in _DEFAULTS:
             if config.get(key, default) != default:
-                arguments += f", {name}={config[key]!r}"
+                arguments += f", {name}={format_value(config[key])}"
         if not config.get("save_projection", True):
             arguments += ", save_projection=false"
         targets, where = config["target_modules"], []
@@ -195,9 +216,7 @@ class VeraWeights(SiteAdapter):
             selector, where = "type(Linear), type(Conv1D)", ['not name("*lm_head")']
         else:
             selector = peft_targets(targets)
-        layers = config.get("layers_to_transform")
-        if layers is not None:
-            where.append(f"layer in {list(layers) if isinstance(layers, list) else [layers]}")
+        where += filter(None, [peft_where(config)])  # layers_to_transform (and layers_pattern)
         if selector is None:
             return []
         return [f"match {selector}{' where ' + ' and '.join(where) if where else ''} apply vera({arguments})"]
