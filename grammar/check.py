@@ -27,6 +27,21 @@ __all__ = ["check_rules", "default_methods"]
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _KNOWN_TYPES = tuple(name for names in MODULE_TYPES.values() for name in names)
 
+# Names carried over from PEFT's configs (or said aloud) for the language's arguments; too far
+# from them for difflib ('rank' -> 'r'), or worth the same hint when close.
+_ARGUMENT_ALIASES = {
+    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_rslora": "rslora",
+    "init_lora_weights": "init", "lora_bias": "bias", "vera_dropout": "dropout", "oft_block_size": "block_size",
+}
+# PEFT config fields that are a part of a rule here, not an argument.
+_RULE_PARTS = {
+    "target_modules": 'the modules are the rule\'s selector: match "*.q_proj", "*.v_proj" apply ...',
+    "modules_to_save": 'modules that train in full take a rule of their own: match "classifier" train',
+    "layers_to_transform": 'layers are chosen by a where clause: match "*.q_proj" where layer in [0, 1] apply ...',
+    "rank_pattern": 'a later rule with other arguments takes its modules: match "*.down_proj" apply lora(r=16)',
+    "alpha_pattern": 'a later rule with other arguments takes its modules: match "*.down_proj" apply lora(r=8, alpha=32)',
+}
+
 
 def _suggest(word: str, choices, listing: str, quote: str = "'") -> str:
     """'did you mean 'x'? (listing)', or just the listing when nothing is close."""
@@ -233,12 +248,13 @@ class _Checker:
             return call
         values: dict = {}
         first_seen: dict[str, Span | None] = {}
+        suggested: set = set()  # parameters an unknown argument's hint names: not reported missing as well
         ok = True
         for index, arg in enumerate(call.arguments):
-            ok &= self.argument(signature, arg, index, values, first_seen)
+            ok &= self.argument(signature, arg, index, values, first_seen, suggested)
         positional = any(arg.name is None for arg in call.arguments)
         for p in signature.params:
-            if p.required and p.name not in first_seen and not positional:
+            if p.required and p.name not in first_seen and not positional and p.name not in suggested:
                 ok = False
                 self.error(
                     "missing-argument",
@@ -255,7 +271,8 @@ class _Checker:
             return call
         return replace(call, config=config)
 
-    def argument(self, signature: MethodSignature, arg: ir.Argument, index: int, values: dict, first_seen: dict) -> bool:
+    def argument(self, signature: MethodSignature, arg: ir.Argument, index: int, values: dict, first_seen: dict,
+                 suggested: set) -> bool:
         valid = ", ".join(signature.param_names)
         if arg.name is None:
             guess = signature.params[min(index, len(signature.params) - 1)].name if signature.params else "NAME"
@@ -268,13 +285,9 @@ class _Checker:
             return False
         param = signature.get(arg.name)
         if param is None:
-            listing = f"{signature.name} takes: {valid}"
-            self.error(
-                "unknown-argument",
-                f"{signature.name} has no argument '{arg.name}'",
-                arg.span,
-                _suggest(arg.name, signature.param_names, listing),
-            )
+            hint, meant = self.argument_hint(signature, arg.name)
+            suggested.add(meant)
+            self.error("unknown-argument", f"{signature.name} has no argument '{arg.name}'", arg.span, hint)
             return False
         if arg.name in first_seen:
             first = first_seen[arg.name]
@@ -284,12 +297,30 @@ class _Checker:
         first_seen[arg.name] = arg.span
         converted, problem = param.check(arg.value)
         if problem is not None:
-            self.error(
-                problem.code, f"argument '{arg.name}' of {signature.name} {problem.message}", arg.value_span, param.describe()
-            )
+            hint = param.describe()
+            if problem.code == "bad-choice" and isinstance(arg.value, str):
+                hint = _suggest(arg.value, param.choices, hint, quote='"')
+            self.error(problem.code, f"argument '{arg.name}' of {signature.name} {problem.message}", arg.value_span, hint)
             return False
         values[arg.name] = converted
         return True
+
+    def argument_hint(self, signature: MethodSignature, name: str) -> tuple:
+        """(the hint for an unknown argument ``name``, the parameter it suggests or None)."""
+        listing = f"{signature.name} takes: {', '.join(signature.param_names)}"
+        meant = _ARGUMENT_ALIASES.get(name)
+        if meant in signature.param_names:
+            return f"did you mean '{meant}'? ({listing})", meant
+        other = self.methods.get(name[4:]) if name.startswith("use_") else None
+        if other is not None:  # PEFT's use_dora=True is a method here
+            if other.name == signature.name:
+                return f"{signature.name} is {other.name} already: remove {name} ({listing})", None
+            return (f"{other.name} is a method of its own: apply {other.name}(...) "
+                    f"({other.name} takes: {', '.join(other.param_names)})"), None
+        if name in _RULE_PARTS:
+            return _RULE_PARTS[name], None
+        near = closest(name, signature.param_names)
+        return (f"did you mean '{near[0]}'? ({listing})", near[0]) if near else (listing, None)
 
 
 def _merge_option_ok(name: str, value) -> bool:

@@ -113,14 +113,16 @@ class GraphBuilder:
         value = self.node.meta.get("val")
         if rank is None:
             rank = value.dim() if value is not None else 2
+        # Only a routed call (adapter_ids) needs this, and only the graph shows it for every site: the plan
+        # marks the sites it knows of (GPT-2's Conv1D) as unroutable, this catches the rest.
         if self.routed and rank and not self._gate_of.keeps_batch(value):
             from surgeon.grammar.diagnostics import PlanError
 
             raise PlanError(
                 f"{self.spec.path} computes on rows that are not the batch's (its output is {tuple(value.shape)}), "
                 "so adapter_ids cannot route it",
-                hint="GPT-2's Conv1D flattens batch and sequence; route models whose linears keep the batch first, "
-                "or use set_active()",
+                hint="GPT-2's Conv1D flattens batch and sequence (surgeon plan lists the sites adapter_ids cannot route); "
+                "route models whose linears keep the batch first, or use set_active()",
             )
         return self._gate_of(self.spec.adapter, rank)
 
@@ -148,13 +150,13 @@ class GraphBuilder:
         tied output layer) reads ``node`` too.
         """
         weight = self.weight()
-        if weight.op != "get_attr":
+        if weight.op != "get_attr":  # planning refuses this (weight-replaced-twice); kept for insertions made by hand
             from surgeon.grammar.diagnostics import PlanError
 
             raise PlanError(
                 f"{self.spec.path}: two adapters rewrite this weight ({self.spec.adapter!r} is the second); "
                 "one trainable_tokens adapter per embedding",
-                hint="list all the token ids in one trainable_tokens rule, or use set_active() between adapters",
+                hint="list all the token ids in one trainable_tokens rule (a graph holds every adapter, active or not)",
             )
         readers = [self.node]
         if tied:

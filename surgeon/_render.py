@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["module_table", "plan_tables", "human_count"]
+__all__ = ["module_table", "plan_tables", "human_count", "WEIGHT_LAYOUTS"]
 
 
 def human_count(n: int) -> str:
@@ -15,14 +15,25 @@ def human_count(n: int) -> str:
     return str(n)
 
 
+# Stored shapes read differently per site kind (GPT-2's Conv1D is (in, out), a Linear (out, in)): inspect says which.
+WEIGHT_LAYOUTS = {"linear": "out, in", "hf_conv1d": "in, out", "embedding": "rows, dim",
+                  "conv1d": "out, in/groups, k", "conv2d": "out, in/groups, kh, kw", "conv3d": "out, in/groups, kd, kh, kw"}
+
+
 def _shape(shape) -> str:
     return "x".join(str(d) for d in shape) if shape else ""
 
 
+def _features(info) -> str:
+    return f"{info.in_features} -> {info.out_features}" if info.in_features is not None else ""
+
+
 def module_table(captured, paths) -> Table:
     table = Table(title=Text(f"{captured.model.name} ({type(captured.model.module).__name__})"), title_justify="left")
-    columns = (("path", "left"), ("type", "left"), ("site", "left"), ("role", "left"), ("weight", "right"), ("params", "right"),
-               ("layer", "right"))
+    table.caption = Text("weight as stored: (out, in) for a Linear, (in, out) for GPT-2's Conv1D")
+    table.caption_justify = "left"
+    columns = (("path", "left"), ("type", "left"), ("site", "left"), ("role", "left"), ("in -> out", "right"),
+               ("weight", "right"), ("params", "right"), ("layer", "right"))
     for name, justify in columns:
         table.add_column(name, justify=justify, no_wrap=name == "path")
     for path in paths:
@@ -33,8 +44,27 @@ def module_table(captured, paths) -> Table:
             kind += f" (tied: {', '.join(site.tied_with)})"
         layer = "" if info.layer is None else str(info.layer)
         type_name = info.type_name + (f" ({info.quantization})" if info.quantization else "")
-        table.add_row(path, type_name, kind, info.role or "", _shape(info.weight_shape), human_count(info.params), layer)
+        weight = _shape(info.weight_shape) + (" (in, out)" if site and site.kind == "hf_conv1d" else "")
+        table.add_row(path, type_name, kind, info.role or "", _features(info), weight, human_count(info.params), layer)
     return table
+
+
+def _outcome(report, won: int, matched: int) -> str:
+    """What a rule got; an apply's modules counted among those its method can adapt."""
+    if report.action != "apply":
+        return f"won {won} of {matched} matched module{'s' if matched != 1 else ''}"
+    adaptable = set(report.adaptable)
+    sites = sum(1 for p in report.won if p in adaptable)
+    text = f"won {sites} of {len(adaptable)} matched module{'s' if len(adaptable) != 1 else ''} the method can adapt"
+    others = matched - len(adaptable)
+    if others:
+        text += f"; {others} matched module{'s' if others != 1 else ''} it cannot adapt"
+        if report.unsupported:
+            counts: dict = {}
+            for _, type_name in report.unsupported:
+                counts[type_name] = counts.get(type_name, 0) + 1
+            text += " (not supported: " + ", ".join(f"{n} x{c}" for n, c in counts.items()) + ")"
+    return text
 
 
 def plan_tables(plan) -> list:
@@ -66,12 +96,7 @@ def plan_tables(plan) -> list:
             table.add_row(site.path, module_type, f"{site.in_features} -> {site.out_features}", f"{site.trainable_params:,}")
         for t in trained_by_rule.get((report.adapter, report.line), []):
             table.add_row(t.path, t.module_type, f"{t.trainable_params:,}")
-        table.caption = Text(f"won {won} of {matched} matched module{'s' if matched != 1 else ''}")
-        if report.unsupported:
-            counts: dict = {}
-            for _, type_name in report.unsupported:
-                counts[type_name] = counts.get(type_name, 0) + 1
-            table.caption.append("; not supported: " + ", ".join(f"{n} x{c}" for n, c in counts.items()))
+        table.caption = Text(_outcome(report, won, matched))
         table.caption_justify = "left"
         out.append(table)
     totals = plan.totals()
@@ -85,6 +110,13 @@ def plan_tables(plan) -> list:
     summary.add_row("trainable %", f"{totals['trainable_percent']:.4f}")
     summary.add_row(f"adapter checkpoint ({totals['checkpoint_dtype']})", f"{totals['adapter_bytes']:,} bytes")
     out.append(summary)
+    reasons: dict = {}
+    for site in plan.sites:
+        if site.unroutable:
+            reasons.setdefault(f"{site.method} on {site.kind}", []).append(site.unroutable)
+    if reasons:  # a routed call refuses these when it builds its graph
+        listed = "; ".join(f"{len(r)} {what} ({r[0]})" for what, r in reasons.items())
+        out.append(Text(f"adapter_ids cannot route {sum(map(len, reasons.values()))} sites: {listed}; set_active() switches them"))
     layers = plan.layers()
     if layers:
         coverage = Table(title="per-layer coverage", title_justify="left", show_edge=False)

@@ -200,6 +200,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _inspect_json(captured, paths) -> dict:
+    from surgeon._render import WEIGHT_LAYOUTS
+
     modules = []
     for path in paths:
         info = captured.modules[path]
@@ -211,6 +213,7 @@ def _inspect_json(captured, paths) -> dict:
                 "site": site.kind if site else None,
                 "role": info.role,
                 "weight_shape": list(info.weight_shape) if info.weight_shape else None,
+                "weight_layout": WEIGHT_LAYOUTS.get(site.kind) if site else None,  # Conv1D's is (in, out)
                 "params": info.params,
                 "layer": info.layer,
                 "in_features": info.in_features,
@@ -340,10 +343,11 @@ def _compile(args: argparse.Namespace) -> int:
         written.append(out / "program.pt2")
         if args.fold:
             quantized = "requantize" if args.requantize else "dequantize"
+            folded = step("fold", lambda: compiled.fold(quantized=quantized))  # one verified fold for both
             if compiled.hugging_face:
-                step("save merged checkpoint", lambda: compiled.save_pretrained(out / "merged", quantized=quantized))
+                step("save merged checkpoint", lambda: folded.save_pretrained(out / "merged"))
                 written.append(out / "merged")
-            step("export merged.pt2", lambda: compiled.export(out / "merged.pt2", fold=True, quantized=quantized))
+            step("export merged.pt2", lambda: folded.export(out / "merged.pt2"))
             written.append(out / "merged.pt2")
             if compiled.fold_report is not None:  # quantized sites: what the merge changed in the outputs
                 write_text(out / "fold_report.json", json.dumps(compiled.fold_report, indent=2) + "\n")
@@ -398,16 +402,16 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _rules_from_peft(args: argparse.Namespace) -> int:
-    from surgeon.checkpoints.peft import rules_from_peft_folder
-    from surgeon.grammar import SurgeryError, parse
+    from surgeon.checkpoints.peft import exact_rules_from_folder
+    from surgeon.grammar import SurgeryError
 
     try:
-        text = rules_from_peft_folder(args.folder)
-        parse(text)  # what we print must be valid surgery
+        # checked rules and their text: surgeon's own folder from its exact record, any other as PEFT reads it
+        text, rule_set = exact_rules_from_folder(args.folder)
         if args.roles:
             from surgeon.role_rules import rules_text_with_roles
 
-            text = rules_text_with_roles(text, args.roles)
+            text = rules_text_with_roles(text, args.roles, rule_set=rule_set)
     except SurgeryError as error:
         return _print_errors(error, "human")
     print(text, end="")

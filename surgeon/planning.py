@@ -4,7 +4,10 @@
 model (surgeon.select) and records, for each site, the adapter, method,
 arguments, shapes and the trainable parameters it adds; for each rule, the
 modules it matched and won; totals; per-layer coverage. ``Plan.to_json()`` has
-a stable schema (``PLAN_SCHEMA_VERSION``).
+a stable schema (``PLAN_SCHEMA_VERSION``). Every site a rule wins is checked as
+compile will build it (its method's ``validate_site``, quantized bases, a weight
+two adapters would replace), so that what compile refuses, the plan refuses
+first, at the rule.
 
 Counting: a LoRA site adds r * (in + out) parameters (plus out with ``bias``);
 a ``train`` module makes all its own parameters trainable (each adapter that
@@ -49,6 +52,7 @@ class PlannedSite:
     rule_line: int | None
     tied_with: tuple = ()
     quantization: str | None = None  # bitsandbytes' storage of the base weight (QLoRA), None: plain
+    unroutable: str | None = None  # why adapter_ids cannot route it per batch row; None: planning knows no reason
 
     def to_json(self) -> dict:
         return {
@@ -100,6 +104,7 @@ class RuleReport:
     matched: tuple
     won: tuple
     unsupported: tuple  # (path, module type) of won modules the method cannot adapt
+    adaptable: tuple = ()  # matched modules the method can adapt (apply rules)
 
     def to_json(self) -> dict:
         return {
@@ -111,6 +116,7 @@ class RuleReport:
             "matched": list(self.matched),
             "won": list(self.won),
             "unsupported": [{"path": p, "module_type": t} for p, t in self.unsupported],
+            "adaptable": list(self.adaptable),
         }
 
 
@@ -189,12 +195,14 @@ class Plan:
             "totals": self.totals(),
             "layers": self.layers(),
             "warnings": [w.to_json() for w in self.warnings],
+            "unroutable_sites": [{"adapter": s.adapter, "path": s.path, "reason": s.unroutable} for s in self.sites if s.unroutable],
         }
 
 
 def build_plan(rule_set: ir.RuleSet, captured: Captured, methods: dict | None = None, checkpoint_dtype: str = "float32") -> Plan:
     """Resolve ``rule_set`` on ``captured``; raise PlanError listing every error."""
     from surgeon.methods import signatures
+    from surgeon.methods.adapter import SiteProblem
 
     methods = signatures() if methods is None else methods
     resolution = resolve(rule_set, captured.modules, captured.sites, methods)
@@ -202,6 +210,7 @@ def build_plan(rule_set: ir.RuleSet, captured: Captured, methods: dict | None = 
         raise PlanError(resolution.diagnostics)
     model = captured.model.module
     sites, trained, reports = [], [], []
+    problems, chosen_by = [], {}  # (RuleMatch, SiteProblem); (adapter, path) -> the RuleMatch that won it
     for match in resolution.matches:
         rule = match.rule
         line = rule.span.line if rule.span else None
@@ -210,11 +219,12 @@ def build_plan(rule_set: ir.RuleSet, captured: Captured, methods: dict | None = 
             if match.action == "apply" and path not in match.unsupported:
                 site = captured.sites[path]
                 config = rule.action.method.config
+                method = rule.action.method.name
                 sites.append(
                     PlannedSite(
                         path=path,
                         adapter=match.adapter,
-                        method=rule.action.method.name,
+                        method=method,
                         params=_arguments(config),
                         config=config,
                         module_type=info.type_name,
@@ -222,44 +232,35 @@ def build_plan(rule_set: ir.RuleSet, captured: Captured, methods: dict | None = 
                         in_features=site.in_features,
                         out_features=site.out_features,
                         weight_shape=site.weight_shape,
-                        trainable_params=config.trainable_params(site.in_features, site.out_features, site.weight_shape),
+                        trainable_params=_trainable_params(config, site),
                         layer=info.layer,
                         rule_line=line,
                         tied_with=site.tied_with,
                         quantization=site.quantization,
+                        unroutable=_unroutable(site.kind, _site_class(method)),
                     )
                 )
-                _check_quantized(sites[-1], rule, rule_set, captured.model.name)
+                chosen_by[(match.adapter, path)] = match
             elif match.action == "train":
                 if info.quantization:
-                    _refuse(rule, rule_set, "quantized-train", f"cannot train {path} of {captured.model.name} in full: its weight is "
-                            f"quantized ({info.quantization})", "adapt it with lora instead, or load the model unquantized")
+                    problems.append((match, SiteProblem(
+                        "quantized-train", f"cannot train {path} of {captured.model.name} in full: its weight is quantized "
+                        f"({info.quantization})", "adapt it with lora instead, or load the model unquantized")))
                 module = model.get_submodule(path)
                 own = {id(p): p for p in module.parameters()}.values()
-                trained.append(
-                    TrainedModule(
-                        path=path,
-                        adapter=match.adapter,
-                        module_type=info.type_name,
-                        trainable_params=sum(p.numel() for p in own),
-                        bytes=sum(p.numel() * p.element_size() for p in own),
-                        rule_line=line,
-                    )
-                )
-        reports.append(
-            RuleReport(
-                adapter=match.adapter,
-                index=match.index,
-                line=line,
-                text=str(rule),
-                action=match.action,
-                matched=tuple(match.matched),
-                won=tuple(match.won),
-                unsupported=tuple((p, captured.modules[p].type_name) for p in match.unsupported),
-            )
-        )
+                trained.append(TrainedModule(path=path, adapter=match.adapter, module_type=info.type_name,
+                                             trainable_params=sum(p.numel() for p in own),
+                                             bytes=sum(p.numel() * p.element_size() for p in own), rule_line=line))
+        reports.append(RuleReport(
+            adapter=match.adapter, index=match.index, line=line, text=str(rule), action=match.action,
+            matched=tuple(match.matched), won=tuple(match.won),
+            unsupported=tuple((p, captured.modules[p].type_name) for p in match.unsupported), adaptable=tuple(match.adaptable)))
     order = {path: i for i, path in enumerate(captured.modules)}
     sites.sort(key=lambda s: (rule_set.adapter_names.index(s.adapter), order[s.path]))
+    problems += [(chosen_by[(site.adapter, site.path)], problem) for site, problem in _site_problems(sites, captured)]
+    if problems:
+        errors = _located(problems, rule_set)
+        raise PlanError(sorted(errors + list(resolution.diagnostics), key=lambda d: (d.span.line, d.span.column) if d.span else (0, 0)))
     layers = {info.layer for info in captured.modules.values() if info.layer is not None}
     return Plan(
         model=captured.model.name,
@@ -289,30 +290,111 @@ def _arguments(config) -> dict:
 QUANTIZED_METHODS = {"lora": ("kaiming", "gaussian", "zeros", "loftq")}
 
 
-def _check_quantized(site: PlannedSite, rule, rule_set, model: str) -> None:
+def _site_class(method: str):
+    """The method's SiteAdapter class, or None for a method registered without one (it can be planned, not built)."""
+    from surgeon.methods.adapter import adapter_class
+
+    try:
+        return adapter_class(method)
+    except ModuleNotFoundError as exc:
+        if exc.name != f"surgeon.methods.{method}_weights":
+            raise
+        return None
+
+
+def _unroutable(kind: str, cls) -> str | None:
+    if kind == "hf_conv1d":  # the gate needs the batch as the first dimension of the site's output
+        return "GPT-2's Conv1D computes on batch and sequence flattened into rows"
+    return getattr(cls, "unroutable", None)
+
+
+def _site_problems(sites: list, captured: Captured) -> list:
+    """(site, SiteProblem) for everything compile would refuse about these planned sites."""
+    from surgeon.methods.adapter import SiteContext, SiteProblem
+
+    model = captured.model.module
+    peers: dict = {}
+    for site in sites:
+        peers.setdefault((site.adapter, site.method), []).append(site)
+    replaced: dict = {}  # one weight tensor (all its names) -> the first site whose method replaces it
+    found = []
+    for site in sites:
+        found += [(site, p) for p in _quantized_problems(site, captured.model)]
+        source = captured.sites[site.path]
+        if getattr(source, "parts", ()):  # MultiheadAttention: its own adapter class, its own checks
+            from surgeon.methods.mha_weights import mha_problems
+
+            found += [(site, p) for p in mha_problems(site)]
+            continue
+        cls = _site_class(site.method)
+        if cls is None:
+            continue
+        try:  # the tensor compile hands the constructor (capture.site_weight)
+            weight = model.get_parameter(source.weight)
+        except AttributeError:  # a bitsandbytes weight, named by its stand-in buffer
+            weight = getattr(model.get_submodule(site.path), "weight", None)
+        context = SiteContext(peers=tuple(peers[(site.adapter, site.method)]), weight=weight)
+        found += [(site, p) for p in cls.validate_site(site, context)]
+        if cls.replaces_weight:  # the insert pass can swap a tensor's readers over once
+            first = replaced.setdefault(tuple(sorted({source.weight, *site.tied_with})), site)
+            if first is not site:
+                found.append((site, SiteProblem(
+                    "weight-replaced-twice", f"{site.method} of adapter '{site.adapter}' on {site.path} would replace a weight "
+                    f"that {first.method} of adapter '{first.adapter}' already replaces ({first.path}, line {first.rule_line})",
+                    "one adapter may replace a weight tensor (tied weights are one tensor): list all the token ids in one "
+                    "trainable_tokens rule")))
+    return found
+
+
+def _quantized_problems(site: PlannedSite, opened) -> list:
+    from surgeon.methods.adapter import SiteProblem
+
     inits = QUANTIZED_METHODS.get(site.method)
     init = getattr(site.config, "init", None)
+    found = []
     if getattr(site.config, "loftq_iter", 1) != 1 and init != "loftq":
-        _refuse(rule, rule_set, "loftq-iter", f"loftq_iter={site.config.loftq_iter} on {site.path} does nothing without "
-                "init=\"loftq\"", "write lora(init=\"loftq\", loftq_iter=N)")
+        found.append(SiteProblem("loftq-iter", f"loftq_iter={site.config.loftq_iter} on {site.path} does nothing without "
+                                 "init=\"loftq\"", "write lora(init=\"loftq\", loftq_iter=N)"))
     if site.quantization is None and init == "loftq":
-        _refuse(rule, rule_set, "loftq-unquantized", f"lora(init=\"loftq\") on {site.path} of {model}: its weight is not quantized",
-                "LoftQ starts an adapter from the quantization error of a bitsandbytes-quantized base (e.g. demo:llama-nf4)")
+        found.append(SiteProblem("loftq-unquantized", f"lora(init=\"loftq\") on {site.path} of {opened.name}: its weight is not "
+                                 "quantized", "LoftQ starts an adapter from the quantization error of a bitsandbytes-quantized "
+                                 "base (e.g. demo:llama-nf4)"))
     if site.quantization is None:
-        return
+        return found
     if inits is None or (init is not None and init not in inits):
         what = f"{site.method}(init={init!r})" if inits is not None else site.method
-        _refuse(rule, rule_set, "quantized-site", f"{what} cannot adapt {site.path} of {model}: its weight is quantized "
-                f"({site.quantization})", f"on quantized linears use {', '.join(QUANTIZED_METHODS)} "
-                f"(init {', '.join(QUANTIZED_METHODS['lora'])}), or load the model unquantized")
+        found.append(SiteProblem("quantized-site", f"{what} cannot adapt {site.path} of {opened.name}: its weight is quantized "
+                                 f"({site.quantization})", f"on quantized linears use {', '.join(QUANTIZED_METHODS)} "
+                                 f"(init {', '.join(QUANTIZED_METHODS['lora'])}), or load the model unquantized"))
+    elif init == "loftq" and opened.full_precision is None:
+        found.append(SiteProblem("loftq-full-precision", f"lora(init=\"loftq\") on {site.path} needs the unquantized weights of "
+                                 f"{opened.name}, and none were given", "LoftQ starts from W - Q(W): surgeon.compile(model, rules, "
+                                 "full_precision=<the unquantized model, state dict or folder>)"))
     if getattr(site.config, "bias", False):
-        _refuse(rule, rule_set, "quantized-site", f"lora(bias=true) on {site.path} of {model}: a bias of B cannot be folded "
-                f"into a quantized linear ({site.quantization})", "use lora(bias=false) on quantized linears")
+        found.append(SiteProblem("quantized-site", f"lora(bias=true) on {site.path} of {opened.name}: a bias of B cannot be folded "
+                                 f"into a quantized linear ({site.quantization})", "use lora(bias=false) on quantized linears"))
+    return found
 
 
-def _refuse(rule, rule_set, code: str, message: str, hint: str):
+def _located(problems: list, rule_set) -> list:
+    """One diagnostic per rule and code, at the rule, counting the other modules it concerns."""
     from surgeon.grammar.diagnostics import Diagnostic
 
-    span = rule.span
-    raise PlanError(Diagnostic(code, message, span, hint, file=rule_set.path,
-                               source_line=rule_set.source_line(span.line) if span else None))
+    groups: dict = {}
+    for match, problem in problems:
+        groups.setdefault((match.adapter, match.index, problem.code), []).append((match, problem))
+    found = []
+    for same in groups.values():
+        (match, problem), more = same[0], len(same) - 1
+        span = match.rule.span
+        message = problem.message + (f" (and {more} more module{'s' if more > 1 else ''} this rule won)" if more else "")
+        found.append(Diagnostic(problem.code, message, span, problem.hint, file=rule_set.path,
+                                source_line=rule_set.source_line(span.line) if span else None))
+    return found
+
+
+def _trainable_params(config, site) -> int:
+    """The method's parameters on ``site``; a site of several weights (MultiheadAttention) adapts each of them."""
+    if getattr(site, "parts", ()):
+        return sum(config.trainable_params(shape[1], shape[0], shape) for _, shape in site.parts)
+    return config.trainable_params(site.in_features, site.out_features, site.weight_shape)

@@ -47,6 +47,7 @@ class RuleMatch:
     matched: list = field(default_factory=list)
     won: list = field(default_factory=list)
     unsupported: list = field(default_factory=list)  # won modules its method cannot adapt
+    adaptable: list = field(default_factory=list)  # matched modules its method can adapt (apply rules)
 
     @property
     def action(self) -> str:
@@ -116,6 +117,9 @@ def resolve(rule_set: ir.RuleSet, modules: dict, sites: dict, methods: dict) -> 
                 winner.won.append(path)
                 if winner.action == "apply" and not _adaptable(winner.rule, sites.get(path), methods):
                     winner.unsupported.append(path)
+        for match in rule_matches:
+            if match.action == "apply":
+                match.adaptable = [p for p in match.matched if _adaptable(match.rule, sites.get(p), methods)]
         results.extend(rule_matches)
     diagnostics = []
     for match in results:
@@ -136,8 +140,7 @@ def _findings(match: RuleMatch, results, modules, sites, methods, rule_set) -> l
     found = []
     if match.action == "apply":
         method = methods[rule.action.method.name]
-        adaptable = [p for p in match.matched if _adaptable(rule, sites.get(p), methods)]
-        if not adaptable:
+        if not match.adaptable:
             types = _type_counts(match.matched, modules)
             found.append(
                 where(

@@ -25,13 +25,25 @@ class TrainableTokensWeights(SiteAdapter):
     peft_required = ("token_indices", "target_modules")
     follows_ties = True  # tied readers of the embedding see the new rows (PEFT keeps them tied)
     applies_gate = True
+    replaces_weight = True  # the base op (and its tied readers) read index_copy(E, idx, T)
+    unroutable = "its rows replace the embedding's for the whole batch"
+
+    @classmethod
+    def validate_site(cls, site, context) -> list:
+        from .adapter import SiteProblem
+
+        beyond = max(site.config.indices)
+        if beyond < site.in_features:
+            return []
+        return [SiteProblem("token-range", f"trainable_tokens on {site.path}: token id {beyond} is outside the embedding's "
+                            f"{site.in_features} rows", "list ids below the vocabulary size (resize the embedding first to add tokens)")]
 
     def __init__(self, config, kind, in_features, out_features, *, dtype=torch.float32, device=None, weight=None, peers=()):
         super().__init__(config, kind, in_features, out_features)
         if weight is None:
             raise ValueError("trainable tokens start from the embedding's own rows: the base weight is needed")
         indices = list(config.indices)
-        if max(indices) >= in_features:
+        if max(indices) >= in_features:  # validate_site refuses it at plan time; this guards adapters built by hand
             from surgeon.grammar.diagnostics import PlanError
 
             raise PlanError(

@@ -191,3 +191,33 @@ def test_glob_semantics(pattern, path, expected):
 def test_regex_must_match_the_whole_path():
     assert RegexSelector(r"model\.layers\.(1|3)\.mlp\.down_proj").matches("model.layers.3.mlp.down_proj")
     assert not RegexSelector(r"layers\.3").matches("model.layers.3.mlp")
+
+
+def _hints(text: str) -> list:
+    with pytest.raises(SurgeryError) as caught:
+        parse(text)
+    return [(d.code, d.hint) for d in caught.value.diagnostics]
+
+
+LORA_TAKES = "lora takes: r, alpha, dropout, rslora, init, bias, loftq_iter"
+
+
+@pytest.mark.parametrize("given,meant", [("rank=8", "r"), ("r=8, lora_alpha=16", "alpha"), ("r=8, lora_dropout=0.1", "dropout"),
+                                         ("r=8, use_rslora=true", "rslora"), ("r=8, init_lora_weights=true", "init")])
+def test_pefts_argument_names_suggest_the_languages(given, meant):
+    # rank=8 alone: the missing r is not reported as well, the hint already names it
+    assert _hints(f'match "x" apply lora({given})') == [("unknown-argument", f"did you mean '{meant}'? ({LORA_TAKES})")]
+
+
+def test_pefts_use_dora_and_target_modules_say_where_they_live_here():
+    assert _hints('match "x" apply lora(r=8, use_dora=true)') == [
+        ("unknown-argument", "dora is a method of its own: apply dora(...) (dora takes: r, alpha, dropout, rslora)")]
+    assert _hints('match "x" apply lora(r=8, target_modules=["q_proj"])') == [
+        ("unknown-argument", 'the modules are the rule\'s selector: match "*.q_proj", "*.v_proj" apply ...')]
+
+
+def test_a_misspelt_choice_suggests_the_closest():
+    (only,) = _hints('match "x" apply lora(r=8, init="pisa")')
+    assert only[0] == "bad-choice" and only[1].startswith('did you mean "pissa"? (init: one of "kaiming", ')
+    assert _hints('match "x" apply lora(r=8, init="Gaussian")')[0][1].startswith('did you mean "gaussian"?')
+    assert _hints('match "x" apply lora(r=8, init="svd")')[0][1].startswith("init: one of")  # nothing close: the listing

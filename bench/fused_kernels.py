@@ -1,6 +1,6 @@
 """The fused LoRA linear against the base linear, eager LoRA and torch.compile of eager LoRA.
 
-    python bench/kernels.py [--tokens 1 16 512 4096] [--dim 4096] [--rank 16] [--repeats 20] [--out result.json]
+    python bench/fused_kernels.py [--tokens 1 16 512 4096] [--dim 4096] [--rank 16] [--repeats 20] [--out result.json]
 
 One layer, W (dim, dim), r = rank, bf16 on a GPU (float32 on the CPU, where
 the fused op runs its torch fallback and the table shows what that costs).
