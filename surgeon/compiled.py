@@ -306,8 +306,8 @@ class Compiled(AdapterSwitching, Folding, nn.Module):
     @torch.compiler.disable
     def _prepare(self, args, kwargs) -> None:
         kwargs = self._with_defaults(dict(kwargs))
-        if ROUTING_INPUT in kwargs:
-            kwargs[ROUTING_INPUT] = self._checked_ids(kwargs[ROUTING_INPUT], args, kwargs)
+        if ROUTING_INPUT in kwargs:  # as forward will see it (a tensor); forward checks the ids
+            kwargs[ROUTING_INPUT] = torch.as_tensor(kwargs[ROUTING_INPUT], device=self.adapter_gates.device)
         self.graph(*args, **kwargs)
 
     def forward(self, *args, **kwargs):

@@ -134,8 +134,8 @@ class Folded(nn.Module):
             state[weight_name] = weight.detach()
             if bias is not None:
                 state[f"{path}.bias"] = bias.detach()
-            if any(getattr(compiled.adapter_module(a, path), "follows_ties", False) for a in compiled.adapter_names
-                   if a in compiled.adapters and path.replace(".", "__") in compiled.adapters[a]):
+            if any(getattr(compiled.adapter_module(s.adapter, path), "follows_ties", False) for s in compiled.plan.sites
+                   if s.path == path):
                 for tied in site.tied_with:  # tied readers that see the change (trainable tokens) get it too
                     if tied in state:
                         state[tied] = weight.detach()
