@@ -19,12 +19,12 @@ from typing import Mapping
 from . import rules as ir
 from .diagnostics import Diagnostic, Span, closest
 from .glob import GlobError, compile_glob
+from .names import NAME_HINT, name_problem
 from .signature import MethodSignature
 from .vocabulary import MERGE_OPTIONS, MERGE_TYPES, MODULE_TYPES, PREDICATE_FIELDS, ROLES
 
-__all__ = ["check_rules", "default_methods"]
+__all__ = ["check_rules", "checked_rule_set", "default_methods"]
 
-_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _KNOWN_TYPES = tuple(name for names in MODULE_TYPES.values() for name in names)
 
 # Names carried over from PEFT's configs (or said aloud) for the language's arguments; too far
@@ -67,6 +67,20 @@ def check_rules(
     return ir.RuleSet(adapters, path=rule_set.path, merges=rule_set.merges), checker.diagnostics
 
 
+def checked_rule_set(rule_set: ir.RuleSet, methods: Mapping[str, MethodSignature] | None = None) -> ir.RuleSet:
+    """A rule set built as objects (from a PEFT config, a merge), checked as parsed text is: RulesError on errors.
+
+    No text is parsed: what a file on disk says reaches the rules as typed values, never as source.
+    """
+    from .diagnostics import RulesError
+
+    checked, diagnostics = check_rules(rule_set, methods)
+    diagnostics = [d if d.file else replace(d, file=rule_set.path) for d in diagnostics]
+    if any(d.is_error for d in diagnostics):
+        raise RulesError(diagnostics)
+    return ir.RuleSet(checked.adapters, path=rule_set.path, warnings=tuple(diagnostics), merges=checked.merges)
+
+
 class _Checker:
     def __init__(self, methods: dict[str, MethodSignature]):
         self.methods = methods
@@ -79,6 +93,8 @@ class _Checker:
     # merges
     def merge(self, merge: ir.Merge) -> None:
         call, name = merge.call, merge.name
+        if name_problem(name):
+            self.error("bad-adapter-name", name_problem(name), merge.span, NAME_HINT)
         if name in self.seen_adapters:
             self.error("duplicate-adapter", f"merge '{name}' names an adapter that already exists", merge.span,
                        "give the merged adapter a new name")
@@ -131,13 +147,8 @@ class _Checker:
             )
         else:
             self.seen_adapters[name] = span
-        if not _ADAPTER_NAME.fullmatch(name):
-            self.error(
-                "bad-adapter-name",
-                f"adapter name {ir.format_value(name)} is not valid",
-                span,
-                "use letters, digits, '_', '.' and '-' (the name becomes a folder name when saved)",
-            )
+        if name_problem(name):
+            self.error("bad-adapter-name", name_problem(name), span, NAME_HINT)
         if not adapter.rules:
             self.error(
                 "empty-adapter",

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from surgeon.grammar import parse
+from surgeon.grammar import rules as ir
+from surgeon.grammar.check import checked_rule_set
 from surgeon.grammar.diagnostics import SurgeryError
+from surgeon.grammar.names import checked_name
 
 from .merging import check_merge_args, merge_lora_site
 
@@ -28,6 +30,7 @@ def merge_adapters(compiled, name: str, sources: dict, combination: str = "linea
     The new adapter starts inactive (its sources are what it is made of: running both would count them
     twice); ``set_active(name)`` uses it.
     """
+    checked_name(name, where="merge")
     try:
         check_merge_args(combination, **options)
     except (ValueError, TypeError) as exc:
@@ -72,11 +75,12 @@ def merge_adapters(compiled, name: str, sources: dict, combination: str = "linea
     by_rank: dict = {}
     for path, (a, _, _) in merged.items():
         by_rank.setdefault(a.shape[0], []).append(path)
-    text = "".join(
-        f"match {', '.join(_literal_glob(p) for p in paths)} apply lora(r={rank}, alpha={rank})\n"
+    rules = tuple(
+        ir.Rule(tuple(ir.GlobSelector(_literal_glob(p)) for p in paths),
+                ir.Apply(ir.MethodCall("lora", (ir.Argument("r", rank), ir.Argument("alpha", rank)))))
         for rank, paths in by_rank.items()
     )
-    compiled.add_adapter(name, parse(text, path=f"<merge {name}>"))
+    compiled.add_adapter(name, checked_rule_set(ir.RuleSet((ir.Adapter(name, rules),), path=f"<merge {name}>")))
     compiled.set_gates({**dict(zip(compiled.adapter_names, compiled.adapter_gates.tolist())), name: 0.0})
     with torch.no_grad():
         for path, (a, b, _) in merged.items():
@@ -88,5 +92,4 @@ def merge_adapters(compiled, name: str, sources: dict, combination: str = "linea
 
 def _literal_glob(path: str) -> str:
     """A glob matching exactly ``path`` (glob characters made literal)."""
-    escaped = "".join("\\" + c if c in "*?[]{}\\" else c for c in path)
-    return '"' + escaped.replace('"', '\\"') + '"'
+    return "".join("\\" + c if c in "*?[]{},\\" else c for c in path)

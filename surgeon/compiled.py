@@ -135,8 +135,11 @@ class Compiled(AdapterSwitching, Folding, nn.Module):
 
     def add_adapter(self, name: str, rules: ir.RuleSet) -> None:
         """Add (or replace) adapter ``name`` with the rules of ``rules`` (all its adapters' rules, merged)."""
+        from surgeon.grammar.names import checked_name
+
         from .planning import build_plan
 
+        checked_name(name)
         merged_rules = tuple(rule for adapter in rules.adapters for rule in adapter.rules)
         new = ir.Adapter(name, merged_rules)
         names = self.rules.adapter_names  # a replaced adapter keeps its place (adapter_ids index it)

@@ -28,6 +28,7 @@ from pathlib import Path
 from surgeon.distributed import gathered, writes_files
 from surgeon.grammar import DEFAULT_ADAPTER, parse
 from surgeon.grammar import rules as ir
+from surgeon.grammar.names import checked_name
 from surgeon.methods._registry import method_names
 from surgeon.methods.adapter import adapter_class, peft_reader
 
@@ -148,6 +149,9 @@ def save_adapter(compiled, directory, adapters=None) -> None:
     """
     # Everything that can fail runs on every rank first (in a process group each rank gathers its FSDP shards, a
     # collective): a rank that raised alone would leave the others waiting. Then rank 0 writes.
+    unknown = [a for a in adapters or () if a not in compiled.rules.adapter_names]
+    if unknown:
+        raise AdapterError(f"save_adapter: no adapter named {unknown[0]!r}", hint=f"adapters: {', '.join(compiled.adapter_names)}")
     directory = output_folder(directory)
     files, configs, lossy = [], [], []
 
@@ -269,7 +273,8 @@ def adapter_folders(directory) -> list:
     directory = Path(directory)
     found = [(DEFAULT_ADAPTER, directory)] if (directory / CONFIG).is_file() else []
     if directory.is_dir():
-        found += [(p.name, p) for p in sorted(directory.iterdir()) if p.is_dir() and (p / CONFIG).is_file()]
+        # a subfolder's name becomes an adapter's: the one name rule, as for names written in rules
+        found += [(checked_name(p.name, where=str(p)), p) for p in sorted(directory.iterdir()) if p.is_dir() and (p / CONFIG).is_file()]
     if not found:
         raise AdapterError(f"{directory} holds no {CONFIG}", hint="an adapter folder is what PEFT's save_pretrained writes")
     return found
@@ -326,6 +331,8 @@ def load_adapter(compiled, directory, name: str | None = None) -> str:
 
     A folder holding several adapters (subfolders) loads them all under their own names.
     """
+    if name is not None:
+        checked_name(name, where="load_adapter")
     folders = adapter_folders(directory)
     if len(folders) > 1 and name is None:
         for adapter, folder in folders:
