@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import re
 from dataclasses import replace
 from typing import Mapping
 
@@ -20,6 +19,7 @@ from . import rules as ir
 from .diagnostics import Diagnostic, Span, closest
 from .glob import GlobError, compile_glob
 from .names import NAME_HINT, name_problem
+from .regex import RegexError, check_regex
 from .signature import MethodSignature
 from .vocabulary import MERGE_OPTIONS, MERGE_TYPES, MODULE_TYPES, PREDICATE_FIELDS, ROLES
 
@@ -173,10 +173,10 @@ class _Checker:
             self.glob(selector.pattern, selector.span, opening=1)
         elif isinstance(selector, ir.RegexSelector):
             try:
-                re.compile(selector.pattern)
-            except re.error as exc:
-                span = selector.span.sub(3 + exc.pos, 1) if exc.pos is not None and selector.span else selector.span
-                self.error("bad-regex", f"invalid regex: {exc.msg}", span, "the regex must match the whole module path")
+                check_regex(selector.pattern)
+            except RegexError as exc:
+                span = selector.span.sub(3 + exc.offset, 1) if exc.offset is not None and selector.span else selector.span
+                self.error("bad-regex", f"invalid regex: {exc.message}", span, "the regex must match the whole module path")
         elif isinstance(selector, ir.RoleSelector):
             for i, pattern in enumerate(selector.roles):
                 if not any(fnmatch.fnmatchcase(role, pattern) for role in ROLES):
@@ -238,7 +238,8 @@ class _Checker:
         values = predicate.values if isinstance(predicate, ir.InList) else (predicate.value,)
         for value in values:
             if isinstance(value, float) and not math.isfinite(value):
-                self.error("out-of-range", f"a number in the comparison of '{predicate.field}' is too large", span)
+                self.error("out-of-range", f"a number in the comparison of '{predicate.field}' is too large", span,
+                           "numbers in a rules file are finite (below about 1.8e308)")
                 return
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 self.error(

@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)  # slots: a 100k-rule file holds a million spans
 class Span:
     """A region of source text: 1-based line/column, end exclusive, plus offsets."""
 
@@ -95,12 +95,23 @@ class Diagnostic:
             where = f"{where or '<rules>'}:{self.span.line}:{self.span.column}"
         lines = [f"{where + ': ' if where else ''}{self.severity}: {self.message}"]
         if self.span is not None and self.source_line is not None:
-            source = self.source_line.rstrip("\r\n")
+            source, column = _window(self.source_line.rstrip("\r\n"), self.span.column)
             lines.append("  " + source)
-            lines.append("  " + _caret(source, self.span.column, _end_column(self.span)))
+            lines.append("  " + _caret(source, column, column + _end_column(self.span) - self.span.column))
         if self.hint:
             lines.append(f"hint: {self.hint}")
         return "\n".join(lines)
+
+
+_SHOWN = 1000  # characters of a source line under a diagnostic: a megabyte line is not printed whole
+
+
+def _window(source: str, column: int) -> tuple:
+    """At most _SHOWN characters of ``source`` around ``column``, and the column within them."""
+    if len(source) <= _SHOWN:
+        return source, column
+    start = max(0, min(column - 1 - _SHOWN // 2, len(source) - _SHOWN))
+    return source[start : start + _SHOWN], column - start
 
 
 def _end_column(span: Span) -> int:

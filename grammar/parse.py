@@ -1,25 +1,36 @@
 """Surgery text -> :class:`RuleSet`, with every mistake reported in words.
 
 ``parse(text, path)`` runs lark's LALR parser over ``surgery.lark``, builds the
-rule IR with :class:`_BuildRules`, then checks it against the method registry
+rule IR with :class:`BuildRules`, then checks it against the method registry
 (:mod:`surgeon.grammar.check`). Syntax errors do not stop the work: the broken
-statement is blanked out (offsets kept) and the text parsed again, so one run
+statement is blanked out (offsets kept) and its piece parsed again, so one run
 reports every error of a file.
+
+The text is parsed in pieces of about ``_PIECE_CHARS`` characters, cut between
+top-level statements and blocks: an error re-parses one piece, not the file, and
+no parse tree outlives its piece, so time and memory grow linearly with the file.
+Before any parsing, the file's size is bounded (``MAX_TEXT_BYTES``) and only
+regular files are read (a named pipe would block for ever).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
+import os
+import stat
 from pathlib import Path
 from typing import Mapping
 
 from lark import Lark, Token
-from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
+from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
 from . import rules as ir
-from ._build import BuildRules, span_of
-from ._scan import Scan, scan
+from ._build import BuildRules, TooDeep, assemble
+from ._scan import CONTROL_CHAR, Lines, Scan, blank_all, pieces, scan, spaces
 from .diagnostics import Diagnostic, RulesError, Span
+from .limits import MAX_DEPTH, MAX_TEXT_BYTES, size_words
 from .signature import MethodSignature
 
 __all__ = ["parse", "load_rules", "parse_unchecked", "TERMINAL_WORDS", "KEYWORDS"]
@@ -62,8 +73,9 @@ _ORDER = [
     "RPAR", "RSQB", "LBRACE", "RBRACE", "_NL", "$END",
 ]
 
-_MAX_ERRORS = 50
-_MAX_DEPTH = 100  # nesting of the parse tree; real rules files stay under 10
+_MAX_ERRORS = 50  # syntax errors reported before the rest of the file is left unparsed
+_PIECE_CHARS = 16_384  # a piece parses in about 50 ms
+_SHOWN_CHARS = 1000  # of a source line under a diagnostic; a longer line is cut there
 
 
 class _ContinueInBrackets:
@@ -103,8 +115,11 @@ def parse(text: str, path: str | None = None, methods: Mapping[str, MethodSignat
     """Parse and check surgery text. Raises :class:`RulesError` listing every error."""
     from .check import check_rules
 
-    rule_set, diagnostics = parse_unchecked(text, path)
-    checked, more = check_rules(rule_set, methods)
+    if len(text) > MAX_TEXT_BYTES:
+        raise RulesError(_too_large(path, Span.at(text, MAX_TEXT_BYTES), "the rules text is longer than"))
+    with _no_cycle_collection():
+        rule_set, diagnostics = parse_unchecked(text, path)
+        checked, more = check_rules(rule_set, methods)
     diagnostics = sorted(_located(diagnostics + more, text, path), key=_order)
     errors = [d for d in diagnostics if d.is_error]
     if errors:
@@ -113,18 +128,56 @@ def parse(text: str, path: str | None = None, methods: Mapping[str, MethodSignat
 
 
 def load_rules(path: str | Path, methods: Mapping[str, MethodSignature] | None = None) -> ir.RuleSet:
-    """Read a ``.surgery`` file (UTF-8) and :func:`parse` it."""
-    path = Path(path)
+    """Read a ``.surgery`` file (UTF-8, a regular file of at most ``MAX_TEXT_BYTES``) and :func:`parse` it."""
     name = str(path)
+    data = _read(Path(path), name)
+    if len(data) > MAX_TEXT_BYTES:
+        line = data.count(b"\n", 0, MAX_TEXT_BYTES) + 1
+        column = MAX_TEXT_BYTES - (data.rfind(b"\n", 0, MAX_TEXT_BYTES) + 1) + 1
+        span = Span(line, column, line, column + 1, MAX_TEXT_BYTES, MAX_TEXT_BYTES + 1)
+        raise RulesError(_too_large(name, span, "the file is larger than"))
+    return parse(decode(data, name), name, methods)
+
+
+def _read(path: Path, name: str) -> bytes:
+    """The file's bytes, at most MAX_TEXT_BYTES + 1 of them; a folder, pipe, device or socket is refused unread."""
     try:
-        data = path.read_bytes()
+        # O_NONBLOCK: opening a named pipe with no writer returns at once (then fstat refuses it) instead of waiting
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except FileNotFoundError:
         raise RulesError(Diagnostic("io", f"no such rules file: {name}", file=name)) from None
     except IsADirectoryError:
         raise RulesError(Diagnostic("io", f"{name} is a folder, not a rules file", file=name)) from None
     except OSError as exc:
         raise RulesError(Diagnostic("io", f"cannot read {name}: {exc.strerror}", file=name)) from None
-    return parse(decode(data, name), name, methods)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise RulesError(Diagnostic("io", f"{name} is a folder, not a rules file", file=name))
+        if not stat.S_ISREG(mode):
+            kind = "a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+            raise RulesError(Diagnostic(
+                "io", f"{name} is {kind}, not a regular file: rules are read from files", file=name,
+                hint="reading a pipe or a device may never end; save the rules to a file and check that"))
+        chunks, size = [], 0
+        while size <= MAX_TEXT_BYTES:  # never more than the limit and one byte, whatever the file says its size is
+            chunk = os.read(fd, MAX_TEXT_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise RulesError(Diagnostic("io", f"cannot read {name}: {exc.strerror}", file=name)) from None
+    finally:
+        os.close(fd)
+
+
+def _too_large(name: str | None, span: Span, what: str) -> Diagnostic:
+    return Diagnostic(
+        "too-large", f"{what} {size_words(MAX_TEXT_BYTES)}, the most surgeon reads", span,
+        f"checking takes about a second per MB; some 100,000 rules fit in {size_words(MAX_TEXT_BYTES)}: "
+        "split the rules into several files, or select many modules with one glob", file=name)
 
 
 def decode(data: bytes, name: str | None = None) -> str:
@@ -151,57 +204,69 @@ def decode(data: bytes, name: str | None = None) -> str:
 
 def parse_unchecked(text: str, path: str | None = None) -> tuple[ir.RuleSet, list[Diagnostic]]:
     """Syntax only: the rule set of the parts that parse, and the syntax diagnostics."""
-    layout = scan(text)
+    layout, lines = scan(text), Lines(text)
     diagnostics: list[Diagnostic] = []
-    work = text
+    broken: list = []  # (start, end) of the statements left out
     for begin in layout.unterminated:
-        diagnostics.append(_unterminated(text, begin))
-        work = _blank(work, *layout.line_at(begin, text), layout)
+        diagnostics.append(_unterminated(text, begin, lines))
+        broken.append(layout.line_at(begin, text))
     for bracket, statement in layout.unclosed:
-        diagnostics.append(_unclosed(text, bracket))
-        work = _blank(work, *statement, layout)
-    tree = None
-    for _ in range(_MAX_ERRORS):
-        try:
-            tree = _parser().parse(work + "\n")
+        diagnostics.append(_unclosed(text, bracket, lines))
+        broken.append(statement)
+    for problem in layout.problems:
+        diagnostics.append(Diagnostic(problem.code, problem.message, lines.span(problem.start, problem.end), problem.hint))
+        broken.append(layout.statement_at(problem.start))
+    work = blank_all(text, broken, layout)
+    statements, syntax = [], []
+    for start, end in pieces(layout, len(work), _PIECE_CHARS):
+        if len(syntax) >= _MAX_ERRORS:
             break
+        built, found = _parse_piece(text, work, (start, end), layout, lines, _MAX_ERRORS - len(syntax))
+        statements += built
+        syntax += found
+    adapters, merges = assemble(statements)
+    return ir.RuleSet(tuple(adapters), path=path, merges=tuple(merges)), diagnostics + syntax
+
+
+def _parse_piece(text: str, work: str, piece_at: tuple, layout: Scan, lines: "Lines", budget: int) -> tuple[list, list]:
+    """(the statements of ``work[start:end]``, its syntax diagnostics, at most ``budget`` of them)."""
+    start, end = piece_at
+    piece, diagnostics = work[start:end], []
+    builder = BuildRules(lines.line_of(start) - 1, start)
+    while len(diagnostics) < budget:
+        try:
+            return builder.build(_parser().parse(piece + "\n")), diagnostics
         except UnexpectedInput as exc:
-            diagnostics.append(_syntax_error(exc, text))
-            pos = min(_error_pos(exc, work), len(work) - 1) if work else 0
-            blanked = _blank(work, *layout.statement_at(pos), layout)
-            if blanked == work:  # nothing left to blank: give up on the rest
-                break
-            work = blanked
-    if tree is None:
-        return ir.RuleSet(path=path), diagnostics
-    too_deep = _too_deep(tree)
-    if too_deep is not None:
-        diagnostics.append(
-            Diagnostic(
-                "too-deep",
-                f"this expression is nested more than {_MAX_DEPTH} levels deep",
-                span_of(too_deep.meta),
-                "split the condition into several rules",
-            )
-        )
-        return ir.RuleSet(path=path), diagnostics
-    builder = BuildRules(text)
+            diagnostics.append(_syntax_error(exc, text, piece_at, lines))
+            at = start + (min(_error_pos(exc, piece), len(piece) - 1) if piece else 0)
+        except TooDeep as deep:
+            diagnostics.append(Diagnostic("too-deep", f"this expression is nested more than {MAX_DEPTH} levels deep",
+                                          deep.span, "split the condition into several rules"))
+            at = deep.span.start
+        blank_start, blank_end = layout.extent(*layout.statement_at(at), len(work))
+        blank_start, blank_end = max(blank_start, start) - start, min(blank_end, end) - start
+        blanked = piece[:blank_start] + spaces(piece[blank_start:blank_end]) + piece[blank_end:]
+        if blanked == piece:  # nothing left to blank: give up on the rest of the piece
+            break
+        piece = blanked
+    return [], diagnostics
+
+
+@contextlib.contextmanager
+def _no_cycle_collection():
+    """Python's cycle collector off while a file is parsed and checked.
+
+    The rule IR is millions of small acyclic objects; as they pile up, each collection walks all
+    of them again, which made 100,000 rules take twice as long as ten times 10,000. Reference
+    counting frees everything as usual; collection resumes (as it was) when the file is done.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
     try:
-        adapters, merges = builder.transform(tree)
-    except VisitError as exc:  # pragma: no cover - a bug in the builder, not in the user's text
-        raise exc.orig_exc from None
-    return ir.RuleSet(tuple(adapters), path=path, merges=tuple(merges)), diagnostics + builder.diagnostics
-
-
-def _too_deep(tree):
-    """The first subtree nested deeper than _MAX_DEPTH (the builder recurses), or None."""
-    stack = [(tree, 0)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > _MAX_DEPTH:
-            return node
-        stack.extend((child, depth + 1) for child in node.children if hasattr(child, "children"))
-    return None
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _order(d: Diagnostic):
@@ -215,22 +280,21 @@ def _located(diagnostics: list[Diagnostic], text: str, path: str | None) -> list
     for d in diagnostics:
         source = d.source_line
         if source is None and d.span is not None and d.span.line <= len(lines):
-            source = lines[d.span.line - 1]
+            source = _shown(lines[d.span.line - 1], d.span)
         out.append(Diagnostic(d.code, d.message, d.span, d.hint, d.severity, path, source))
     return out
 
 
+def _shown(line: str, span: Span) -> str | None:
+    """The source line as shown under a diagnostic: control characters as '?', cut after _SHOWN_CHARS
+    (None when the caret would fall past the cut: the location alone is given)."""
+    line = CONTROL_CHAR.sub("?", line)
+    if len(line) <= _SHOWN_CHARS:
+        return line
+    return line[:_SHOWN_CHARS] + " ..." if span.column <= _SHOWN_CHARS else None
+
+
 # --- syntax errors ------------------------------------------------------------------
-
-
-def _blank(text: str, start: int, end: int, layout: Scan) -> str:
-    """Replace a statement (and the block it opens, if any) with spaces, keeping offsets."""
-    for brace, closing in layout.braces.items():
-        if start <= brace < end:
-            end = max(end, closing + 1)
-    if any(start <= brace < end for brace in layout.unclosed_braces):
-        end = len(text)  # a block that is never closed: nothing after it can be trusted
-    return text[:start] + "".join(c if c == "\n" else " " for c in text[start:end]) + text[end:]
 
 
 def _error_pos(exc: UnexpectedInput, text: str) -> int:
@@ -239,24 +303,24 @@ def _error_pos(exc: UnexpectedInput, text: str) -> int:
     return exc.pos_in_stream if exc.pos_in_stream is not None else len(text)
 
 
-def _unterminated(text: str, begin: int) -> Diagnostic:
+def _unterminated(text: str, begin: int, lines: Lines) -> Diagnostic:
     end = text.find("\n", begin)
     end = len(text) if end < 0 else end
     kind = "regex" if text.startswith("re", begin) else "string"
     return Diagnostic(
         "unterminated-string",
         f"unterminated {kind}: the closing '\"' is missing",
-        Span.at(text, begin, end),
+        lines.span(begin, end),
         "strings end on the line they start; write \\\" for a quote inside a string",
     )
 
 
-def _unclosed(text: str, bracket: int) -> Diagnostic:
+def _unclosed(text: str, bracket: int, lines: Lines) -> Diagnostic:
     closing = {"(": ")", "[": "]"}[text[bracket]]
     return Diagnostic(
         "unclosed-bracket",
         f"'{text[bracket]}' is never closed",
-        Span.at(text, bracket),
+        lines.span(bracket),
         f"close it with '{closing}'; a statement continues on the next line only while a bracket is open",
     )
 
@@ -290,22 +354,24 @@ def _expected_words(expected: set[str]) -> str:
     return ", ".join(words[:-1]) + " or " + words[-1]
 
 
-def _syntax_error(exc: UnexpectedInput, text: str) -> Diagnostic:
+def _syntax_error(exc: UnexpectedInput, text: str, piece_at: tuple, lines: Lines) -> Diagnostic:
+    """The diagnostic of a lark error in the piece ``text[start:end]``."""
+    start, end = piece_at
     if isinstance(exc, UnexpectedCharacters):
-        span = Span.at(text, exc.pos_in_stream)
-        char = text[exc.pos_in_stream]
+        pos = start + exc.pos_in_stream
+        char = text[pos]
         hint = 'strings, globs and adapter names use double quotes: "..."' if char == "'" else None
-        return Diagnostic("syntax", f"unexpected character {char!r}", span, hint)
+        return Diagnostic("syntax", f"unexpected character {char!r}", lines.span(pos), hint)
     assert isinstance(exc, UnexpectedToken)
     token = exc.token
     # accepts() replays the parser, so LALR's merged look-aheads do not leak into the message.
     expected = set(exc.interactive_parser.accepts()) if exc.interactive_parser else set(exc.expected)
     if token.type == "$END":
-        span = Span.at(text, len(text.rstrip()))
+        span = lines.span(start + len(text[start:end].rstrip()))
     elif token.type == "_NL":
-        span = Span.at(text, token.start_pos)
+        span = lines.span(start + token.start_pos)
     else:
-        span = Span.at(text, token.start_pos, token.end_pos)
+        span = lines.span(start + token.start_pos, start + token.end_pos)
     message = f"unexpected {_describe(token)}; expected {_expected_words(expected)}"
     return Diagnostic("syntax", message, span, _syntax_hint(token, expected))
 

@@ -18,8 +18,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from ._scan import source_lines
 from .diagnostics import Span
 from .glob import compile_glob
+from .regex import regex_fullmatch
 
 __all__ = [
     "Value",
@@ -55,7 +57,6 @@ DEFAULT_ADAPTER = "default"
 
 # A value written in a rules file: int, float, str, bool, or a list (tuple) of values.
 Value = Union[int, float, str, bool, tuple]
-
 
 
 def _no_span():
@@ -104,7 +105,7 @@ class GlobSelector:
     span: Span | None = _no_span()
 
     def matches(self, path: str) -> bool:
-        return compile_glob(self.pattern).fullmatch(path) is not None
+        return compile_glob(self.pattern).fullmatch(path)
 
     def __str__(self) -> str:
         return _quote(self.pattern)
@@ -112,13 +113,13 @@ class GlobSelector:
 
 @dataclass(frozen=True)
 class RegexSelector:
-    """A Python regular expression that must match the whole dotted path."""
+    """A Python regular expression that must match the whole dotted path (in bounded time: grammar/regex.py)."""
 
     pattern: str
     span: Span | None = _no_span()
 
     def matches(self, path: str) -> bool:
-        return re.fullmatch(self.pattern, path) is not None
+        return regex_fullmatch(self.pattern, path)
 
     def __str__(self) -> str:
         return _quote(self.pattern, prefix="re")
@@ -390,9 +391,7 @@ class RuleSet:
 
     def source_line(self, line: int) -> str | None:
         """Line ``line`` (1-based) of the text this rule set was parsed from."""
-        if self.source is None:
-            return None
-        lines = self.source.split("\n")
+        lines = () if self.source is None else source_lines(self.source)  # split once per text, not per line asked
         return lines[line - 1] if 0 < line <= len(lines) else None
 
     @property

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import typing
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from .regex import regex_fullmatch
 from .rules import format_value
 
 __all__ = ["param", "Param", "MethodSignature", "signature_of", "ArgumentProblem"]
@@ -132,7 +132,7 @@ class Param:
         return converted, None
 
     def _fits_pattern(self, value: Any) -> bool:
-        return self.pattern is not None and isinstance(value, str) and re.fullmatch(self.pattern[0], value) is not None
+        return self.pattern is not None and isinstance(value, str) and regex_fullmatch(self.pattern[0], value)
 
     def _in_range(self, x: float) -> bool:
         return (

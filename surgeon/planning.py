@@ -255,8 +255,8 @@ def build_plan(rule_set: ir.RuleSet, captured: Captured, methods: dict | None = 
             adapter=match.adapter, index=match.index, line=line, text=str(rule), action=match.action,
             matched=tuple(match.matched), won=tuple(match.won),
             unsupported=tuple((p, captured.modules[p].type_name) for p in match.unsupported), adaptable=tuple(match.adaptable)))
-    order = {path: i for i, path in enumerate(captured.modules)}
-    sites.sort(key=lambda s: (rule_set.adapter_names.index(s.adapter), order[s.path]))
+    order, declared = ({name: i for i, name in enumerate(names)} for names in (captured.modules, rule_set.adapter_names))
+    sites.sort(key=lambda s: (declared[s.adapter], order[s.path]))  # dicts: .index() per site was quadratic
     problems += [(chosen_by[(site.adapter, site.path)], problem) for site, problem in _site_problems(sites, captured)]
     if problems:
         errors = _located(problems, rule_set)

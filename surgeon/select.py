@@ -6,9 +6,15 @@ A rule matches a module when any of its selectors matches and its ``where``
 clause holds. Nothing here touches a weight.
 
 Errors (all reported at once, at the rule's line and column): a rule that
-matches no module, and an ``apply`` rule whose modules are all of kinds its
-method cannot adapt. Warnings: a rule that never wins, because later rules
-take over every module it matches.
+matches no module, an ``apply`` rule whose modules are all of kinds its
+method cannot adapt, and a regex that takes too long to match (it backtracks).
+Warnings: a rule that never wins, because later rules take over every module
+it matches.
+
+Cost: each distinct selector is matched against every module path once (globs
+by a linear-time automaton, regexes with a time bound), each rule's where clause
+is then tested on the modules its selectors picked, and the winners come from
+one pass over the matches; nothing is quadratic in the number of rules.
 """
 
 from __future__ import annotations
@@ -19,10 +25,14 @@ import re
 from dataclasses import dataclass, field
 
 from surgeon.grammar import rules as ir
-from surgeon.grammar.diagnostics import Diagnostic
+from surgeon.grammar.diagnostics import Diagnostic, PlanError
 from surgeon.grammar.glob import compile_glob
+from surgeon.grammar.regex import RegexError, RegexTimeout, regex_fullmatch
 
 __all__ = ["RuleMatch", "Resolution", "resolve", "matches"]
+
+_MAX_EXPANSIONS = 64  # brace alternatives a "matches nothing" hint reads words from
+_MAX_TIMEOUTS = 10  # regexes that ran out of time before planning stops trying more (each costs REGEX_TIMEOUT)
 
 _COMPARE = {"==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 
@@ -65,20 +75,86 @@ class Resolution:
 
 
 def matches(rule: ir.Rule, info) -> bool:
-    """Does ``rule`` match the module described by ``info`` (a capture.ModuleInfo)?"""
-    if not any(_selects(s, info) for s in rule.selectors):
-        return False
+    """Does ``rule`` match the module described by ``info`` (a capture.ModuleInfo)? PlanError for a regex
+    that runs out of time."""
+    try:
+        if not any(_selects(s, info) for s in rule.selectors):
+            return False
+    except (RegexTimeout, RegexError) as exc:
+        raise PlanError([_regex_problem(next(s for s in rule.selectors if isinstance(s, ir.RegexSelector)), exc)]) from None
     return rule.where is None or _holds(rule.where, info)
 
 
 def _selects(selector, info) -> bool:
     if isinstance(selector, ir.GlobSelector):
-        return compile_glob(selector.pattern).fullmatch(info.path) is not None
+        return compile_glob(selector.pattern).fullmatch(info.path)
     if isinstance(selector, ir.RegexSelector):
-        return re.fullmatch(selector.pattern, info.path) is not None
+        return regex_fullmatch(selector.pattern, info.path)
     if isinstance(selector, ir.RoleSelector):
         return selector.matches_role(info.role)
     return selector.name in info.type_names
+
+
+def _regex_problem(selector: ir.RegexSelector, exc: Exception, rule_set: ir.RuleSet | None = None) -> Diagnostic:
+    """The error for a regex selector that timed out (or that the engine refuses), at the selector."""
+    span = selector.span
+    source = rule_set.source_line(span.line) if rule_set is not None and span else None
+    if isinstance(exc, RegexTimeout):
+        message = (f"the regex {selector} took longer than {exc.seconds:g} s to match the module path {exc.text!r}: "
+                   "it backtracks exponentially")
+        hint = ("nested repetition such as (a+)+ or (a|aa)* tries every split of the path; write each part once "
+                "(a+), or use a glob, which matches in linear time")
+    else:
+        message, hint = f"the regex {selector} is not supported: {exc.message}", "write it in Python's re syntax"
+    return Diagnostic("regex-timeout" if isinstance(exc, RegexTimeout) else "bad-regex", message, span, hint,
+                      file=rule_set.path if rule_set is not None else None, source_line=source)
+
+
+class _Selection:
+    """Selector -> the modules it picks (indices, in module order), each distinct selector matched once."""
+
+    def __init__(self, modules: dict, rule_set: ir.RuleSet):
+        self.paths, self.infos, self.rule_set = list(modules), list(modules.values()), rule_set
+        self.picked: dict = {}
+        self.problems: list = []  # regex selectors that timed out: one diagnostic per rule that uses one
+        self.timeouts = 0
+
+    def rule(self, rule: ir.Rule) -> list:
+        """The indices of the modules ``rule`` matches, in module order."""
+        found = [self.selector(s) for s in rule.selectors]
+        picked = found[0] if len(found) == 1 else sorted(set().union(*found))
+        if rule.where is None:
+            return list(picked)
+        infos = self.infos
+        return [i for i in picked if _holds(rule.where, infos[i])]
+
+    def selector(self, selector) -> tuple:
+        if selector in self.picked:
+            picked = self.picked[selector]
+            if isinstance(picked, Exception):
+                self.problems.append(_regex_problem(selector, picked, self.rule_set))
+                return ()
+            return picked
+        paths, infos = self.paths, self.infos
+        if isinstance(selector, ir.GlobSelector):
+            glob = compile_glob(selector.pattern)
+            picked = tuple(i for i, p in enumerate(paths) if glob.fullmatch(p))
+        elif isinstance(selector, ir.RegexSelector):
+            try:
+                picked = tuple(i for i, p in enumerate(paths) if regex_fullmatch(selector.pattern, p))
+            except (RegexTimeout, RegexError) as exc:
+                self.picked[selector] = exc
+                self.timeouts += isinstance(exc, RegexTimeout)
+                self.problems.append(_regex_problem(selector, exc, self.rule_set))
+                if self.timeouts >= _MAX_TIMEOUTS:  # each costs the time bound: stop before they add up
+                    raise PlanError(self.problems) from None
+                return ()
+        elif isinstance(selector, ir.RoleSelector):
+            picked = tuple(i for i, info in enumerate(infos) if selector.matches_role(info.role))
+        else:
+            picked = tuple(i for i, info in enumerate(infos) if selector.name in info.type_names)
+        self.picked[selector] = picked
+        return picked
 
 
 def _holds(predicate, info) -> bool:
@@ -89,7 +165,7 @@ def _holds(predicate, info) -> bool:
     if isinstance(predicate, ir.Not):
         return not _holds(predicate.operand, info)
     if isinstance(predicate, ir.NameTest):
-        return compile_glob(predicate.pattern).fullmatch(info.path) is not None
+        return compile_glob(predicate.pattern).fullmatch(info.path)
     if isinstance(predicate, ir.TypeTest):
         return predicate.name in info.type_names
     value = info.field(predicate.field)
@@ -105,25 +181,31 @@ def _holds(predicate, info) -> bool:
 def resolve(rule_set: ir.RuleSet, modules: dict, sites: dict, methods: dict) -> Resolution:
     """Apply ``rule_set`` to ``modules`` (path -> ModuleInfo) with ``sites`` (path -> Site)."""
     results: list[RuleMatch] = []
+    selection = _Selection(modules, rule_set)
+    paths = selection.paths
+    winners: dict = {}  # (adapter, path) -> the RuleMatch that wins it
     for adapter in rule_set.adapters:
         rule_matches = [RuleMatch(adapter.name, i, rule) for i, rule in enumerate(adapter.rules)]
-        for path, info in modules.items():
-            winner = None
-            for match in rule_matches:
-                if matches(match.rule, info):
-                    match.matched.append(path)
-                    winner = match
-            if winner is not None:
-                winner.won.append(path)
-                if winner.action == "apply" and not _adaptable(winner.rule, sites.get(path), methods):
-                    winner.unsupported.append(path)
+        won: dict = {}  # module index -> the last rule that matches it
+        for match in rule_matches:
+            found = selection.rule(match.rule)
+            match.matched = [paths[i] for i in found]
+            for i in found:
+                won[i] = match
+        for i in sorted(won):
+            winner, path = won[i], paths[i]
+            winners[(adapter.name, path)] = winner
+            winner.won.append(path)
+            if winner.action == "apply" and not _adaptable(winner.rule, sites.get(path), methods):
+                winner.unsupported.append(path)
         for match in rule_matches:
             if match.action == "apply":
                 match.adaptable = [p for p in match.matched if _adaptable(match.rule, sites.get(p), methods)]
         results.extend(rule_matches)
-    diagnostics = []
+    diagnostics = list(selection.problems)
     for match in results:
-        diagnostics.extend(_findings(match, results, modules, sites, methods, rule_set))
+        diagnostics.extend(_findings(match, winners, modules, sites, methods, rule_set, selection))
+    diagnostics.sort(key=lambda d: (d.span.line, d.span.column) if d.span else (0, 0))  # in file order
     return Resolution(results, diagnostics)
 
 
@@ -132,11 +214,13 @@ def _adaptable(rule: ir.Rule, site, methods: dict) -> bool:
     return site is not None and method is not None and site.kind in method.sites
 
 
-def _findings(match: RuleMatch, results, modules, sites, methods, rule_set) -> list:
+def _findings(match: RuleMatch, winners: dict, modules, sites, methods, rule_set, selection) -> list:
     rule = match.rule
     where = _where(rule, rule_set)
     if not match.matched:
-        return [_no_match(rule, modules, sites, where)]
+        if any(isinstance(selection.picked.get(s), Exception) for s in rule.selectors):
+            return []  # its regex failed: that is the error
+        return [_no_match(rule, modules, sites, where, selection)]
     found = []
     if match.action == "apply":
         method = methods[rule.action.method.name]
@@ -151,8 +235,8 @@ def _findings(match: RuleMatch, results, modules, sites, methods, rule_set) -> l
                 )
             )
             return found
-    if not match.won:
-        later = [m for m in results if m.adapter == match.adapter and m.index > match.index and set(m.won) & set(match.matched)]
+    if not match.won:  # the later rules that took its modules: the winners of what it matched
+        later = sorted({id(w): w for w in (winners[(match.adapter, p)] for p in match.matched)}.values(), key=lambda m: m.index)
         lines = ", ".join(str(m.rule.span.line) for m in later if m.rule.span) or "later"
         found.append(
             where(
@@ -186,8 +270,9 @@ def _type_counts(paths, modules) -> str:
     return ", ".join(f"{n} x{c}" if c > 1 else n for n, c in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-def _no_match(rule: ir.Rule, modules: dict, sites: dict, where) -> Diagnostic:
-    selected = [info for info in modules.values() if any(_selects(s, info) for s in rule.selectors)]
+def _no_match(rule: ir.Rule, modules: dict, sites: dict, where, selection) -> Diagnostic:
+    picked = sorted(set().union(*(selection.selector(s) for s in rule.selectors)))
+    selected = [selection.infos[i] for i in picked]
     selectors = ", ".join(str(s) for s in rule.selectors)
     if selected:  # the selector found modules; the where clause removed them all
         ranges = _field_ranges(rule.where, selected)
@@ -247,7 +332,8 @@ def _words(rule: ir.Rule) -> list:
     for s in rule.selectors:
         text = getattr(s, "pattern", None) or getattr(s, "name", "")
         expanded = [text]
-        while any("{" in t for t in expanded):  # expand {a,b} alternatives
+        # expand {a,b} alternatives, while they stay few: n groups of two are 2**n names
+        while any("{" in t for t in expanded) and len(expanded) <= _MAX_EXPANSIONS:
             nxt = []
             for t in expanded:
                 m = re.search(r"\{([^{}]*)\}", t)
@@ -255,10 +341,10 @@ def _words(rule: ir.Rule) -> list:
             if nxt == expanded:
                 break
             expanded = nxt
-        for t in expanded:
+        for t in expanded[:_MAX_EXPANSIONS]:
             leaf = re.split(r"\\?\.", t)[-1]
             words.extend(w for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", leaf) if w != "re")
-    return words
+    return list(dict.fromkeys(words))
 
 
 def _closest_paths(words: list, paths: list) -> list:
