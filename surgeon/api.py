@@ -80,7 +80,8 @@ def compile(
     """
     from surgeon.grammar import SurgeryError
 
-    from .checkpoints.peft import load_adapter, rules_from_peft_folder
+    from .checkpoints.peft import load_adapter
+    from .checkpoints.peft_rules import peft_rule_set
     from .compiled import Compiled
 
     if rules is None and adapter is None:
@@ -88,7 +89,7 @@ def compile(
     if rules is not None:
         rule_set = _rules(rules)
     else:
-        rule_set = parse(rules_from_peft_folder(adapter), path=f"{adapter} (adapter_config.json as rules)")
+        rule_set = peft_rule_set(adapter)  # built and checked as objects: no text from the folder is parsed
     opened = model if hasattr(model, "example_kwargs") else open_model(model, weights=True, example_inputs=example_inputs)
     if full_precision is not None:
         from .models import full_precision_source

@@ -94,35 +94,12 @@ class Compiled(AdapterSwitching, Folding, nn.Module):
 
     def _build(self, plan: Plan, adapter_dtype=None) -> None:
         """Create the parameters of every site and trained module of ``plan`` not made yet."""
-        from .capture import site_weight
-
-        conv1d = None  # GPT-2 Conv1D paths of a quantized model, found once (LoftQ only)
+        conv1d: dict = {}  # GPT-2 Conv1D paths of a quantized model, found once (LoftQ only)
         for site in plan.sites:
             if site.adapter in self.adapters and site_key(site.path) in self.adapters[site.adapter]:
                 continue
-            captured = self.captured.sites[site.path]
-            weight = site_weight(self.base_model, captured)  # the parameter the site reads (MHA: in_proj_weight)
-            dtype = adapter_dtype or (weight.dtype if weight.dtype == torch.float64 else torch.float32)
             group = self.adapters[site.adapter] if site.adapter in self.adapters else nn.ModuleDict()
-            if captured.parts:  # MultiheadAttention: two projections in one site (surgeon/methods/mha_weights.py)
-                from .methods.mha_weights import mha_adapter
-
-                group[site_key(site.path)] = mha_adapter(site, captured, self.rules, dtype=dtype, device=weight.device)
-            else:
-                # peers: the adapter's sites of the same method (VeRA shares its projections among them)
-                peers = tuple(s for s in plan.sites if s.adapter == site.adapter and s.method == site.method)
-                group[site_key(site.path)] = adapter_class(site.method)(
-                    site.config, site.kind, site.in_features, site.out_features, dtype=dtype, device=weight.device, weight=weight,
-                    peers=peers,
-                )
-            module = group[site_key(site.path)]
-            module.site_path, module.tied_with = site.path, tuple(site.tied_with)
-            if getattr(site.config, "init", None) == "loftq":
-                if conv1d is None:
-                    from .quantized_merge import conv1d_paths
-
-                    conv1d = conv1d_paths(self.base_model)
-                self._loftq(site, module, transposed=site.path in conv1d)
+            group[site_key(site.path)] = self.site_module(site, plan, self.rules, adapter_dtype, conv1d=conv1d)
             self.adapters[site.adapter] = group
         for t in plan.trained:
             if site_key(t.path) in self.trained:
@@ -133,30 +110,39 @@ class Compiled(AdapterSwitching, Folding, nn.Module):
             self.trained[site_key(t.path)] = module
         self._sync_gates()
 
+    def site_module(self, site, plan: Plan, rules: ir.RuleSet, adapter_dtype=None, device=None, conv1d=None) -> SiteAdapter:
+        """A new SiteAdapter for plan site ``site`` (``device="meta"``: its shapes only, nothing allocated or started)."""
+        from .capture import site_weight
+
+        captured = self.captured.sites[site.path]
+        weight = site_weight(self.base_model, captured)  # the parameter the site reads (MHA: in_proj_weight)
+        dtype = adapter_dtype or (weight.dtype if weight.dtype == torch.float64 else torch.float32)
+        device, conv1d = torch.device(device or weight.device), {} if conv1d is None else conv1d
+        if captured.parts:  # MultiheadAttention: two projections in one site (surgeon/methods/mha_weights.py)
+            from .methods.mha_weights import mha_adapter
+
+            module = mha_adapter(site, captured, rules, dtype=dtype, device=device)
+        else:
+            # peers: the adapter's sites of the same method (VeRA shares its projections among them)
+            peers = tuple(s for s in plan.sites if s.adapter == site.adapter and s.method == site.method)
+            module = adapter_class(site.method)(site.config, site.kind, site.in_features, site.out_features, dtype=dtype,
+                                                device=device, weight=weight if device == weight.device else weight.to(device), peers=peers)
+        module.site_path, module.tied_with = site.path, tuple(site.tied_with)
+        if getattr(site.config, "init", None) == "loftq" and device.type != "meta":
+            if "paths" not in conv1d:
+                from .quantized_merge import conv1d_paths
+
+                conv1d["paths"] = conv1d_paths(self.base_model)
+            self._loftq(site, module, transposed=site.path in conv1d["paths"])
+        return module
+
     def add_adapter(self, name: str, rules: ir.RuleSet) -> None:
-        """Add (or replace) adapter ``name`` with the rules of ``rules`` (all its adapters' rules, merged)."""
-        from surgeon.grammar.names import checked_name
+        """Add (or replace) adapter ``name`` with the rules of ``rules`` (all its adapters' rules, merged).
 
-        from .planning import build_plan
+        Planned and built aside first (surgeon/checkpoints/staging.py): an error leaves the model as it was."""
+        from .checkpoints.staging import commit_adapter, stage_adapter
 
-        checked_name(name)
-        merged_rules = tuple(rule for adapter in rules.adapters for rule in adapter.rules)
-        new = ir.Adapter(name, merged_rules)
-        names = self.rules.adapter_names  # a replaced adapter keeps its place (adapter_ids index it)
-        adapters = tuple(new if a.name == name else a for a in self.rules.adapters) + (() if name in names else (new,))
-        new_rules = ir.RuleSet(adapters, path=rules.path, source=rules.source, merges=self.rules.merges)
-        plan = build_plan(new_rules, self.captured)
-        if name in self.adapters:
-            del self.adapters[name]
-        self.rules, self.plan = new_rules, plan
-        self._forget_gate(name)  # a replaced adapter starts active again; the others keep theirs
-        for key in [k for k in self.trained if k.replace("__", ".") not in {t.path for t in plan.trained}]:
-            del self.trained[key]  # a train copy no adapter trains any more
-        for t in plan.trained:  # the replaced adapter's train modules start again from the base
-            if t.adapter == name and site_key(t.path) in self.trained and len({u.adapter for u in plan.trained if u.path == t.path}) == 1:
-                del self.trained[site_key(t.path)]
-        self._build(plan, self.adapter_dtype)
-        self.invalidate()
+        commit_adapter(self, stage_adapter(self, name, rules))
 
     @property
     def adapter_names(self) -> tuple:

@@ -2,10 +2,15 @@
 
 A method's SiteAdapter says how its sites are written in PEFT's
 ``adapter_config.json`` (``peft_type`` and ``peft_config(sites)``) and how a
-PEFT config of that type reads back as surgery text (``rules_from_peft``);
+PEFT config of that type reads back as rules (``rules_from_peft``);
 this module holds what the LoRA family shares: one rank and alpha per adapter
 plus ``rank_pattern``/``alpha_pattern`` for sites that differ, and the
 selectors that match what PEFT's ``target_modules`` entries match.
+
+Rules are built as IR objects (surgeon/grammar/rules.py), never as text: a
+config value becomes a typed value of a rule (a selector's pattern, an
+argument), so no value can add rules or change a rule's shape; text is only
+ever printed from the objects.
 """
 
 from __future__ import annotations
@@ -15,7 +20,21 @@ import re
 from collections import Counter
 
 from surgeon.grammar.diagnostics import SurgeryError
-from surgeon.grammar.rules import GlobSelector, NameTest, Or, RegexSelector, format_value
+from surgeon.grammar.rules import (
+    And,
+    Apply,
+    Argument,
+    GlobSelector,
+    InList,
+    MethodCall,
+    NameTest,
+    Not,
+    Or,
+    RegexSelector,
+    Rule,
+    TypeSelector,
+    TypeTest,
+)
 
 __all__ = [
     "PREFIX",
@@ -29,6 +48,10 @@ __all__ = [
     "refuse",
     "lora_family_config",
     "lora_family_rules",
+    "call_rule",
+    "both",
+    "ALL_LINEAR",
+    "NOT_HEAD",
     "common",
 ]
 
@@ -81,26 +104,16 @@ def _segment(alternatives) -> str:
     return texts[0] if len(texts) == 1 else "{" + ",".join(texts) + "}"
 
 
-def glob_text(pattern: str) -> str:
-    """A glob as a quoted selector."""
-    return str(GlobSelector(pattern))
-
-
-def regex_text(pattern: str) -> str:
-    """A regex as a quoted ``re"..."`` selector."""
-    return str(RegexSelector(pattern))
-
-
-def peft_names(names) -> str:
+def peft_names(names) -> tuple:
     """Selectors matching PEFT's rule for a list entry: the name itself, or a path ending in '.name'."""
     globs = path_globs(names)
-    return ", ".join([glob_text(g) for g in globs] + [glob_text(f"*.{g}") for g in globs])
+    return tuple(GlobSelector(g) for g in globs) + tuple(GlobSelector(f"*.{g}") for g in globs)
 
 
-def peft_targets(targets) -> str | None:
-    """The selector for a config's ``target_modules`` (a list, or one regex)."""
+def peft_targets(targets) -> tuple | None:
+    """The selectors for a config's ``target_modules`` (a list, or one regex); None when it names none."""
     if isinstance(targets, str):
-        return regex_text(targets)
+        return (RegexSelector(targets),)
     return peft_names(targets) if targets else None
 
 
@@ -139,20 +152,20 @@ def lora_family_config(sites, scale_of=None, rank_of=None) -> dict:
     )
 
 
-def peft_where(config: dict) -> str:
-    """The where clause for a config's layers_to_transform ("" when it has none).
+def peft_where(config: dict):
+    """The where predicate for a config's layers_to_transform (None when it has none).
 
     PEFT takes the layer index from the first numbered segment (surgeon's
     ``layer``), or with ``layers_pattern`` from the number after that name.
     """
     layers = config.get("layers_to_transform")
     if layers is None or layers == []:
-        return ""
-    layers = list(layers) if isinstance(layers, list) else [layers]
+        return None
+    layers = tuple(layers) if isinstance(layers, list) else (layers,)
     patterns = config.get("layers_pattern")
     patterns = [patterns] if isinstance(patterns, str) else list(patterns or [])
     if not patterns or patterns == [""]:
-        return f"layer in {layers}"
+        return InList("layer", layers)
     # PEFT puts the pattern into a regex; a dotted name ("model.layers") is meant literally
     names = [p if re.fullmatch(r"[\w.]+", p) else peft_literal(p) for p in patterns]
     if None in names:
@@ -160,25 +173,42 @@ def peft_where(config: dict) -> str:
             f"{config.get('peft_type')}'s layers_pattern {patterns!r} is a regex; surgeon reads plain names (e.g. \"layers\")"
         )
     globs = path_globs([f"{name}.{i}" for name in names for i in layers])
-    return f"({Or(tuple(NameTest(p) for g in globs for p in (f'{g}.*', f'*.{g}.*')))})"
+    return Or(tuple(NameTest(p) for g in globs for p in (f"{g}.*", f"*.{g}.*")))
 
 
-def lora_family_rules(config: dict, method: str, alpha_key: str = "lora_alpha", extra: str = "") -> list:
-    """Rules giving every site PEFT's rank and alpha (rank_pattern/alpha_pattern included).
+def both(*predicates):
+    """The predicates that are not None, joined by ``and`` (None when none is left)."""
+    kept = tuple(p for p in predicates if p is not None)
+    return None if not kept else kept[0] if len(kept) == 1 else And(kept)
 
-    Later rules win, so each pattern's sites get their own rank and alpha.
+
+# PEFT's "all-linear": every linear layer (GPT-2's Conv1D among them) but the output head
+ALL_LINEAR = (TypeSelector("Linear"), TypeSelector("Conv1D"))
+NOT_HEAD = Not(NameTest("*lm_head"))
+
+
+def call_rule(selectors: tuple, method: str, arguments, where=None) -> Rule:
+    """``match SELECTORS [where WHERE] apply METHOD(ARGUMENTS)``; ``arguments``: (name, value) pairs."""
+    call = MethodCall(method, tuple(Argument(name, value) for name, value in arguments))
+    return Rule(tuple(selectors), Apply(call), where)
+
+
+def lora_family_rules(config: dict, method: str, alpha_key: str = "lora_alpha", extra=()) -> list:
+    """Rules (IR) giving every site PEFT's rank and alpha (rank_pattern/alpha_pattern included).
+
+    Later rules win, so each pattern's sites get their own rank and alpha. ``extra``: the method's
+    other arguments, (name, value) pairs.
     """
     r, alpha = config["r"], config[alpha_key]
     targets = config["target_modules"]
     where = peft_where(config)
     if targets == "all-linear":
-        selector = "type(Linear), type(Conv1D)"
-        where = " and ".join(filter(None, ['not name("*lm_head")', where]))
+        selectors, where = ALL_LINEAR, both(NOT_HEAD, where)
     else:
-        selector = peft_targets(targets)
-    lines = []
-    if selector is not None:
-        lines.append(f"match {selector}{f' where {where}' if where else ''} apply {method}({_rank_alpha(r, alpha)}{extra})")
+        selectors = peft_targets(targets)
+    rules = []
+    if selectors is not None:
+        rules.append(call_rule(selectors, method, [("r", r), ("alpha", alpha), *extra], where))
     ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     groups: dict = {}
     for key in dict.fromkeys([*ranks, *alphas]):
@@ -187,28 +217,22 @@ def lora_family_rules(config: dict, method: str, alpha_key: str = "lora_alpha", 
         literals = [peft_literal(k) for k in keys]
         listed = isinstance(targets, list)
         if listed and all(lit is not None and lit in targets for lit in literals):
-            rule_selector, clause = peft_names(literals), where  # each key is itself a target
+            rule_selectors, clause = peft_names(literals), where  # each key is itself a target
         elif listed and all(lit is not None for lit in literals):
-            rule_selector = peft_names(literals)  # ... but only where a target matches too
+            rule_selectors = peft_names(literals)  # ... but only where a target matches too
             globs = path_globs(targets)
-            targeted = Or(tuple(NameTest(p) for p in [*globs, *(f"*.{g}" for g in globs)]))
-            clause = " and ".join(filter(None, [f"({targeted})", where]))
+            clause = both(Or(tuple(NameTest(p) for p in [*globs, *(f"*.{g}" for g in globs)])), where)
         else:
             clause = where
             if targets == "all-linear":  # the keys' sites among the linears that "all-linear" takes
-                target, clause = ".*", f"(type(Linear) or type(Conv1D)) and {where}"
+                target, clause = ".*", both(Or((TypeTest("Linear"), TypeTest("Conv1D"))), where)
             elif isinstance(targets, str):
                 target = targets
             else:
                 target = "(?:.*\\.)?(?:" + "|".join(map(re.escape, targets or [".*"])) + ")"
-            rule_selector = regex_text(f'(?=(?:.*\\.)?(?:{"|".join(keys)})$){target}')
-        lines.append(f"match {rule_selector}{f' where {clause}' if clause else ''} apply {method}({_rank_alpha(rank, key_alpha)}{extra})")
-    return lines
-
-
-def _rank_alpha(r, alpha) -> str:
-    # format_value quotes a string and spells a bool as a bool: the rules checker then refuses it
-    return f"r={format_value(r)}, alpha={format_value(alpha)}"
+            rule_selectors = (RegexSelector(f'(?=(?:.*\\.)?(?:{"|".join(keys)})$){target}'),)
+        rules.append(call_rule(rule_selectors, method, [("r", rank), ("alpha", key_alpha), *extra], clause))
+    return rules
 
 
 def refuse(config: dict, *fields: str) -> None:

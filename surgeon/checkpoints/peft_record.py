@@ -38,6 +38,7 @@ import warnings
 
 from surgeon.grammar import rules as ir
 
+from .peft_fields import control_character
 from .peft_format import PREFIX, PeftFidelityWarning, path_globs
 
 __all__ = ["RECORD_KEY", "record", "read_metadata", "recorded_rules", "fidelity_warning"]
@@ -111,8 +112,10 @@ def _rules(body: dict, config: dict) -> tuple:
     from surgeon.methods import method_names
     from surgeon.methods.adapter import adapter_class
 
-    if not isinstance(body, dict) or body.get("format_version") != _VERSION:
+    if not isinstance(body, dict) or type(body.get("format_version")) is not int or body["format_version"] != _VERSION:
         raise _Invalid(f"its format_version is not {_VERSION}")
+    if control_character(body) is not None:  # no module path or value holds one; it could not be printed as rules
+        raise _Invalid("it holds a control character")
     sites, trained = body.get("sites"), body.get("trained", [])
     if not isinstance(sites, list) or not isinstance(trained, list) or not all(isinstance(t, str) for t in trained):
         raise _Invalid("it lists no sites")
@@ -179,10 +182,10 @@ def recorded_rules(weights_path, config: dict, metadata: dict | None, keys) -> t
     try:
         try:
             body = json.loads(metadata[RECORD_KEY])
-        except ValueError:
+        except (ValueError, RecursionError):
             raise _Invalid("it is not JSON") from None
         rules = _rules(body, config)
-        if body.get("peft_config_sha256") != _digest(config):
+        if not isinstance(body.get("peft_config_sha256"), str) or body["peft_config_sha256"] != _digest(config):
             raise _Invalid("adapter_config.json was changed after surgeon wrote it")
         _check_weights(body, keys)
         return rules
@@ -216,16 +219,18 @@ def _differences(saved, read) -> list:
 def fidelity_warning(compiled, adapter: str, method: str | None, config: dict) -> str | None:
     """The warning for a PEFT config that PEFT reads otherwise than the rules (None when it reads them exactly).
 
-    The config is read back as surgeon reads a PEFT adapter (:func:`rules_from_peft`,
+    The config is read back as surgeon reads a PEFT adapter (peft_rules.py's :func:`peft_rules`,
     planned on the same model) and compared site by site with the rules.
     """
-    from surgeon.grammar import SurgeryError, parse
+    from surgeon.grammar import SurgeryError
+    from surgeon.grammar.check import checked_rule_set
     from surgeon.planning import build_plan
 
-    from .peft import rules_from_peft
+    from .peft_rules import peft_rules
 
     try:
-        read = build_plan(parse(rules_from_peft(config)), compiled.captured)
+        rules = checked_rule_set(ir.RuleSet((ir.Adapter(ir.DEFAULT_ADAPTER, peft_rules(config)),)))
+        read = build_plan(rules, compiled.captured)
     except SurgeryError as error:
         return f"adapter '{adapter}': surgeon cannot read back its own PEFT config ({error}); PEFT may read it otherwise"
     read_sites = {s.path: s for s in read.sites}

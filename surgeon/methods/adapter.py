@@ -127,9 +127,11 @@ class SiteAdapter(nn.Module):
 
     @classmethod
     def rules_from_peft(cls, config: dict) -> list:  # pragma: no cover
-        """Surgery rules (lines) targeting what a PEFT config of this ``peft_type`` targets.
+        """Rules (``ir.Rule`` objects, never text) targeting what a PEFT config of this ``peft_type`` targets.
 
-        Defined by one class per ``peft_type`` (LoRA reads DoRA's, which PEFT writes as LORA).
+        ``config`` has been type-checked (peft_fields.py); its values become typed
+        values of the rules, so no config value can add a rule. Defined by one
+        class per ``peft_type`` (LoRA reads DoRA's, which PEFT writes as LORA).
         """
         raise NotImplementedError
 

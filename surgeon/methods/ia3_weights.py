@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from surgeon.checkpoints.peft_format import peft_targets
+from surgeon.checkpoints.peft_format import call_rule, peft_targets
 
 from .adapter import SiteAdapter, site_adapter
 
@@ -70,9 +70,9 @@ class Ia3Weights(SiteAdapter):
 
     @classmethod
     def rules_from_peft(cls, config: dict) -> list:
-        lines = []
-        for key, arguments in (("target_modules", ""), ("feedforward_modules", "feedforward=true")):
-            selector = peft_targets(config.get(key))
-            if selector:  # feed-forward sites: the later rule wins
-                lines.append(f"match {selector} apply ia3({arguments})")
-        return lines
+        rules = []
+        for key, arguments in (("target_modules", []), ("feedforward_modules", [("feedforward", True)])):
+            selectors = peft_targets(config.get(key))
+            if selectors:  # feed-forward sites: the later rule wins
+                rules.append(call_rule(selectors, "ia3", arguments))
+        return rules

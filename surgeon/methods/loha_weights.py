@@ -151,6 +151,6 @@ def one_per_adapter(sites, *names) -> dict:
     return values
 
 
-def dropout_arguments(config: dict, *names) -> str:
-    """``, rank_dropout=0.1`` ... for the set fields of a PEFT config."""
-    return "".join(f", {name}={config[name]}" for name in names if config.get(name))
+def dropout_arguments(config: dict, *names) -> list:
+    """``[("rank_dropout", 0.1), ...]``: the set fields of a PEFT config, as rule arguments."""
+    return [(name, config[name]) for name in names if config.get(name)]

@@ -84,7 +84,7 @@ class LokrWeights(SiteAdapter):
     def rules_from_peft(cls, config: dict) -> list:
         refuse(config, "use_effective_conv2d")
         factor = config.get("decompose_factor", -1)
-        extra = (f", factor={factor}" if factor and factor > 0 else "") + (", decompose_both=true" if config.get("decompose_both") else "")
+        extra = ([("factor", factor)] if factor and factor > 0 else []) + ([("decompose_both", True)] if config.get("decompose_both") else [])
         extra += dropout_arguments(config, "rank_dropout", "module_dropout")
-        extra += ", rank_dropout_scale=true" if config.get("rank_dropout_scale") else ""
+        extra += [("rank_dropout_scale", True)] if config.get("rank_dropout_scale") else []
         return lora_family_rules(config, "lokr", alpha_key="alpha", extra=extra)

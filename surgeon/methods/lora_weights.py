@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgeon.checkpoints.peft_format import AdapterError, common, lora_family_config, lora_family_rules, refuse
-from surgeon.grammar.rules import format_value
 
 from .adapter import SiteAdapter, site_adapter
 
@@ -284,14 +283,14 @@ class LoraWeights(SiteAdapter):
             # surgeon's dora has neither a bias of B nor a start from the base weight's SVD/QR
             field = "lora_bias" if config.get("lora_bias") else f"init_lora_weights={init!r}"
             raise AdapterError(f"LoRA's use_dora with {field} is not supported yet", hint="dora takes r, alpha, dropout and rslora")
-        extra = (", rslora=true" if config.get("use_rslora") else "") + (", bias=true" if config.get("lora_bias") else "")
+        extra = ([("rslora", True)] if config.get("use_rslora") else []) + ([("bias", True)] if config.get("lora_bias") else [])
         if pissa:
             # PEFT's own PiSSA/OLoRA files: the residual base is made again from the base weight, as PEFT does
-            extra += f", init={format_value(init)}"
+            extra.append(("init", init))
         elif isinstance(init, str) and init != "gaussian":
             raise AdapterError(f"LoRA's init_lora_weights={init!r} is not supported yet", hint="supported: true, false, gaussian, pissa, pissa_niter_K, olora")
         if config.get("lora_dropout"):
-            extra += f", dropout={format_value(config['lora_dropout'])}"
+            extra.append(("dropout", config["lora_dropout"]))
         return lora_family_rules(config, "dora" if dora else "lora", extra=extra)
 
     def extra_repr(self) -> str:

@@ -14,7 +14,8 @@ import warnings
 import torch
 from torch import nn
 
-from surgeon.checkpoints.peft_format import AdapterError, peft_where, peft_targets
+from surgeon.checkpoints.peft_format import NOT_HEAD, AdapterError, both, call_rule, peft_targets, peft_where
+from surgeon.grammar.rules import TypeSelector
 
 from .adapter import SiteAdapter, site_adapter
 from .oft import DEFAULT_BLOCK_SIZE
@@ -189,24 +190,22 @@ class OftWeights(SiteAdapter):
         neumann = config.get("use_cayley_neumann", True)
         if neumann and _older(config.get("peft_version"), (0, 18)):
             warnings.warn("this OFT adapter predates PEFT 0.18.0, whose Cayley-Neumann series surgeon computes (as PEFT 0.21 does)")
-        arguments = [f"r={r}" if r else f"block_size={size}"]
+        arguments = [("r", r) if r else ("block_size", size)]
         if config.get("coft"):
-            arguments.append(f"coft=true, eps={config.get('eps', 6e-5)!r}")
+            arguments += [("coft", True), ("eps", config.get("eps", 6e-5))]
         if config.get("block_share"):
-            arguments.append("block_share=true")
+            arguments.append(("block_share", True))
         if not neumann:
-            arguments.append("neumann=false")
+            arguments.append(("neumann", False))
         terms = config.get("num_cayley_neumann_terms", 5)
         if terms != 5:
-            arguments.append(f"neumann_terms={terms}")
+            arguments.append(("neumann_terms", terms))
         targets, where = config.get("target_modules"), peft_where(config)
         if targets == "all-linear":  # PEFT's OFT adapts nn.Linear among them (not GPT-2's Conv1D)
-            selector, where = "type(Linear)", " and ".join(filter(None, ['not name("*lm_head")', where]))
+            selectors, where = (TypeSelector("Linear"),), both(NOT_HEAD, where)
         else:
-            selector = peft_targets(targets)
-        if selector is None:
-            return []
-        return [f"match {selector}{f' where {where}' if where else ''} apply oft({', '.join(arguments)})"]
+            selectors = peft_targets(targets)
+        return [] if selectors is None else [call_rule(selectors, "oft", arguments, where)]
 
 
 def _older(version, than: tuple) -> bool:

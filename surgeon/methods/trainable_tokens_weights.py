@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgeon.checkpoints.peft_format import PREFIX, AdapterError, peft_targets
+from surgeon.checkpoints.peft_format import PREFIX, AdapterError, call_rule, peft_targets
 
 from .adapter import SiteAdapter, site_adapter
 
@@ -112,8 +112,7 @@ class TrainableTokensWeights(SiteAdapter):
 
     @classmethod
     def rules_from_peft(cls, config: dict) -> list:
-        selector = peft_targets(config.get("target_modules"))  # PEFT fills it in (the input embeddings) when saving
-        if selector is None:
+        selectors = peft_targets(config.get("target_modules"))  # PEFT fills it in (the input embeddings) when saving
+        if selectors is None:
             raise AdapterError("a TRAINABLE_TOKENS config must name its target_modules")
-        indices = ", ".join(str(int(i)) for i in config["token_indices"])
-        return [f"match {selector} apply trainable_tokens(indices=[{indices}])"]
+        return [call_rule(selectors, "trainable_tokens", [("indices", tuple(config["token_indices"]))])]

@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgeon.checkpoints.peft_format import AdapterError, peft_targets, peft_where
+from surgeon.checkpoints.peft_format import ALL_LINEAR, NOT_HEAD, AdapterError, both, call_rule, peft_targets, peft_where
 from surgeon.grammar.diagnostics import PlanError
-from surgeon.grammar.rules import format_value
 
 from .adapter import SiteAdapter, site_adapter
 
@@ -87,7 +86,10 @@ def _shared_projections(config, in_features, out_features, peers, dtype, device)
     if shared is None:
         max_in = max((in_features, *(p.in_features for p in peers)))
         max_out = max((out_features, *(p.out_features for p in peers)))
-        a, b = projections(config.r, max_in, max_out, config.projection_prng_key)
+        if device is not None and torch.device(device).type == "meta":  # shapes only (a load checks a file against them): nothing drawn
+            a, b = torch.empty(config.r, max_in, device="meta"), torch.empty(max_out, config.r, device="meta")
+        else:
+            a, b = projections(config.r, max_in, max_out, config.projection_prng_key)
         shared = _Projections(a.to(dtype=dtype, device=device), b.to(dtype=dtype, device=device), peers)
         if peers:
             _SHARED[key] = shared
@@ -205,21 +207,18 @@ class VeraWeights(SiteAdapter):
     def rules_from_peft(cls, config: dict) -> list:
         if config.get("bias", "none") != "none":
             raise AdapterError(f"VERA's bias={config['bias']!r} (training the base model's biases) is not supported yet")
-        arguments = f"r={format_value(config['r'])}"
+        arguments = [("r", config["r"])]
         for key, name, default in _DEFAULTS:
             if config.get(key, default) != default:
-                arguments += f", {name}={format_value(config[key])}"
+                arguments.append((name, config[key]))
         if not config.get("save_projection", True):
-            arguments += ", save_projection=false"
-        targets, where = config["target_modules"], []
+            arguments.append(("save_projection", False))
+        targets, where = config["target_modules"], peft_where(config)  # layers_to_transform (and layers_pattern)
         if targets == "all-linear":
-            selector, where = "type(Linear), type(Conv1D)", ['not name("*lm_head")']
+            selectors, where = ALL_LINEAR, both(NOT_HEAD, where)
         else:
-            selector = peft_targets(targets)
-        where += filter(None, [peft_where(config)])  # layers_to_transform (and layers_pattern)
-        if selector is None:
-            return []
-        return [f"match {selector}{' where ' + ' and '.join(where) if where else ''} apply vera({arguments})"]
+            selectors = peft_targets(targets)
+        return [] if selectors is None else [call_rule(selectors, "vera", arguments, where)]
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.config.r}"
