@@ -129,7 +129,7 @@ def capture(opened: OpenedModel) -> Captured:
         )
     started = time.perf_counter()
     key = capture_key(opened)
-    found = load_capture(key)  # sites and roles, when any process captured this architecture before
+    found = load_capture(key, model)  # sites and roles, when any process captured this architecture before
     program = cached_program(model, opened.example_args, opened.example_kwargs, opened.is_hugging_face)
     if program is None and found is None:
         # A model of fake tensors is planned, never run: its program needs no dynamic sizes.

@@ -16,8 +16,13 @@ are written as JSON to ``$SURGEON_CACHE_DIR/captures/`` (default
 
 The next capture of the same key, in any process, reads the file instead of
 exporting (``Captured.cached``; ``Captured.program`` is then None, and a
-compiled model exports when its first call needs a graph). Only JSON is read;
-a file that does not parse or does not match is a miss. Files are written
+compiled model exports when its first call needs a graph). Only JSON is read,
+and nothing in it is trusted: each file carries a SHA-256 of its sites and
+roles (an edited file, one that swaps two roles say, no longer matches it), and
+every site must name a module and a parameter of the live model, of the shape
+the model has, every role a module and a role the language knows. A file that
+fails any of this (or does not parse, or is not an object) is a miss: the
+model is captured again and the file rewritten. Files are written
 atomically, so many processes (ranks of one job) may write the same key. What
 the key cannot see: an edit to a function the forwards call (inside an
 editable transformers install, say) - turn the cache off, or clear the folder,
@@ -37,7 +42,7 @@ from pathlib import Path
 
 __all__ = ["cache_folder", "capture_key", "load_capture", "store_capture"]
 
-FORMAT = 2  # 2: sites have parts (MultiheadAttention's two projections)
+FORMAT = 3  # 2: sites have parts (MultiheadAttention's two projections); 3: a checksum of the content
 # The code whose output the cache holds: a change to any of it is a new key.
 _ANALYSIS = ("surgeon.capture", "surgeon.roles", "surgeon.export", "surgeon.quantized", "surgeon.grammar.vocabulary")
 
@@ -134,26 +139,69 @@ def capture_key(opened) -> str | None:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def load_capture(key: str | None) -> tuple[dict, dict] | None:
-    """(sites: path -> Site, roles: path -> role) kept under ``key``, or None."""
-    from .capture import Site
+def _checksum(sites, roles) -> str:
+    return hashlib.sha256(json.dumps([sites, roles], sort_keys=True).encode()).hexdigest()
 
+
+def load_capture(key: str | None, model) -> tuple[dict, dict] | None:
+    """(sites: path -> Site, roles: path -> role) kept under ``key``, or None: also for a file that is not
+    exactly what :func:`store_capture` wrote for ``model``, the live module it is checked against (see the
+    module's docstring)."""
     folder = cache_folder()
     if key is None or folder is None:
         return None
     try:
         found = json.loads((folder / f"{key}.json").read_text(encoding="utf-8"))
-        if found.get("format") != FORMAT or found.get("key") != key:
-            return None
-        sites = {}
-        for fields in found["sites"]:
-            for name in ("weight_shape", "nodes", "tied_with"):
-                fields[name] = tuple(fields[name])
-            fields["parts"] = tuple((weight, tuple(shape)) for weight, shape in fields["parts"])
-            sites[fields["path"]] = Site(**fields)
-        return sites, dict(found["roles"])
-    except (OSError, ValueError, KeyError, TypeError):  # missing, half-foreign or unreadable: capture again
+    except (OSError, ValueError):  # missing or unreadable: capture again
         return None
+    try:
+        return _validated(found, key, model)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError):  # malformed in any way: capture again
+        return None
+
+
+def _validated(found, key: str, model) -> tuple[dict, dict] | None:
+    from dataclasses import fields
+
+    from surgeon.grammar.vocabulary import ROLES
+    from surgeon.methods import SITE_KINDS
+
+    from .capture import Site
+    from .roles import UNKNOWN
+
+    if not isinstance(found, dict) or found.get("format") != FORMAT or found.get("key") != key:
+        return None
+    if found.get("checksum") != _checksum(found["sites"], found["roles"]):
+        return None
+    modules = dict(model.named_modules())
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+    names = {f.name for f in fields(Site)}
+
+    def shape_of(value) -> tuple:
+        if not isinstance(value, list) or not all(type(d) is int and d >= 0 for d in value):
+            raise TypeError("not a shape")
+        return tuple(value)
+
+    sites = {}
+    for entry in found["sites"]:
+        if not isinstance(entry, dict) or set(entry) != names:
+            return None
+        fields_ = dict(entry, weight_shape=shape_of(entry["weight_shape"]), nodes=tuple(entry["nodes"]),
+                       tied_with=tuple(entry["tied_with"]),
+                       parts=tuple((weight, shape_of(shape)) for weight, shape in entry["parts"]))
+        site = Site(**fields_)
+        weights = [(site.weight, site.weight_shape), *site.parts]
+        if (site.path not in modules or site.path in sites or site.kind not in SITE_KINDS
+                or any(shapes.get(w) != s for w, s in weights) or not all(t in shapes for t in site.tied_with)
+                or not all(isinstance(n, str) for n in site.nodes) or type(site.in_features) is not int
+                or type(site.out_features) is not int or not isinstance(site.quantization, (str, type(None)))):
+            return None
+        sites[site.path] = site
+    roles = found["roles"]
+    known = set(ROLES) | {UNKNOWN, "norm"}
+    if not isinstance(roles, dict) or not all(path in modules and role in known for path, role in roles.items()):
+        return None
+    return sites, dict(roles)
 
 
 def store_capture(key: str | None, captured) -> None:
@@ -165,13 +213,11 @@ def store_capture(key: str | None, captured) -> None:
     folder = cache_folder()
     if key is None or folder is None:
         return
-    payload = {
-        "format": FORMAT,
-        "key": key,
-        "model": captured.model.name,
-        "sites": [asdict(site) for site in captured.sites.values()],
-        "roles": {path: info.role for path, info in captured.modules.items() if info.role is not None},
-    }
+    # Through JSON once, so that the checksum is of exactly what a reader will see (tuples as lists).
+    sites = json.loads(json.dumps([asdict(site) for site in captured.sites.values()]))
+    roles = {path: info.role for path, info in captured.modules.items() if info.role is not None}
+    payload = {"format": FORMAT, "key": key, "model": captured.model.name, "sites": sites, "roles": roles,
+               "checksum": _checksum(sites, roles)}
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(folder / f"{key}.json") as tmp:

@@ -177,7 +177,9 @@ def _inspect(args: argparse.Namespace) -> int:
         return _print_errors(error, args.format)
     paths = [p for p in captured.modules if pattern is None or pattern.fullmatch(p)]
     if args.format == "json":
-        print(json.dumps(_inspect_json(captured, paths), indent=2))
+        from surgeon.cli_inspect import inspect_json
+
+        print(json.dumps(inspect_json(captured, paths), indent=2))
         return 0
     from rich.console import Console
 
@@ -197,39 +199,6 @@ def _inspect(args: argparse.Namespace) -> int:
     for group in captured.ties:
         console.print(f"tied: {' = '.join(group)}")
     return 0
-
-
-def _inspect_json(captured, paths) -> dict:
-    from surgeon._render import WEIGHT_LAYOUTS
-
-    modules = []
-    for path in paths:
-        info = captured.modules[path]
-        site = captured.sites.get(path)
-        modules.append(
-            {
-                "path": path,
-                "type": info.type_name,
-                "site": site.kind if site else None,
-                "role": info.role,
-                "weight_shape": list(info.weight_shape) if info.weight_shape else None,
-                "weight_layout": WEIGHT_LAYOUTS.get(site.kind) if site else None,  # Conv1D's is (in, out)
-                "params": info.params,
-                "layer": info.layer,
-                "in_features": info.in_features,
-                "out_features": info.out_features,
-                "tied_with": list(site.tied_with) if site else [],
-                "quantization": info.quantization,
-            }
-        )
-    return {
-        "model": {"name": captured.model.name, "class": type(captured.model.module).__name__},
-        "modules": modules,
-        "ties": [list(g) for g in captured.ties],
-        "total_params": captured.total_params,
-        "capture_seconds": round(captured.seconds, 3),
-        "capture_cached": captured.cached,
-    }
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -324,39 +293,42 @@ def _compile(args: argparse.Namespace) -> int:
 
     try:
         import surgeon
-        from surgeon.checkpoints.atomic import output_folder, write_text
+        from surgeon.checkpoints.atomic import write_text
+        from surgeon.cli_output import OutputFolder, check_free_space, output_bytes
         from surgeon.grammar import load_rules
 
-        if out.exists() and not out.is_dir():
-            output_folder(out)  # the error for an output path that is a file, before any work
         rules = load_rules(args.rules) if args.rules else None  # every rule error before any capture
-        compiled = step(
-            f"compile {args.model}", lambda: surgeon.compile(args.model, rules, adapter=args.adapter, kernels=args.kernels)
-        )
-        output_folder(out)  # made only once there is something to write
-        write_text(out / "plan.json", json.dumps(compiled.plan.to_json(), indent=2) + "\n")
-        written.append(out / "plan.json")
-        step("save adapter", lambda: compiled.save_adapter(out / "adapter"))
-        written.append(out / "adapter")
-        compiled.eval()
-        step("export program.pt2", lambda: compiled.export(out / "program.pt2", fold=False))
-        written.append(out / "program.pt2")
-        if args.fold:
-            quantized = "requantize" if args.requantize else "dequantize"
-            folded = step("fold", lambda: compiled.fold(quantized=quantized))  # one verified fold for both
-            if compiled.hugging_face:
-                step("save merged checkpoint", lambda: folded.save_pretrained(out / "merged"))
-                written.append(out / "merged")
-            step("export merged.pt2", lambda: folded.export(out / "merged.pt2"))
-            written.append(out / "merged.pt2")
-            if compiled.fold_report is not None:  # quantized sites: what the merge changed in the outputs
-                write_text(out / "fold_report.json", json.dumps(compiled.fold_report, indent=2) + "\n")
-                written.append(out / "fold_report.json")
+        # OUT checked (writable, not another run's, no foreign files) and its staging folder made before compiling.
+        with OutputFolder(out, "compile") as folder:
+            stage = folder.staging
+            compiled = step(
+                f"compile {args.model}", lambda: surgeon.compile(args.model, rules, adapter=args.adapter, kernels=args.kernels)
+            )
+            check_free_space(stage.parent, output_bytes(compiled, args.fold), str(out))
+            write_text(stage / "plan.json", json.dumps(compiled.plan.to_json(), indent=2) + "\n")
+            written.append("plan.json")
+            step("save adapter", lambda: compiled.save_adapter(stage / "adapter"))
+            written.append("adapter/")
+            compiled.eval()
+            step("export program.pt2", lambda: compiled.export(stage / "program.pt2", fold=False))
+            written.append("program.pt2")
+            if args.fold:
+                quantized = "requantize" if args.requantize else "dequantize"
+                folded = step("fold", lambda: compiled.fold(quantized=quantized))  # one verified fold for both
+                if compiled.hugging_face:
+                    step("save merged checkpoint", lambda: folded.save_pretrained(stage / "merged"))
+                    written.append("merged/")
+                step("export merged.pt2", lambda: folded.export(stage / "merged.pt2"))
+                written.append("merged.pt2")
+                if compiled.fold_report is not None:  # quantized sites: what the merge changed in the outputs
+                    write_text(stage / "fold_report.json", json.dumps(compiled.fold_report, indent=2) + "\n")
+                    written.append("fold_report.json")
+            folder.commit()
     except SurgeryError as error:
         return _print_errors(error, args.format)
     totals = compiled.plan.totals()
     if not human:
-        print(json.dumps({"out": str(out), "files": [str(p) for p in written], "totals": totals, "seconds": timings}, indent=2))
+        print(json.dumps({"out": str(out), "files": [str(out / p) for p in written], "totals": totals, "seconds": timings}, indent=2))
         return 0
     for warning in compiled.plan.warnings:
         print(warning.render(), file=sys.stderr)
@@ -365,39 +337,39 @@ def _compile(args: argparse.Namespace) -> int:
     if report is not None:
         print(f"folded {report['quantized_sites']} quantized sites ({report['quantized']}): outputs differ from the "
               f"unmerged model by max {report['max_abs_output_difference']:.3g}, mean {report['mean_abs_output_difference']:.3g}")
-    for path in written:
-        print(f"  wrote {path}{'/' if path.is_dir() else ''}")
+    for name in written:
+        print(f"  wrote {out / name}{'/' if name.endswith('/') else ''}")
     return 0
 
 
 def _merge(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from surgeon.grammar import SurgeryError, parse
+    from surgeon.grammar import SurgeryError
 
     _quiet_libraries()
+    out = Path(args.out)
     try:
         import surgeon
-        from surgeon.checkpoints.peft import rules_from_peft_folder
+        from surgeon.cli_output import OutputFolder
+        from surgeon.merge_statements import merge_rule_set
 
-        statements = []
-        for text in args.merges:
-            name, equals, expression = text.partition("=")
-            if not equals or not name.strip():
-                raise SurgeryError(f"cannot read {text!r} as NEW=TYPE(...)", hint='e.g. "combo=ties(math=0.7, code=0.3, density=0.5)"')
-            statements.append(f'merge "{name.strip()}" = {expression.strip()}\n')
-        rules = parse(rules_from_peft_folder(args.adapters) + "\n" + "".join(statements), path="<merge>")
-        compiled = surgeon.compile(args.model, rules, adapter=args.adapters).eval()
-        names = [m.name for m in rules.merges]
-        compiled.save_adapter(Path(args.out), adapters=names)
-        for name in names:
-            print(f"merged {name}: {sum(1 for s in compiled.plan.sites if s.adapter == name)} sites; wrote {Path(args.out) / name}/")
+        rules = merge_rule_set(args.adapters, args.merges)  # objects: the folder's rules are never read as text
+        with OutputFolder(out, "merge") as folder:
+            compiled = surgeon.compile(args.model, rules, adapter=args.adapters).eval()
+            names = [m.name for m in rules.merges]
+            compiled.save_adapter(folder.staging, adapters=names)
             if args.fold:
-                compiled.set_active(name)
-                compiled.save_pretrained(Path(args.out) / name / "merged")
-                print(f"  wrote {Path(args.out) / name / 'merged'}/")
+                for name in names:
+                    compiled.set_active(name)
+                    compiled.save_pretrained(folder.staging / name / "merged")
+            folder.commit()
     except SurgeryError as error:
         return _print_errors(error, "human")
+    for name in names:
+        print(f"merged {name}: {sum(1 for s in compiled.plan.sites if s.adapter == name)} sites; wrote {out / name}/")
+        if args.fold:
+            print(f"  wrote {out / name / 'merged'}/")
     return 0
 
 
@@ -419,11 +391,25 @@ def _rules_from_peft(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit code. Ctrl-C is exit 130 with one line (the output folder stays as it was)."""
     args = _parser().parse_args(argv)
     try:
         return args.run(args)
     except BrokenPipeError:  # `surgeon check ... | head`
         return 1
+    except KeyboardInterrupt:  # an output folder is as it was: see surgeon/cli_output.py
+        print("surgeon: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not the user's input: one line, and the traceback only when asked for
+        if __import__("os").environ.get("SURGEON_TRACEBACK"):
+            raise
+        print(f"error: internal error in surgeon {args.command}: {type(exc).__name__}: {_first_line(exc)}\n"
+              "hint: please report it; SURGEON_TRACEBACK=1 shows the traceback", file=sys.stderr)
+        return 1
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
 
 
 if __name__ == "__main__":  # pragma: no cover

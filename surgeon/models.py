@@ -7,7 +7,8 @@ model has a language-model head). ``weights=False`` builds the model from its
 config under a fake-tensor mode: shapes without storage, so a 7B-shaped model
 is planned in a few hundred MB and no weight file is read.
 
-Only safetensors are read, never pickles; remote code is never run.
+Only safetensors are read, never pickles; remote code is never run. A folder's files
+must lie inside it, and its weights must fill the model exactly (model_folders.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 from surgeon.grammar.diagnostics import ModelError
 
+from .model_folders import check_loaded, inside_folder, model_class_of
 from .demos import DEMOS, QUANTIZED_DEMOS, build_demo, build_quantized_demo, demo_config
 
 __all__ = ["OpenedModel", "open_model", "full_precision_source", "MODEL_FORMS"]
@@ -156,15 +158,16 @@ def _need_bitsandbytes(what: str) -> None:
                          hint="pip install 'surgeon[bnb]' (bitsandbytes)") from None
 
 
-def _open_folder(folder: Path, weights: bool) -> OpenedModel:
+def _open_folder(folder: Path, weights: bool, roots: tuple = ()) -> OpenedModel:
     config_file = folder / "config.json"
     if not folder.is_dir() or not config_file.is_file():
         raise ModelError(
             f"{folder} is not a Hugging Face model folder: it has no config.json",
             hint="a model folder holds config.json and *.safetensors, as save_pretrained writes them",
         )
+    inside_folder(folder, roots)
     config = _read_config(folder)
-    model_class = _model_class(config, str(folder))
+    model_class = model_class_of(config, str(folder))
     quantized = getattr(config, "quantization_config", None) is not None
     if quantized:  # bitsandbytes quantizes while loading: the sites' storage is known only with the weights
         _need_bitsandbytes(str(folder))
@@ -177,9 +180,10 @@ def _open_folder(folder: Path, weights: bool) -> OpenedModel:
             "convert with save_pretrained(..., safe_serialization=True)",
         )
     try:
-        model = model_class.from_pretrained(folder, config=config, use_safetensors=True)
+        model, info = model_class.from_pretrained(folder, config=config, use_safetensors=True, output_loading_info=True)
     except Exception as exc:  # transformers raises many types; all mean the same to the user
-        raise ModelError(f"cannot load the weights in {folder}: {exc}", hint="check that the folder is complete") from None
+        raise ModelError(f"cannot load the weights in {folder}: {_first_line(exc)}", hint="check that the folder is complete") from None
+    check_loaded(folder, info)
     return OpenedModel(model.eval(), str(folder), "folder", config=config)
 
 
@@ -201,7 +205,8 @@ def _open_hub(spec: str, weights: bool) -> OpenedModel:
             else "no network? set HF_HUB_OFFLINE=1 to use the local Hugging Face cache, or pass a local folder"
         )
         raise ModelError(f"cannot fetch '{spec}' from the Hugging Face Hub: {type(exc).__name__}", hint=hint) from None
-    opened = _open_folder(Path(folder), weights)
+    # A Hub snapshot's files are links into the cache's blobs folder: those lie inside the model's cache too.
+    opened = _open_folder(Path(folder), weights, roots=(Path(folder).parents[1] / "blobs",))
     opened.name, opened.source = spec, "hub"
     return opened
 
@@ -214,13 +219,17 @@ def _open_factory(spec: str) -> OpenedModel:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ModelError(f"cannot import '{module_name}': {exc}", hint="is the package installed, or on PYTHONPATH?") from None
+    except (Exception, SystemExit) as exc:  # the module's own code failed (sys.exit() included): say so, do not exit
+        raise ModelError(f"the factory {spec} failed: importing '{module_name}' raised {_why(exc)}",
+                         hint="fix the module, or import it in Python and pass the nn.Module") from None
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise ModelError(f"'{module_name}' has no function '{attribute}'", hint="give package.module:function")
     try:
         made = factory()
-    except Exception as exc:
-        raise ModelError(f"{spec}() failed: {type(exc).__name__}: {exc}") from None
+    except (Exception, SystemExit) as exc:
+        raise ModelError(f"the factory {spec} failed: {spec}() raised {_why(exc)}",
+                         hint="a factory returns the module, or (module, example_inputs)") from None
     inputs = None
     if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module):
         made, inputs = made
@@ -246,21 +255,6 @@ def _read_config(folder: Path):
         return AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except Exception as exc:
         raise ModelError(f"cannot read {folder / 'config.json'}: {exc}") from None
-
-
-def _model_class(config, where: str):
-    import transformers
-
-    for name in getattr(config, "architectures", None) or ():
-        model_class = getattr(transformers, name, None)
-        if model_class is not None:
-            return model_class
-    if getattr(config, "architectures", None):
-        raise ModelError(
-            f"{where}: transformers has no class {config.architectures[0]}",
-            hint="surgeon never runs remote code; upgrade transformers or use a supported architecture",
-        )
-    return transformers.AutoModel._model_mapping[type(config)]
 
 
 def _fake_from_config(config, model_class, name: str, source: str) -> OpenedModel:
@@ -326,7 +320,13 @@ def _to_fake(model, mode) -> None:
                 module.__dict__[key] = fake(value)
 
 
-def _first_line(exc: Exception) -> str:
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"SystemExit: it called sys.exit({exc.code!r})"
+    return f"{type(exc).__name__}: {_first_line(exc)}" if _first_line(exc) else type(exc).__name__
+
+
+def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else ""
 

@@ -5,7 +5,8 @@
 verified fold (``compiled.fold(...).state_dict()``); ``from_pretrained`` loads
 it and gives the folded model's outputs. The checkpoint is written into a
 temporary folder beside ``dir``, which then takes ``dir``'s place whole: ``dir``
-holds exactly the new checkpoint.
+holds exactly the new checkpoint. A write that fails (a full disk) is a SurgeryError,
+and ``dir`` stays as it was.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from surgeon.grammar.diagnostics import SurgeryError
 
 from surgeon.distributed import refuse_sharded, writes_files
 
-from .atomic import output_folder, replace_folder
+from .atomic import output_folder, replace_folder, writing
 
 __all__ = ["save_merged"]
 
@@ -56,13 +57,14 @@ def save_merged(folded, directory) -> None:
     output_folder(directory.parent)
     if directory.exists() and not directory.is_dir():
         raise SurgeryError(f"cannot write into {directory}: it is a file, not a folder", hint="choose another output path")
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        with _own_state_dict(model, quantized == "dequantize"):
-            model.save_pretrained(staging, state_dict=state, safe_serialization=True)
-        replace_folder(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with writing(directory):  # a full disk (safetensors' error, or an OSError) is a SurgeryError naming the folder
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            with _own_state_dict(model, quantized == "dequantize"):
+                model.save_pretrained(staging, state_dict=state, safe_serialization=True)
+            replace_folder(staging, directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -149,7 +149,7 @@ def test_compile_writes_every_artifact(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["totals"]["sites"] == 12
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["adapter", "merged", "merged.pt2", "plan.json", "program.pt2"]
+    assert names == [".surgeon-output.json", "adapter", "merged", "merged.pt2", "plan.json", "program.pt2"]
     assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert json.loads((out / "plan.json").read_text())["totals"]["sites"] == 12
     assert main(["rules-from-peft", str(out / "adapter")]) == 0
