@@ -2,7 +2,8 @@
 
 ``fold=True`` (the default) saves the merged graph, the base model's op
 sequence with folded weights; ``fold=False`` keeps the adapter branches. Both
-keep dynamic batch and sequence dimensions.
+keep dynamic batch and sequence dimensions. Loading one checks it first
+(program_archive.py, program_graph.py), as a ``.pt2`` may come from anyone.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from surgeon.distributed import refuse_sharded, writes_files
 from surgeon.grammar.diagnostics import SurgeryError
 
-from .atomic import atomic_path, output_folder
+from .atomic import output_folder, save_exported
 
 __all__ = ["export_program_file", "load_program"]
 
@@ -48,8 +49,7 @@ def export_program_file(compiled, path, *, fold: bool = True, args: tuple = (), 
             graph, args, kwargs, dynamic_shapes=dynamic_shapes(args, kwargs, compiled.hugging_face), strict=False
         )
     extra = {} if fold else {"surgeon.json": json.dumps(lora_sites(compiled))}  # what a hot swap needs to know
-    with atomic_path(path) as tmp:
-        torch.export.save(program, str(tmp), extra_files=extra)
+    save_exported(program, path, extra_files=extra)  # a failed write (a full disk) is an error, not an abort
 
 
 def lora_sites(compiled) -> dict:
@@ -72,8 +72,12 @@ def register_ops() -> None:
 
 
 def load_program(path):
-    """The saved program, ready to call (``.module()(**inputs)``)."""
-    import torch
+    """The saved program, ready to call (``.module()(**inputs)``).
 
-    register_ops()
-    return torch.export.load(str(path))
+    The file is checked before torch reads it (program_archive.py): a ``.pt2``
+    from anyone loads without running code of its own; anything else is a
+    SurgeryError naming the file.
+    """
+    from .program_archive import open_program
+
+    return open_program(path)[0]
