@@ -15,17 +15,20 @@ names the bound; none raises a traceback.
   (Python refuses integers of more than 4,300 digits) and no name floods a message.
 - ``REGEX_TIMEOUT``: one regex match may take 0.25 s (a module path matches in microseconds; a regex that
   backtracks exponentially would take hours).
+- ``REGEX_BUDGET``: all the regex matching of one plan may take 10 s (a real file's regexes take
+  milliseconds; thousands of slow-but-bounded regexes would otherwise add up to hours).
 """
 
 from __future__ import annotations
 
-__all__ = ["MAX_TEXT_BYTES", "MAX_DEPTH", "MAX_LITERAL_CHARS", "MAX_WORD_CHARS", "REGEX_TIMEOUT", "size_words"]
+__all__ = ["MAX_TEXT_BYTES", "MAX_DEPTH", "MAX_LITERAL_CHARS", "MAX_WORD_CHARS", "REGEX_TIMEOUT", "REGEX_BUDGET", "size_words"]
 
 MAX_TEXT_BYTES = 8 * 2**20
 MAX_DEPTH = 100
 MAX_LITERAL_CHARS = 65_536
 MAX_WORD_CHARS = 256
 REGEX_TIMEOUT = 0.25
+REGEX_BUDGET = 10.0
 
 
 def size_words(n: int) -> str:

@@ -2,9 +2,11 @@
 
 An adapter's name becomes a folder name when it is saved (PEFT puts an adapter
 not named "default" in a subfolder of that name), so a name is a single path
-component that every filesystem accepts: letters, digits, ``_``, ``.`` and
-``-``, starting with a letter, digit or ``_`` (never ``.`` or ``..``, never a
-separator), at most 100 characters.
+component that every filesystem accepts: letters, digits, ``_`` and ``-``,
+starting with a letter, digit or ``_`` (never a separator, never ``..``), at
+most 100 characters. No ``.``: an adapter's modules are kept in a
+``torch.nn.ModuleDict`` under its name, and torch refuses dotted keys (PEFT's
+adapter names have the same limit).
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from .diagnostics import SurgeryError
 
 __all__ = ["ADAPTER_NAME", "NAME_HINT", "name_problem", "checked_name"]
 
-ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
-NAME_HINT = "use letters, digits, '_', '.' and '-', at most 100 (the name becomes a folder name when saved)"
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,99}")
+NAME_HINT = "use letters, digits, '_' and '-', at most 100 (the name becomes a folder name when saved)"
 
 
 def name_problem(name) -> str | None:

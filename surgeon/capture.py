@@ -129,7 +129,10 @@ def capture(opened: OpenedModel) -> Captured:
         )
     started = time.perf_counter()
     key = capture_key(opened)
+    modules = module_table(model)
     found = load_capture(key, model)  # sites and roles, when any process captured this architecture before
+    if found is not None and not all(_fits(site, modules[path]) for path, site in found[0].items()):
+        found = None  # a cached site this model's module could not have: capture again (and rewrite the file)
     program = cached_program(model, opened.example_args, opened.example_kwargs, opened.is_hugging_face)
     if program is None and found is None:
         # A model of fake tensors is planned, never run: its program needs no dynamic sizes.
@@ -137,7 +140,7 @@ def capture(opened: OpenedModel) -> Captured:
                                  dynamic=not opened.fake)
     captured = Captured(opened, program, training=model.training, cached=found is not None)
     captured.ties = _ties(model)
-    captured.modules = module_table(model)
+    captured.modules = modules
     if found is not None:  # no export (program None) unless this process holds one already
         sites, roles = found
         # How bitsandbytes stores a weight is read from the live model, not the file.
@@ -229,6 +232,18 @@ def module_table(model) -> dict:
             quantization=quantization.describe() if quantization is not None else None,
         )
     return table
+
+
+def _fits(site, info) -> bool:
+    """Could capture have found ``site`` at the module ``info``? Its kind is the one the module's class computes
+    (as _site_reads decides it) and its sizes are the module's own."""
+    names = " ".join(info.type_names)
+    kinds = {"hf_conv1d": "Conv1D" in info.type_names, "embedding": "Embedding" in names,
+             "conv1d": "Conv" in names, "conv2d": "Conv" in names, "conv3d": "Conv" in names,
+             "linear": "Embedding" not in names and "Conv1D" not in info.type_names}
+    sizes = (info.in_features if info.in_features is not None else site.weight_shape[-1],
+             info.out_features if info.out_features is not None else site.weight_shape[0])
+    return kinds.get(site.kind, False) and (site.in_features, site.out_features) == sizes
 
 
 def _ties(model) -> tuple:

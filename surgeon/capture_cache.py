@@ -152,11 +152,11 @@ def load_capture(key: str | None, model) -> tuple[dict, dict] | None:
         return None
     try:
         found = json.loads((folder / f"{key}.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # missing or unreadable: capture again
+    except (OSError, ValueError, RecursionError):  # missing, unreadable or nested past the decoder's bound: capture again
         return None
     try:
         return _validated(found, key, model)
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError):  # malformed in any way: capture again
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError):  # malformed in any way: capture again
         return None
 
 

@@ -392,9 +392,13 @@ def _rules_from_peft(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; its exit code. Ctrl-C is exit 130 with one line (the output folder stays as it was)."""
+    import warnings
+
     args = _parser().parse_args(argv)
     try:
-        return args.run(args)
+        with warnings.catch_warnings():  # a warning is a line of the command's output, not a source listing
+            warnings.showwarning = _show_warning
+            return args.run(args)
     except BrokenPipeError:  # `surgeon check ... | head`
         return 1
     except KeyboardInterrupt:  # an output folder is as it was: see surgeon/cli_output.py
@@ -406,6 +410,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: internal error in surgeon {args.command}: {type(exc).__name__}: {_first_line(exc)}\n"
               "hint: please report it; SURGEON_TRACEBACK=1 shows the traceback", file=sys.stderr)
         return 1
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def _first_line(exc: Exception) -> str:

@@ -140,7 +140,7 @@ class OutputFolder:
         try:
             record = json.loads((self.out / MARKER).read_text(encoding="utf-8"))
             return {MARKER, *(str(f) for f in record["files"])}
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             pass
         top = {p.name for p in self.out.iterdir()}
         if "plan.json" in top and top <= _EARLIER_COMPILE:

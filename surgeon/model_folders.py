@@ -13,7 +13,27 @@ from pathlib import Path
 
 from surgeon.grammar.diagnostics import ModelError
 
-__all__ = ["check_loaded", "inside_folder", "model_class_of"]
+__all__ = ["check_loaded", "check_depth", "inside_folder", "model_class_of"]
+
+
+# A config's counts of repeated blocks: building the model makes that many modules, fake tensors or not, so a
+# config saying 10**7 layers would run for hours. The deepest published models have a few hundred layers.
+MAX_BLOCKS = 4096
+_BLOCK_COUNTS = ("num_hidden_layers", "n_layer", "num_layers", "encoder_layers", "decoder_layers",
+                 "num_experts", "num_local_experts", "n_routed_experts")
+
+
+def check_depth(config, where: str) -> None:
+    """Refuse a config (sub-configs included) whose counts of layers or experts pass MAX_BLOCKS."""
+    stack = [config.to_dict()]
+    while stack:
+        fields = stack.pop()
+        for key, value in fields.items():
+            if isinstance(value, dict):
+                stack.append(value)
+            elif key in _BLOCK_COUNTS and isinstance(value, int) and value > MAX_BLOCKS:
+                raise ModelError(f"{where}: {key} is {value:,}; surgeon builds models of at most {MAX_BLOCKS:,} "
+                                 "layers or experts", hint="a config of a real model, or a tiny one for tests?")
 
 
 def check_loaded(folder: Path, info: dict) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 from surgeon.grammar.diagnostics import ModelError
 
-from .model_folders import check_loaded, inside_folder, model_class_of
+from .model_folders import check_depth, check_loaded, inside_folder, model_class_of
 from .demos import DEMOS, QUANTIZED_DEMOS, build_demo, build_quantized_demo, demo_config
 
 __all__ = ["OpenedModel", "open_model", "full_precision_source", "MODEL_FORMS"]
@@ -167,6 +167,7 @@ def _open_folder(folder: Path, weights: bool, roots: tuple = ()) -> OpenedModel:
         )
     inside_folder(folder, roots)
     config = _read_config(folder)
+    check_depth(config, str(folder / "config.json"))
     model_class = model_class_of(config, str(folder))
     quantized = getattr(config, "quantization_config", None) is not None
     if quantized:  # bitsandbytes quantizes while loading: the sites' storage is known only with the weights

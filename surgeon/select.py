@@ -29,6 +29,8 @@ from surgeon.grammar.diagnostics import Diagnostic, PlanError
 from surgeon.grammar.glob import compile_glob
 from surgeon.grammar.regex import RegexError, RegexTimeout, regex_fullmatch
 
+from .select_regex import bounded_matches, regex_problem as _regex_problem
+
 __all__ = ["RuleMatch", "Resolution", "resolve", "matches"]
 
 _MAX_EXPANSIONS = 64  # brace alternatives a "matches nothing" hint reads words from
@@ -95,21 +97,6 @@ def _selects(selector, info) -> bool:
     return selector.name in info.type_names
 
 
-def _regex_problem(selector: ir.RegexSelector, exc: Exception, rule_set: ir.RuleSet | None = None) -> Diagnostic:
-    """The error for a regex selector that timed out (or that the engine refuses), at the selector."""
-    span = selector.span
-    source = rule_set.source_line(span.line) if rule_set is not None and span else None
-    if isinstance(exc, RegexTimeout):
-        message = (f"the regex {selector} took longer than {exc.seconds:g} s to match the module path {exc.text!r}: "
-                   "it backtracks exponentially")
-        hint = ("nested repetition such as (a+)+ or (a|aa)* tries every split of the path; write each part once "
-                "(a+), or use a glob, which matches in linear time")
-    else:
-        message, hint = f"the regex {selector} is not supported: {exc.message}", "write it in Python's re syntax"
-    return Diagnostic("regex-timeout" if isinstance(exc, RegexTimeout) else "bad-regex", message, span, hint,
-                      file=rule_set.path if rule_set is not None else None, source_line=source)
-
-
 class _Selection:
     """Selector -> the modules it picks (indices, in module order), each distinct selector matched once."""
 
@@ -118,6 +105,7 @@ class _Selection:
         self.picked: dict = {}
         self.problems: list = []  # regex selectors that timed out: one diagnostic per rule that uses one
         self.timeouts = 0
+        self.regex_seconds = 0.0  # spent matching regexes, against REGEX_BUDGET
 
     def rule(self, rule: ir.Rule) -> list:
         """The indices of the modules ``rule`` matches, in module order."""
@@ -141,7 +129,7 @@ class _Selection:
             picked = tuple(i for i, p in enumerate(paths) if glob.fullmatch(p))
         elif isinstance(selector, ir.RegexSelector):
             try:
-                picked = tuple(i for i, p in enumerate(paths) if regex_fullmatch(selector.pattern, p))
+                picked = bounded_matches(selector, paths, self)
             except (RegexTimeout, RegexError) as exc:
                 self.picked[selector] = exc
                 self.timeouts += isinstance(exc, RegexTimeout)

@@ -141,7 +141,7 @@ def program_sites(text, program) -> dict:
     hint = "this file was not written by surgeon's export(fold=False), or was changed since"
     try:
         found = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested past the decoder's depth bound
         raise SurgeryError(f"{where} is not valid JSON ({exc})", hint=hint) from None
     if not isinstance(found, dict) or not all(isinstance(k, str) and isinstance(v, dict) for k, v in found.items()):
         raise SurgeryError(f"{where} is not an object of adapters, each an object of its LoRA sites", hint=hint)

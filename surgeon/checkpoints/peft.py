@@ -29,6 +29,7 @@ import warnings
 from pathlib import Path
 
 from surgeon.distributed import gathered, writes_files
+from surgeon.grammar import DEFAULT_ADAPTER
 from surgeon.methods.adapter import adapter_class
 
 from .atomic import atomic_path, output_folder, write_text
@@ -128,6 +129,23 @@ def _write_adapter(folder: Path, files: list, mixture: dict | None) -> None:
             write_text(folder / CONFIG, json.dumps(mixture, indent=2, sort_keys=True) + "\n")
 
 
+def _refuse_stale_adapters(compiled, directory: Path) -> None:
+    """Saving every adapter: an adapter already in ``directory`` that the model does not have would be read back
+    with them (and surgeon never deletes what it did not write in this call)."""
+    if not directory.is_dir():
+        return
+    stale = [p.name for p in sorted(directory.iterdir()) if p.is_dir() and (p / CONFIG).is_file()
+             and p.name not in compiled.rules.adapter_names and p.name != MIXTURE_PARTS]
+    if (directory / CONFIG).is_file() and DEFAULT_ADAPTER not in compiled.rules.adapter_names:
+        stale.insert(0, f"{DEFAULT_ADAPTER} (at its top)")
+    if stale:
+        raise AdapterError(
+            f"cannot save every adapter into {directory}: it holds adapters this model does not have ({', '.join(stale)}), "
+            "which a load of the folder would read back with them",
+            hint="save into a new folder, remove those adapters from it, or name the adapters to save (adapters=[...])",
+        )
+
+
 def save_adapter(compiled, directory, adapters=None) -> None:
     """Write adapters in PEFT's format (every adapter of the model by default).
 
@@ -143,6 +161,8 @@ def save_adapter(compiled, directory, adapters=None) -> None:
     unknown = [a for a in adapters or () if a not in compiled.rules.adapter_names]
     if unknown:
         raise AdapterError(f"save_adapter: no adapter named {unknown[0]!r}", hint=f"adapters: {', '.join(compiled.adapter_names)}")
+    if adapters is None:
+        _refuse_stale_adapters(compiled, Path(directory))
     directory = output_folder(directory)
     units, lossy = [], []
 

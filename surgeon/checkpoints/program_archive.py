@@ -106,7 +106,7 @@ def _text(archive, members, name: str, path) -> str:
 def _json(archive, members, name: str, path):
     try:
         return json.loads(_text(archive, members, name, path))
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # the decoder's own depth bound: nested past ~1000 levels
         _refuse(path, f"{name} is not valid JSON ({exc})")
 
 

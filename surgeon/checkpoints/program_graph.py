@@ -202,7 +202,7 @@ def _check_spec(text, where: str) -> None:
     """A pytree spec (JSON text): no enum or defaultdict-factory context, which torch imports by name."""
     try:
         spec = json.loads(text)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         _refuse(where, "a pytree spec is not JSON")
     stack = [spec]
     while stack:

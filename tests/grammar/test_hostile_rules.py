@@ -332,3 +332,18 @@ def test_a_diagnostic_under_a_very_long_line_shows_a_window_with_the_caret_under
     _, shown, caret = d.render().split("\n")
     assert len(shown) <= 1002 and shown.strip()[caret.index("^") - 2 :].startswith("BAD")
     assert caret.strip() == "^^^"
+
+
+def test_slow_regexes_that_each_stay_within_their_bound_cannot_add_up_past_the_plans_budget(monkeypatch):
+    import surgeon
+    import surgeon.select_regex
+
+    from surgeon.grammar.diagnostics import PlanError
+
+    # each backtracks over every split of the path but ends before its own bound; a thousand of them would take minutes
+    text = "".join(f'match re"(?=.{{10}}(.|..)*Z).*|nope{i}" apply lora(r=2)\n' for i in range(1000))
+    monkeypatch.setattr(surgeon.select_regex, "REGEX_BUDGET", 0.3)
+    with pytest.raises(PlanError) as caught:
+        surgeon.plan("demo:llama", surgeon.parse(text, path="slow.surgery"))
+    (d,) = caught.value.diagnostics
+    assert d.code == "regex-budget" and d.file == "slow.surgery" and d.span.line > 1

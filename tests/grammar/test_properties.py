@@ -158,7 +158,7 @@ lora_arguments = st.fixed_dictionaries(
 ).map(lambda kw: MethodCall("lora", tuple(Argument(k, v) for k, v in kw.items())))
 actions = st.one_of(st.just(Skip()), st.just(Train()), lora_arguments.map(Apply))
 rules = st.builds(Rule, st.lists(selectors, min_size=1, max_size=3).map(tuple), actions, st.one_of(st.none(), predicates))
-adapter_names = st.one_of(st.just("default"), st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,8}", fullmatch=True))
+adapter_names = st.one_of(st.just("default"), st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,8}", fullmatch=True))
 
 
 @st.composite

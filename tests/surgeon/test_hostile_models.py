@@ -130,6 +130,14 @@ def test_architectures_must_name_a_model_class(saved, tmp_path, capsys, value, s
     assert "Traceback" not in err
 
 
+def test_a_config_of_ten_million_layers_is_refused_before_building(saved, tmp_path, capsys):
+    folder = _variant(saved, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, num_hidden_layers=10**7)))
+    assert main(["inspect", str(folder)]) == 1  # building 10**7 layers, even of fake tensors, would take hours
+    assert "num_hidden_layers is 10,000,000; surgeon builds models of at most 4,096 layers" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("source, says", [
     ("raise RuntimeError('no GPU here')\n", "importing 'hostile_factory' raised RuntimeError: no GPU here"),
     ("import sys\nsys.exit(3)\n", "importing 'hostile_factory' raised SystemExit: it called sys.exit(3)"),
@@ -173,14 +181,14 @@ def test_an_edited_cache_file_is_not_trusted(cache):
     assert {site.path.rsplit(".", 1)[-1] for site in plan.sites} == {"q_proj"}
 
 
-@pytest.mark.parametrize("text", ["[1, 2, 3]", "null", '"text"', "{}", '{"format": 3, "key": 1}'])
+@pytest.mark.parametrize("text", ["[1, 2, 3]", "null", '"text"', "{}", '{"format": 3, "key": 1}', "[" * 100_000 + "]" * 100_000])
 def test_a_cache_file_of_another_shape_is_a_miss(cache, text):
     cache.write_text(text)
     assert _q_proj_role() == (False, "attn.q")
     assert _q_proj_role() == (True, "attn.q")
 
 
-@pytest.mark.parametrize("edit", ["shape", "path", "role", "kind"])
+@pytest.mark.parametrize("edit", ["shape", "path", "role", "kind", "embedding", "features"])
 def test_a_cache_file_that_does_not_fit_the_live_model_is_a_miss(cache, edit):
     record = json.loads(cache.read_text())
     site = next(s for s in record["sites"] if s["path"] == "model.layers.0.self_attn.q_proj")
@@ -190,6 +198,10 @@ def test_a_cache_file_that_does_not_fit_the_live_model_is_a_miss(cache, edit):
         site["path"] = "model.layers.99.self_attn.q_proj"
     elif edit == "kind":
         site["kind"] = "teleporter"
+    elif edit == "embedding":  # a kind the language knows, on a module that cannot compute it
+        site["kind"] = "embedding"
+    elif edit == "features":
+        site["in_features"], site["out_features"] = 5, 7
     else:
         record["roles"]["model.layers.0.self_attn.q_proj"] = "attn.everything"
     record["checksum"] = _checksum(record["sites"], record["roles"])  # a consistent file, of another model

@@ -10,7 +10,7 @@ from surgeon.grammar import SurgeryError, parse
 from surgeon.grammar.names import name_problem
 
 RULES = 'match "*.self_attn.{q,v}_proj" apply lora(r=8, alpha=16)\n'
-OUTSIDE = ["/elsewhere/x/r", "../../x", "..", ".", "a/b", "a\\b", "", "q\" {", "x" * 101, "a\nb"]
+OUTSIDE = ["/elsewhere/x/r", "../../x", "..", ".", "a/b", "a\\b", "", "q\" {", "x" * 101, "a\nb", "v1.0", "a."]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_the_name_rule_refuses_every_name_that_is_not_one_path_component(name):
     assert name_problem(name) is not None
 
 
-@pytest.mark.parametrize("name", ["default", "math", "v1.2-final", "_x", "a" * 100, "checkpoint-500"])
+@pytest.mark.parametrize("name", ["default", "math", "v1-2_final", "_x", "a" * 100, "checkpoint-500"])
 def test_the_name_rule_takes_folder_safe_names(name):
     assert name_problem(name) is None
 
@@ -41,7 +41,7 @@ def test_a_merge_statement_with_a_path_for_a_name_fails_the_check_located():
     assert "m.surgery:2:1" in str(caught.value) and "not valid" in str(caught.value)
 
 
-@pytest.mark.parametrize("name", ["/elsewhere/x/b", "../../x"])
+@pytest.mark.parametrize("name", ["/elsewhere/x/b", "../../x", "v1.0"])
 def test_api_names_are_checked_before_anything_changes(saved, tmp_path, name):
     compiled, folder = saved
     before = compiled.adapter_names
@@ -75,3 +75,18 @@ def test_a_subfolder_name_that_is_not_an_adapter_name_is_refused(saved, tmp_path
         compiled.load_adapter(root)
     with pytest.raises(SurgeryError, match="adapter name .* is not valid"):
         surgeon.compile("demo:llama", adapter=root)
+
+
+def test_saving_every_adapter_over_a_folder_with_other_adapters_is_refused_not_mixed(saved, tmp_path):
+    _, folder = saved
+    compiled = surgeon.compile("demo:llama", RULES)
+    compiled.load_adapter(folder, name="math")
+    compiled.save_adapter(tmp_path / "A")
+    fresh = surgeon.compile("demo:llama", RULES)
+    with pytest.raises(SurgeryError, match=r"holds adapters this model does not have \(math\)"):
+        fresh.save_adapter(tmp_path / "A")
+    assert surgeon.compile("demo:llama", adapter=tmp_path / "A").adapter_names == ("default", "math")  # untouched
+    fresh.save_adapter(tmp_path / "A", adapters=["default"])  # named adapters: the others stay, as asked
+    only_math = surgeon.compile("demo:llama", 'adapter "math" { match "*.q_proj" apply lora(r=2) }')
+    with pytest.raises(SurgeryError, match=r"default \(at its top\)"):
+        only_math.save_adapter(tmp_path / "A")

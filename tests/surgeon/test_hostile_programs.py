@@ -162,14 +162,14 @@ def test_guards_and_targets_that_would_be_code_are_refused(saved, tmp_path):
     _refused(target, adapter, "calls 'torch.os.system', which is not a registered operator")
 
 
-@pytest.mark.parametrize("kind", ["random", "truncated", "empty", "missing", "folder", "escape", "twice", "deflated"])
+@pytest.mark.parametrize("kind", ["random", "truncated", "empty", "missing", "folder", "escape", "twice", "deflated", "deep"])
 def test_a_broken_file_is_a_clear_error(saved, tmp_path, kind):
     _, unfolded, _, adapter = saved
     path = tmp_path / "bad.pt2"
     data = unfolded.read_bytes()
     match = {"random": "not a zip", "truncated": "not a zip", "empty": "not a zip", "missing": "no such file",
              "folder": "is a folder", "escape": "not a plain relative name", "twice": "appears twice",
-             "deflated": "compressed or encrypted"}[kind]
+             "deflated": "compressed or encrypted", "deep": "is not valid JSON"}[kind]
     if kind == "random":
         path.write_bytes(bytes(range(256)) * 64)
     elif kind == "truncated":
@@ -182,6 +182,9 @@ def test_a_broken_file_is_a_clear_error(saved, tmp_path, kind):
         rewrite(unfolded, path, lambda r, d: d, add=[("../../evil", b"x")])
     elif kind == "twice":
         rewrite(unfolded, path, lambda r, d: d, add=[("extra/surgeon.json", b"{}")])
+    elif kind == "deep":  # nested past the JSON decoder's depth bound
+        deep = ("[" * 100_000 + "]" * 100_000).encode()
+        rewrite(unfolded, path, lambda r, d: deep if r == "models/model.json" else d)
     elif kind == "deflated":
         with zipfile.ZipFile(unfolded) as zin, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zout:
             for info in zin.infolist():
@@ -191,7 +194,8 @@ def test_a_broken_file_is_a_clear_error(saved, tmp_path, kind):
 
 
 @pytest.mark.parametrize("text", ["not json", "[]", '{"default": []}', '{"default": {"p": [8, 2.0, 64]}}',
-                                  '{"default": {"p": ["8", 2.0, 64, 64]}}', '{"default": {"p": [8, NaN, 64, 64]}}'])
+                                  '{"default": {"p": ["8", 2.0, 64, 64]}}', '{"default": {"p": [8, NaN, 64, 64]}}',
+                                  "[" * 100_000 + "]" * 100_000])
 def test_surgeon_json_that_export_did_not_write_is_a_clear_error(saved, tmp_path, text):
     _, unfolded, _, adapter = saved
     path = rewrite(unfolded, tmp_path / "meta.pt2", lambda r, d: text.encode() if r == "extra/surgeon.json" else d)
