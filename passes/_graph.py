@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["attribute", "module_path", "site_nodes", "SiteNodes", "site_args", "adapter_nodes", "Inserter", "SITE_OPS"]
+__all__ = ["attribute", "module_path", "SiteNodes", "site_args", "adapter_nodes", "Inserter"]
 
 
 def attribute(gm, target: str):
@@ -35,16 +35,8 @@ def _site_ops():
     }
 
 
-SITE_OPS = _site_ops
-
-
-def site_nodes(gm, path: str, kind: str) -> list:
-    """The graph nodes computing site ``path`` of ``kind`` (a module called twice has two)."""
-    return SiteNodes(gm)(path, kind)
-
-
 class SiteNodes:
-    """``site_nodes`` for many sites from one walk of the graph (a pass over every site of a
+    """The graph nodes computing each site (a module called twice has two), for many sites from one walk of the graph (a pass over every site of a
     7B model would otherwise walk its thousands of nodes once per site). The base ops a pass
     finds stay where they are, so the index stays true while adapter nodes come and go."""
 

@@ -20,7 +20,7 @@ it; a pass that raises, or leaves an invalid graph, is reported as a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
 from surgeon.grammar.diagnostics import SurgeryError
 
@@ -103,14 +103,5 @@ class Pipeline:
             stages.append((f"after_{stage}", list(user.get(f"after_{stage}", []))))
         return Pipeline([(n, p) for n, p in stages if p or n in core])
 
-    def passes(self, upto: str | None = None) -> list:
-        out = []
-        for name, passes in self.stages:
-            out.extend(passes)
-            if name == upto:
-                break
-        return out
-
-    def run(self, gm, *, lint: bool = True, stages: Sequence[str] | None = None) -> PassResult:
-        chosen = [p for name, passes in self.stages if stages is None or name in stages for p in passes]
-        return run_passes(gm, chosen, lint=lint)
+    def run(self, gm, *, lint: bool = True) -> PassResult:
+        return run_passes(gm, [p for _, passes in self.stages for p in passes], lint=lint)

@@ -123,8 +123,8 @@ def export_program(model, args: tuple, kwargs: dict, hugging_face: bool, name: s
     """``torch.export.export(strict=False)`` with dynamic batch (and sequence for token inputs).
 
     ``dynamic=False`` keeps the example's shapes: for a model of fake tensors, whose program
-    only tells its sites and dataflow and never runs, that traces 2-2.5x faster (the
-    same ops are traced either way; symbolic sizes make each one dearer).
+    only tells its sites and dataflow and never runs, symbolic sizes would only make each
+    traced op dearer (the same ops are traced either way).
 
     Programs of Hugging Face models are cached per architecture, config, mode and call
     signature; use :func:`bind_program` to run one. Failures become a ModelError naming
@@ -206,13 +206,9 @@ def _quiet_torch_logs():
     """torch.export prints the partial graph to stderr when it fails; surgeon reports
     the failure itself, so that text is dropped (and passed on when export succeeds)."""
     buffer = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(buffer):
-            yield
-    except BaseException:
-        raise
-    else:
-        sys.stderr.write(buffer.getvalue())
+    with contextlib.redirect_stderr(buffer):
+        yield  # an export that raises propagates from here: its text is not written
+    sys.stderr.write(buffer.getvalue())
 
 
 def dynamic_shapes(args: tuple, kwargs: dict, hugging_face: bool):

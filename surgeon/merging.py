@@ -54,8 +54,6 @@ tests for how to line the two up).
 
 As in PEFT, a single source adapter is always merged with ``linear``, whatever
 the type asked (the arguments are still checked against the type asked).
-
-IA3 (:func:`merge_vectors`): PEFT merges the scaling vectors as ``sum_i w_i l_i``.
 """
 
 from __future__ import annotations
@@ -74,7 +72,6 @@ __all__ = [
     "check_merge_args",
     "lora_delta",
     "merge_lora_site",
-    "merge_vectors",
 ]
 
 MAJORITY_SIGN_METHODS = ("total", "frequency")
@@ -366,18 +363,3 @@ def merge_lora_site(
     with torch.no_grad():
         A, B = spec.fn(checked, weights, opts)
     return A.to(dtype), B.to(dtype), 1.0
-
-
-def merge_vectors(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """Weighted sum ``sum_i w_i v_i`` of per-site tensors of one shape (PEFT's IA3 merge of its vectors)."""
-    vectors = list(vectors)
-    if not vectors:
-        raise ValueError("nothing to merge: vectors is empty")
-    weights = _check_weights(weights, len(vectors))
-    if len({tuple(v.shape) for v in vectors}) > 1:
-        raise ValueError(f"vectors must have one shape, got {[tuple(v.shape) for v in vectors]}")
-    with torch.no_grad():
-        out = torch.zeros_like(vectors[0])
-        for v, w in zip(vectors, weights):
-            out += v * w
-    return out

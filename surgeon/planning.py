@@ -18,7 +18,7 @@ parameter, so ``trainable_percent`` reads as PEFT's ``print_trainable_parameters
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from surgeon.grammar import rules as ir
@@ -135,8 +135,6 @@ class Plan:
     base_params: int
     checkpoint_dtype: str = "float32"
     capture_seconds: float = 0.0
-    layer_count: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def adapter_params(self) -> int:
@@ -261,7 +259,6 @@ def build_plan(rule_set: ir.RuleSet, captured: Captured, methods: dict | None = 
     if problems:
         errors = _located(problems, rule_set)
         raise PlanError(sorted(errors + list(resolution.diagnostics), key=lambda d: (d.span.line, d.span.column) if d.span else (0, 0)))
-    layers = {info.layer for info in captured.modules.values() if info.layer is not None}
     return Plan(
         model=captured.model.name,
         model_class=type(model).__name__,
@@ -274,7 +271,6 @@ def build_plan(rule_set: ir.RuleSet, captured: Captured, methods: dict | None = 
         base_params=captured.total_params,
         checkpoint_dtype=checkpoint_dtype,
         capture_seconds=captured.seconds,
-        layer_count=len(layers),
     )
 
 

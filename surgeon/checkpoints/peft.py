@@ -23,7 +23,6 @@ metadata, which surgeon reads back (peft_record.py).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -56,12 +55,6 @@ __all__ = [
 ]
 
 
-def fingerprint(shapes: dict) -> str:
-    """A short hash of the adapted sites' weight shapes: which base model an adapter was made for."""
-    text = json.dumps(sorted((k, list(v)) for k, v in shapes.items()))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def _parts(compiled, adapter: str) -> dict:
     """The adapter's sites by method, in order of first use ({} for an adapter that only trains modules)."""
     parts: dict = {}
@@ -90,17 +83,10 @@ def peft_config(compiled, adapter: str, method: str | None = None) -> dict:
     return dict(config, peft_type=cls.peft_type, **cls.peft_config(parts[method]), modules_to_save=trained or None)
 
 
-def _tensors(compiled, adapter: str, method: str | None = None, trained: bool = True) -> tuple:
-    """(PEFT keys -> tensors, site shapes) for one adapter, or for its sites of one method."""
-    from surgeon.capture import site_weight
-
-    tensors, shapes = {}, {}
-    for key, tensor in _expected(compiled, adapter, method, trained, saving=True).items():
-        tensors[key] = gathered(tensor.detach())
-    for site in compiled.plan.sites:
-        if site.adapter == adapter and method in (None, site.method):
-            shapes[site.path] = site_weight(compiled.base_model, compiled.captured.sites[site.path]).shape  # MHA: in_proj_weight
-    return {k: v.to("cpu").contiguous().clone() for k, v in tensors.items()}, shapes
+def _tensors(compiled, adapter: str, method: str | None = None, trained: bool = True) -> dict:
+    """PEFT keys -> tensors (on the CPU) for one adapter, or for its sites of one method."""
+    tensors = {key: gathered(tensor.detach()) for key, tensor in _expected(compiled, adapter, method, trained, saving=True).items()}
+    return {k: v.to("cpu").contiguous().clone() for k, v in tensors.items()}
 
 
 def _expected(compiled, adapter: str, method: str | None = None, trained: bool = True, saving: bool = False) -> dict:
@@ -177,25 +163,23 @@ def save_adapter(compiled, directory, adapters=None) -> None:
         parts = _parts(compiled, adapter)
         # No rules text is stored: surgeon's record (peft_record.py) holds the rules as checked JSON values.
         if len(parts) <= 1:
-            tensors, shapes = _tensors(compiled, adapter)
+            tensors = _tensors(compiled, adapter)
             config = peft_config(compiled, adapter)
-            metadata = {"format": "pt", "surgeon_fingerprint": fingerprint(shapes)}
+            metadata = {"format": "pt"}
             units.append((folder, [(folder, config, tensors, dict(metadata, **recorded(adapter, None, config)))], None))
             continue
-        everything, files = {}, []
+        files = []
         for i, method in enumerate(parts):
-            tensors, shapes = _tensors(compiled, adapter, method, trained=i == 0)  # train modules go with the first part
+            tensors = _tensors(compiled, adapter, method, trained=i == 0)  # train modules go with the first part
             config = peft_config(compiled, adapter, method)
-            metadata = {"format": "pt", "surgeon_fingerprint": fingerprint(shapes), **recorded(adapter, method, config, i == 0)}
+            metadata = {"format": "pt", **recorded(adapter, method, config, i == 0)}
             files.append((folder / MIXTURE_PARTS / method, config, tensors, metadata))
-            everything.update(shapes)
         config = {
             "peft_type": MIXTURE,
             "format_version": 1,
             "methods": list(parts),
             "parts": {m: f"{MIXTURE_PARTS}/{m}" for m in parts},
             "base_model_name_or_path": compiled.name,
-            "surgeon_fingerprint": fingerprint(everything),
         }
         units.append((folder, files, config))
     if not writes_files():

@@ -59,6 +59,7 @@ _MIXTURE_FIELDS = {
     "parts": (lambda v: isinstance(v, dict) and v and all(isinstance(p, str) for p in v.values()),
               "a map of method names to subfolders"),
     "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "a string"),
+    # written by earlier versions, never read: accepted as bookkeeping
     "surgeon_fingerprint": (lambda v: isinstance(v, str), "a string"),
     "surgeon_rules": (lambda v: isinstance(v, str), "a string"),
 }

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from peft import IA3Config, LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer, LoraModel
 
-from surgeon.merging import COMBINATIONS, check_merge_args, lora_delta, merge_lora_site, merge_vectors
+from surgeon.merging import COMBINATIONS, check_merge_args, lora_delta, merge_lora_site
 
 # Three adapters with different scales: x r=4 s=8/4=2, y r=6 s=3/6=0.5, z r=4 rsLoRA s=4/sqrt(4)=2.
 # The merged config is copied from the first adapter, so x (not rsLoRA) always comes first.
@@ -222,22 +222,6 @@ def test_svd_rank_above_the_matrix_rank_pads_with_zeros():
     torch.testing.assert_close(B @ A, 0.5 * M1 + 0.25 * M2)
 
 
-def test_merge_vectors_matches_peft_ia3():
-    torch.manual_seed(0)
-    config = IA3Config(target_modules=["a", "b"], feedforward_modules=["b"])
-    model = get_peft_model(Tiny(), config, adapter_name="p")
-    model.add_adapter("q", config)
-    layers = [m for m in model.modules() if hasattr(m, "ia3_l")]
-    with torch.no_grad():
-        for layer in layers:
-            for name in ("p", "q"):
-                layer.ia3_l[name].copy_(torch.randn(layer.ia3_l[name].shape))
-    model.add_weighted_adapter(["p", "q"], [0.7, -0.3], "m")
-    for layer in layers:
-        merged = merge_vectors([layer.ia3_l["p"], layer.ia3_l["q"]], [0.7, -0.3])
-        torch.testing.assert_close(merged, layer.ia3_l["m"].detach(), rtol=0, atol=1e-6)
-
-
 # ----------------------------------------------------------------------------------------------- errors
 
 
@@ -279,10 +263,3 @@ def test_bad_arguments_raise_value_error(kwargs, message):
     kwargs = {"factors": [R4, R4], "weights": [0.5, 0.5], **kwargs}
     with pytest.raises(ValueError, match=message):
         merge_lora_site(kwargs.pop("factors"), kwargs.pop("weights"), kwargs.pop("combination"), **kwargs)
-
-
-def test_merge_vectors_errors():
-    with pytest.raises(ValueError, match="one shape"):
-        merge_vectors([torch.ones(3), torch.ones(4)], [1.0, 1.0])
-    with pytest.raises(ValueError, match="1 weights"):
-        merge_vectors([torch.ones(3), torch.ones(3)], [1.0])
