@@ -1,8 +1,7 @@
 """The capture cache: what a capture found (sites and roles), kept on disk for the next process.
 
-Exporting is most of what planning costs (torch.export traces every layer:
-3-4 s for the benchmark's 4-layer Llama, about 7 s for a 7B-shaped one), and
-what capture finds depends on the model's architecture and configuration, not
+Exporting is most of what planning costs (torch.export traces every layer;
+bench/plan_7b.py measures it), and what capture finds depends on the model's architecture and configuration, not
 on its weights. After a capture of a Hugging Face model, its sites and roles
 are written as JSON to ``$SURGEON_CACHE_DIR/captures/`` (default
 ``$XDG_CACHE_HOME/surgeon``, else ``~/.cache/surgeon``), one file per key:
