@@ -31,6 +31,7 @@ _EXPORTS = {
     "capture_model": "surgeon.api",
     "open_model": "surgeon.models",
     "Plan": "surgeon.planning",
+    "write_artifacts": "surgeon.checkpoints.artifacts",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -281,7 +281,6 @@ def _compile(args: argparse.Namespace) -> int:
     out = Path(args.out)
     human = args.format == "human"
     timings: dict = {}
-    written: list = []
 
     def step(name: str, work):
         started = time.perf_counter()
@@ -291,39 +290,26 @@ def _compile(args: argparse.Namespace) -> int:
         timings[name] = round(time.perf_counter() - started, 3)
         return result
 
+    def heard(name: str, seconds: float | None) -> None:
+        if seconds is None and human:
+            print(f"{name} ...", file=sys.stderr, flush=True)
+        elif seconds is not None:
+            timings[name] = round(seconds, 3)
+
     try:
         import surgeon
-        from surgeon.checkpoints.atomic import write_text
-        from surgeon.cli_output import OutputFolder, check_free_space, output_bytes
+        from surgeon.checkpoints.artifacts import write_artifacts
+        from surgeon.checkpoints.output_folder import OutputFolder
         from surgeon.grammar import load_rules
 
         rules = load_rules(args.rules) if args.rules else None  # every rule error before any capture
         # OUT checked (writable, not another run's, no foreign files) and its staging folder made before compiling.
         with OutputFolder(out, "compile") as folder:
-            stage = folder.staging
             compiled = step(
                 f"compile {args.model}", lambda: surgeon.compile(args.model, rules, adapter=args.adapter, kernels=args.kernels)
             )
-            check_free_space(stage.parent, output_bytes(compiled, args.fold), str(out))
-            write_text(stage / "plan.json", json.dumps(compiled.plan.to_json(), indent=2) + "\n")
-            written.append("plan.json")
-            step("save adapter", lambda: compiled.save_adapter(stage / "adapter"))
-            written.append("adapter/")
-            compiled.eval()
-            step("export program.pt2", lambda: compiled.export(stage / "program.pt2", fold=False))
-            written.append("program.pt2")
-            if args.fold:
-                quantized = "requantize" if args.requantize else "dequantize"
-                folded = step("fold", lambda: compiled.fold(quantized=quantized))  # one verified fold for both
-                if compiled.hugging_face:
-                    step("save merged checkpoint", lambda: folded.save_pretrained(stage / "merged"))
-                    written.append("merged/")
-                step("export merged.pt2", lambda: folded.export(stage / "merged.pt2"))
-                written.append("merged.pt2")
-                if compiled.fold_report is not None:  # quantized sites: what the merge changed in the outputs
-                    write_text(stage / "fold_report.json", json.dumps(compiled.fold_report, indent=2) + "\n")
-                    written.append("fold_report.json")
-            folder.commit()
+            written = write_artifacts(compiled, out, fold=args.fold, quantized="requantize" if args.requantize else "dequantize",
+                                      folder=folder, on_step=heard)
     except SurgeryError as error:
         return _print_errors(error, args.format)
     totals = compiled.plan.totals()
@@ -351,7 +337,7 @@ def _merge(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
         import surgeon
-        from surgeon.cli_output import OutputFolder
+        from surgeon.checkpoints.output_folder import OutputFolder
         from surgeon.merge_statements import merge_rule_set
 
         rules = merge_rule_set(args.adapters, args.merges)  # objects: the folder's rules are never read as text
@@ -401,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.run(args)
     except BrokenPipeError:  # `surgeon check ... | head`
         return 1
-    except KeyboardInterrupt:  # an output folder is as it was: see surgeon/cli_output.py
+    except KeyboardInterrupt:  # an output folder is as it was: see surgeon/checkpoints/output_folder.py
         print("surgeon: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug, not the user's input: one line, and the traceback only when asked for

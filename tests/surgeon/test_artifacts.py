@@ -226,3 +226,22 @@ def test_in_place_fold_refuses_a_tied_weight_but_fold_keeps_the_tie_apart():
     folded = compiled.fold()  # the merged graph: wte changes, lm_head keeps the base weight, as unfolded
     with torch.no_grad():
         torch.testing.assert_close(folded(**inputs(), use_cache=False).logits, compiled(**inputs()).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_write_artifacts_writes_what_compile_o_writes_and_each_artifact_computes_the_model(llama, tmp_path):
+    from surgeon.checkpoints.program import load_program
+
+    out = tmp_path / "out"
+    written = surgeon.write_artifacts(llama, out, fold=True)
+    assert written == ["plan.json", "adapter/", "program.pt2", "merged/", "merged.pt2"]
+    assert sorted(p.name for p in out.iterdir()) == [".surgeon-output.json", "adapter", "merged", "merged.pt2", "plan.json",
+                                                     "program.pt2"]
+    batch = inputs()
+    with torch.no_grad():
+        expected = llama(**batch).logits
+        for program in ("program.pt2", "merged.pt2"):
+            got = load_program(out / program).module()(**batch, use_cache=False).logits
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(out / "merged")
+        torch.testing.assert_close(reloaded(**batch).logits, expected, rtol=1e-4, atol=1e-4)
+    assert json.loads((out / "plan.json").read_text())["totals"] == llama.plan.totals()

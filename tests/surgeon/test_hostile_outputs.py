@@ -1,6 +1,6 @@
 """Output folders under hostile conditions: a reused, foreign, locked, unwritable or full OUT; Ctrl-C and kill -9.
 
-The promise (surgeon/cli_output.py): OUT is either the earlier output, whole, or the new one, whole; files
+The promise (surgeon/checkpoints/output_folder.py): OUT is either the earlier output, whole, or the new one, whole; files
 surgeon did not write are refused, never replaced; every failure is one error line and a hint, no traceback.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from surgeon.cli import main
-from surgeon.cli_output import MARKER, OutputFolder
+from surgeon.checkpoints.output_folder import MARKER, OutputFolder
 
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA = ""  # set by the fixture rules
@@ -134,7 +134,7 @@ def test_too_little_free_space_is_refused_before_writing(earlier, tmp_path, caps
     out = _copy(earlier, tmp_path)
     before = _contents(out)
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr("surgeon.cli_output.shutil.disk_usage", lambda path: usage._replace(free=100_000))
+    monkeypatch.setattr("surgeon.checkpoints.output_folder.shutil.disk_usage", lambda path: usage._replace(free=100_000))
     assert main(["compile", "demo:llama", LLAMA, "-o", str(out), "--fold"]) == 1
     err = capsys.readouterr().err
     assert f"error: not enough free space for {out} in {tmp_path}: about " in err and "97.7 KiB free" in err

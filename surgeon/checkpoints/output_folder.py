@@ -1,4 +1,4 @@
-"""The command line's output folders (``-o OUT``): made whole beside OUT, then put in its place in one step.
+"""Output folders (``-o OUT``): made whole beside OUT, then put in its place in one step.
 
 What a command writes goes into a staging folder, ``.OUT.surgeon-staging-*``,
 a sibling of OUT; only when every file is written does it replace OUT
