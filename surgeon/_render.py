@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["module_table", "plan_tables", "human_count", "WEIGHT_LAYOUTS"]
+__all__ = ["inspect_table", "plan_tables", "human_count", "WEIGHT_LAYOUTS"]
 
 
 def human_count(n: int) -> str:
@@ -28,7 +28,8 @@ def _features(info) -> str:
     return f"{info.in_features} -> {info.out_features}" if info.in_features is not None else ""
 
 
-def module_table(captured, paths) -> Table:
+def inspect_table(captured, paths) -> Table:
+    """The table `surgeon inspect` prints: one row per module of ``paths`` (capture.module_table is the data)."""
     table = Table(title=Text(f"{captured.model.name} ({type(captured.model.module).__name__})"), title_justify="left")
     table.caption = Text("weight as stored: (out, in) for a Linear, (in, out) for GPT-2's Conv1D")
     table.caption_justify = "left"

@@ -183,10 +183,10 @@ def _inspect(args: argparse.Namespace) -> int:
         return 0
     from rich.console import Console
 
-    from surgeon._render import module_table
+    from surgeon._render import inspect_table
 
     console = Console(width=160)
-    console.print(module_table(captured, paths))
+    console.print(inspect_table(captured, paths))
     kinds: dict = {}
     for site in captured.sites.values():
         kinds[site.kind] = kinds.get(site.kind, 0) + 1
