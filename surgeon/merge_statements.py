@@ -42,7 +42,7 @@ def _merge(name: str, expression: str, text: str) -> ir.Merge:
     """The one merge statement of the user's ``text``: only its syntax here, its sense in the whole rule set."""
     from surgeon.grammar.parse import parse_unchecked
 
-    statement = f'merge "{name}" = {expression}'  # the name is checked: letters, digits, '_', '.', '-' only
+    statement = f'merge "{name}" = {expression}'  # the name is checked (grammar/names.py): nothing to escape
     parsed, diagnostics = parse_unchecked(statement, path="<merge>")
     errors = [replace(d, file=d.file or "<merge>", source_line=statement) for d in diagnostics if d.is_error]
     if errors:

@@ -91,8 +91,10 @@ def _tensors(compiled, adapter: str, method: str | None = None, trained: bool = 
 
 def _expected(compiled, adapter: str, method: str | None = None, trained: bool = True, saving: bool = False) -> dict:
     """PEFT key -> the live tensor it saves from, for one adapter (or its sites of one method)."""
+    from surgeon.switching import site_key
+
     return expected_state(compiled.plan, lambda path: compiled.adapter_module(adapter, path),
-                          lambda path: compiled.trained[path.replace(".", "__")], adapter, method, trained, saving)
+                          lambda path: compiled.trained[site_key(path)], adapter, method, trained, saving)
 
 
 def _write(folder: Path, config: dict, tensors: dict, metadata: dict, replaced: list) -> None:

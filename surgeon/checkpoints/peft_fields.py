@@ -36,16 +36,10 @@ _COMMON = ("task_type", "peft_type", "auto_mapping", "peft_version", "base_model
 # an init setting only says how a fresh adapter starts: a loaded adapter's weights replace it.
 _AUTO = ("fan_in_fan_out",)
 
-_LORA_FAMILY = {
-    "r": "int",
-    "target_modules": "targets",
-    "exclude_modules": "targets",
-    "modules_to_save": "names",
-    "layers_to_transform": "layers",
-    "layers_pattern": "patterns",
-    "rank_pattern": "int_map",
-    "alpha_pattern": "number_map",
-}
+# Which modules an adapter takes, as every method but IA3 and trainable tokens says it.
+_TARGETING = dict(target_modules="targets", modules_to_save="names", layers_to_transform="layers", layers_pattern="patterns")
+
+_LORA_FAMILY = dict(_TARGETING, r="int", exclude_modules="targets", rank_pattern="int_map", alpha_pattern="number_map")
 
 PEFT_FIELDS = {
     "LORA": dict(
@@ -106,11 +100,8 @@ PEFT_FIELDS = {
     ),
     "OFT": dict(
         read=dict(
-            target_modules="targets",
+            _TARGETING,
             exclude_modules="targets",
-            modules_to_save="names",
-            layers_to_transform="layers",
-            layers_pattern="patterns",
             r="int",
             oft_block_size="int",
             coft="bool",
@@ -126,11 +117,8 @@ PEFT_FIELDS = {
     ),
     "VERA": dict(
         read=dict(
+            _TARGETING,
             r="int",
-            target_modules="targets",
-            modules_to_save="names",
-            layers_to_transform="layers",
-            layers_pattern="patterns",
             projection_prng_key="int",
             save_projection="bool",
             vera_dropout="number",
