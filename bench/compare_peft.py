@@ -23,7 +23,7 @@ medians. Rows (the numbers of the benchmark issue):
 7. set-up time: ``surgeon.compile`` / ``get_peft_model``: the first capture
    in this process, the same architecture again in this process (surgeon's
    in-memory cache), and in a fresh process (imports excluded) cold (capture
-   cache off) and warm (the capture cache: surgeon/capture_cache.py); set-up
+   cache off) and warm (the capture cache: surgeon/capture/cache.py); set-up
    plus the first training step too, as a warm compile exports its graph at
    that first call
 8. routed forward (adapters r=8 and r=16 on q, v; a mixed batch): surgeon

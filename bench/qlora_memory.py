@@ -55,7 +55,7 @@ def child(size: str, checkpoint: str, dtype: str, scheme: str | None, threads: i
     baseline = _rss_mib("VmRSS")  # torch, transformers and the inputs, before any model weights
     kwargs = {"dtype": getattr(torch, dtype)}
     if scheme:
-        from surgeon.demos import quantization_config
+        from surgeon.capture.demos import quantization_config
 
         kwargs.update(quantization_config=quantization_config(scheme), device_map="cpu")
     model = transformers.LlamaForCausalLM.from_pretrained(checkpoint, **kwargs)

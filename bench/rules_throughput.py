@@ -67,7 +67,7 @@ def main() -> None:
 
     import surgeon
     from surgeon.grammar import parse
-    from surgeon.planning import build_plan
+    from surgeon.planning.plan import build_plan
 
     captured = surgeon.capture_model("demo:llama")
     parse('match "*.q_proj" apply lora(r=8)\n')  # the parser and the method registry, built once

@@ -5,9 +5,9 @@ text into the rule IR of ``rules``, ``check`` validates it against the method
 registry, and ``diagnostics`` says what is wrong and where.
 """
 
-from .diagnostics import Diagnostic, ModelError, PlanError, RulesError, Span, SurgeryError
-from .parse import load_rules, parse
-from .rules import (
+from surgeon.diagnostics import Diagnostic, ModelError, PlanError, RulesError, Span, SurgeryError
+from surgeon.grammar.parse import load_rules, parse
+from surgeon.grammar.rules import (
     DEFAULT_ADAPTER,
     Adapter,
     And,

@@ -13,9 +13,9 @@ import re
 
 from lark import Token, Tree
 
-from . import rules as ir
-from .diagnostics import Span
-from .limits import MAX_DEPTH
+from surgeon.grammar import rules as ir
+from surgeon.diagnostics import Span
+from surgeon.grammar.limits import MAX_DEPTH
 
 __all__ = ["BuildRules", "TooDeep", "span_of", "assemble"]
 

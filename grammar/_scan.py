@@ -22,8 +22,8 @@ import functools
 import re
 from dataclasses import dataclass, field
 
-from .diagnostics import Span
-from .limits import MAX_LITERAL_CHARS, MAX_WORD_CHARS
+from surgeon.diagnostics import Span
+from surgeon.grammar.limits import MAX_LITERAL_CHARS, MAX_WORD_CHARS
 
 __all__ = ["Scan", "Problem", "scan", "source_lines", "Lines", "pieces", "blank_all", "spaces", "CONTROL_CHAR"]
 

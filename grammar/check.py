@@ -15,13 +15,13 @@ import math
 from dataclasses import replace
 from typing import Mapping
 
-from . import rules as ir
-from .diagnostics import Diagnostic, Span, closest
-from .glob import GlobError, compile_glob
-from .names import NAME_HINT, name_problem
-from .regex import RegexError, check_regex
-from .signature import MethodSignature
-from .vocabulary import MERGE_OPTIONS, MERGE_TYPES, MODULE_TYPES, PREDICATE_FIELDS, ROLES
+from surgeon.grammar import rules as ir
+from surgeon.diagnostics import Diagnostic, RulesError, Span, closest
+from surgeon.grammar.glob import GlobError, compile_glob
+from surgeon.grammar.names import NAME_HINT, name_problem
+from surgeon.grammar.regex import RegexError, check_regex
+from surgeon.grammar.signature import MethodSignature, known_signatures
+from surgeon.grammar.vocabulary import MERGE_OPTIONS, MERGE_TYPES, MODULE_TYPES, PREDICATE_FIELDS, ROLES
 
 __all__ = ["check_rules", "checked_rule_set", "default_methods"]
 
@@ -50,10 +50,8 @@ def _suggest(word: str, choices, listing: str, quote: str = "'") -> str:
 
 
 def default_methods() -> dict[str, MethodSignature]:
-    """The registry of surgeon's methods (imported lazily: it is plain data, no torch)."""
-    from surgeon.methods import signatures
-
-    return signatures()
+    """The methods registered so far (``import surgeon`` registers the built-in ones)."""
+    return known_signatures()
 
 
 def check_rules(
@@ -72,8 +70,6 @@ def checked_rule_set(rule_set: ir.RuleSet, methods: Mapping[str, MethodSignature
 
     No text is parsed: what a file on disk says reaches the rules as typed values, never as source.
     """
-    from .diagnostics import RulesError
-
     checked, diagnostics = check_rules(rule_set, methods)
     diagnostics = [d if d.file else replace(d, file=rule_set.path) for d in diagnostics]
     if any(d.is_error for d in diagnostics):

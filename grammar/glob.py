@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import re
 
-from .limits import MAX_DEPTH
+from surgeon.grammar.limits import MAX_DEPTH
 
 __all__ = ["GlobError", "GlobMatcher", "compile_glob"]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 
-from .diagnostics import SurgeryError
+from surgeon.diagnostics import SurgeryError
 
 __all__ = ["ADAPTER_NAME", "NAME_HINT", "name_problem", "checked_name"]
 

@@ -26,12 +26,12 @@ from typing import Mapping
 from lark import Lark, Token
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
-from . import rules as ir
-from ._build import BuildRules, TooDeep, assemble
-from ._scan import CONTROL_CHAR, Lines, Scan, blank_all, pieces, scan, spaces
-from .diagnostics import Diagnostic, RulesError, Span
-from .limits import MAX_DEPTH, MAX_TEXT_BYTES, size_words
-from .signature import MethodSignature
+from surgeon.grammar import rules as ir
+from surgeon.grammar._build import BuildRules, TooDeep, assemble
+from surgeon.grammar._scan import CONTROL_CHAR, Lines, Scan, blank_all, pieces, scan, spaces
+from surgeon.diagnostics import Diagnostic, RulesError, Span
+from surgeon.grammar.limits import MAX_DEPTH, MAX_TEXT_BYTES, size_words
+from surgeon.grammar.signature import MethodSignature
 
 __all__ = ["parse", "load_rules", "parse_unchecked", "TERMINAL_WORDS", "KEYWORDS"]
 
@@ -113,7 +113,7 @@ def _parser() -> Lark:
 
 def parse(text: str, path: str | None = None, methods: Mapping[str, MethodSignature] | None = None) -> ir.RuleSet:
     """Parse and check surgery text. Raises :class:`RulesError` listing every error."""
-    from .check import check_rules
+    from surgeon.grammar.check import check_rules
 
     if len(text) > MAX_TEXT_BYTES:
         raise RulesError(_too_large(path, Span.at(text, MAX_TEXT_BYTES), "the rules text is longer than"))

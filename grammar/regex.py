@@ -23,7 +23,7 @@ import re
 
 import regex as _engine
 
-from .limits import MAX_DEPTH, REGEX_TIMEOUT
+from surgeon.grammar.limits import MAX_DEPTH, REGEX_TIMEOUT
 
 __all__ = ["RegexError", "RegexTimeout", "check_regex", "regex_fullmatch"]
 

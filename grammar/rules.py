@@ -18,10 +18,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from ._scan import source_lines
-from .diagnostics import Span
-from .glob import compile_glob
-from .regex import regex_fullmatch
+from surgeon.grammar._scan import source_lines
+from surgeon.diagnostics import Span
+from surgeon.grammar.glob import compile_glob
+from surgeon.grammar.regex import regex_fullmatch
 
 __all__ = [
     "Value",
@@ -139,7 +139,7 @@ class TypeSelector:
 
 @dataclass(frozen=True)
 class RoleSelector:
-    """``role(attn.q, mlp.*)``: sites whose dataflow role (surgeon/roles.py) is one of these; ``*`` is any run of characters."""
+    """``role(attn.q, mlp.*)``: sites whose dataflow role (surgeon/capture/roles.py) is one of these; ``*`` is any run of characters."""
 
     roles: tuple
     span: Span | None = _no_span()

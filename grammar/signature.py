@@ -23,10 +23,10 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .regex import regex_fullmatch
-from .rules import format_value
+from surgeon.grammar.regex import regex_fullmatch
+from surgeon.grammar.rules import format_value
 
-__all__ = ["param", "Param", "MethodSignature", "signature_of", "ArgumentProblem"]
+__all__ = ["param", "Param", "MethodSignature", "signature_of", "ArgumentProblem", "register_signature", "known_signatures"]
 
 _REQUIRED = dataclasses.MISSING
 _KINDS = ("int", "float", "bool", "str", "list[int]", "list[float]", "list[str]")
@@ -248,3 +248,21 @@ def _kind_of(annotation: Any) -> tuple[str, bool]:
     if kind not in _KINDS:
         raise TypeError(f"unsupported parameter type {annotation!r}")
     return kind, optional
+
+
+# The methods the language knows: the method registry (surgeon/methods/, a floor above) hands each signature
+# here as it registers it, so the checker reads plain data and never imports the methods. ``import surgeon``
+# loads the built-in methods.
+_KNOWN: dict[str, MethodSignature] = {}
+
+
+def register_signature(signature: MethodSignature) -> None:
+    """Make ``signature`` a method the checker knows (called by ``surgeon.methods.register_method``)."""
+    if signature.name in _KNOWN:
+        raise ValueError(f"method {signature.name!r} is already registered")
+    _KNOWN[signature.name] = signature
+
+
+def known_signatures() -> dict[str, MethodSignature]:
+    """A snapshot: method name -> signature, of every registered method."""
+    return dict(_KNOWN)

@@ -19,7 +19,7 @@ PREDICATE_FIELDS = {
     "params": "number of parameters of the module, its children's included",
 }
 
-# role(...): what a site does, read from the graph's dataflow (surgeon/roles.py says how each is found).
+# role(...): what a site does, read from the graph's dataflow (surgeon/capture/roles.py says how each is found).
 ROLES = {
     "attn.q": "the query projection of a self-attention",
     "attn.k": "the key projection of a self-attention",
@@ -60,7 +60,7 @@ MODULE_TYPES = {
     "bitsandbytes.nn": ("Linear4bit", "Linear8bitLt"),
 }
 
-# merge "NAME" = TYPE(...): the combination types and the options each takes (surgeon/merging.py does
+# merge "NAME" = TYPE(...): the combination types and the options each takes (surgeon/compiled/merge_math.py does
 # the math; a test keeps the two in step, so that checking a file never has to import torch).
 MERGE_OPTIONS = {
     "density": "the fraction of entries kept, 0 < density <= 1",

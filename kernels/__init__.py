@@ -11,6 +11,6 @@ are defined on their first launch.
 - ``dora.py``: DoRA's factored row norm and ``torch.ops.surgeon.dora_linear``.
 """
 
-from ._triton import KERNELS, TritonMissing, check_kernels, triton_mode
+from surgeon.kernels._triton import KERNELS, TritonMissing, check_kernels, triton_mode
 
 __all__ = ["triton_mode", "TritonMissing", "KERNELS", "check_kernels"]

@@ -42,7 +42,7 @@ KERNELS = ("auto", "triton", "torch")
 
 def check_kernels(kernels: str) -> str:
     """``kernels`` itself when it is one of KERNELS and can run here; a SurgeryError otherwise."""
-    from surgeon.grammar.diagnostics import SurgeryError
+    from surgeon.diagnostics import SurgeryError
 
     if kernels not in KERNELS:
         raise SurgeryError(f"kernels={kernels!r} is not one of {', '.join(KERNELS)}")

@@ -21,8 +21,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._triton import TritonMissing, triton_mode
-from .lora_linear import _blocks, _check, _kernels, _launch, _use_triton, triton_next_pow2
+from surgeon.kernels._triton import TritonMissing, triton_mode
+from surgeon.kernels.lora_linear import _blocks, _check, _kernels, _launch, _use_triton, triton_next_pow2
 
 __all__ = ["dora_row_norm_torch", "dora_row_norm_triton", "dora_linear", "dora_linear_torch"]
 

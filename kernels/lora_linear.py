@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._triton import TritonMissing, triton_mode
+from surgeon.kernels._triton import TritonMissing, triton_mode
 
 __all__ = ["lora_linear_torch", "lora_linear_eager", "lora_linear_triton", "lora_linear"]
 

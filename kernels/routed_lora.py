@@ -20,8 +20,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._triton import TritonMissing, triton_mode
-from .lora_linear import _blocks, _kernels, _launch, _use_triton
+from surgeon.kernels._triton import TritonMissing, triton_mode
+from surgeon.kernels.lora_linear import _blocks, _kernels, _launch, _use_triton
 
 __all__ = ["routed_lora_linear_torch", "routed_lora_linear_triton", "routed_lora_linear", "stack_adapters"]
 

@@ -9,11 +9,11 @@ fused kernel op) and ``fold_adapters`` (merge them into the base weights,
 giving back the base graph).
 """
 
-from ._graph import adapter_nodes, module_path
-from .fold import FoldError, copy_graph_module, fold_adapters, verify_fold
-from .insert import Gates, GraphBuilder, Insertion, insert_adapters
-from .lower import lower_adapters
-from .pipeline import POINTS, PassError, PassResult, Pipeline, run_passes
+from surgeon.passes._graph import adapter_nodes, module_path
+from surgeon.passes.fold import FoldError, copy_graph_module, fold_adapters, verify_fold
+from surgeon.passes.insert import Gates, GraphBuilder, Insertion, insert_adapters
+from surgeon.passes.lower import lower_adapters
+from surgeon.passes.pipeline import POINTS, PassError, PassResult, Pipeline, run_passes
 
 __all__ = [
     "PassResult",

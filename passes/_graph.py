@@ -54,7 +54,7 @@ class SiteNodes:
 
 def site_args(node, kind: str) -> tuple:
     """(input, weight, bias or None) of a site's op: linear(x, W[, b]), addmm(b, x, W), embedding(W, ids)."""
-    if kind == "linear" and node.target in _quantized_bias():  # surgeon.linear_4bit / linear_8bit (surgeon/quantized.py)
+    if kind == "linear" and node.target in _quantized_bias():  # surgeon.linear_4bit / linear_8bit (kernels/quantized.py)
         index = _quantized_bias()[node.target]
         return node.args[0], node.args[1], node.args[index]
     if kind == "linear" or kind.startswith("conv"):
@@ -68,7 +68,7 @@ def site_args(node, kind: str) -> tuple:
 
 def _quantized_bias() -> dict:
     """The quantized linear ops and the position of their bias argument."""
-    from surgeon.quantized import QUANTIZED_OPS
+    from surgeon.kernels.quantized import QUANTIZED_OPS
 
     return dict(zip(QUANTIZED_OPS, (6, 3)))
 

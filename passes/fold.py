@@ -13,7 +13,7 @@ graph has exactly the base graph's op sequence. The new weights are new
 tensors set on the graph module (the user's model and the unfolded graph keep
 theirs). A ``merged`` dict given to the pass keeps them, by site: a second
 graph of the same model (another call signature) folded with that dict reads
-the very same tensors, computed once (surgeon/folded.py writes them into the
+the very same tensors, computed once (surgeon/compiled/folded.py writes them into the
 model for an in-place fold and reads a merged checkpoint from them).
 
 :func:`verify_fold` runs the folded and unfolded graphs on the same inputs and
@@ -22,13 +22,13 @@ raises :class:`FoldError` when they differ beyond a tolerance for the dtype.
 
 from __future__ import annotations
 
-from surgeon.grammar.diagnostics import SurgeryError
+from surgeon.diagnostics import SurgeryError
 
-from surgeon.quantized import QUANTIZED_OPS
+from surgeon.kernels.quantized import QUANTIZED_OPS
 
-from ._graph import SiteNodes, attribute, site_args
-from .insert import attribute_prefix
-from .pipeline import PassResult
+from surgeon.passes._graph import SiteNodes, attribute, site_args
+from surgeon.passes.insert import attribute_prefix
+from surgeon.passes.pipeline import PassResult
 
 __all__ = ["merge_dtype", "fold_weighted", "fold_adapters", "verify_fold", "output_difference", "FoldError",
            "copy_graph_module", "TOLERANCES"]
@@ -71,7 +71,7 @@ def fold_adapters(insertions, *, weights: dict | None = None, quantized: str = "
     ``weights`` (adapter name -> w, default 1) folds each adapter with a
     strength: ``W + w (fold(W) - W)``, the gated graph's interpolation, exact
     at w = 1; an adapter with w = 0 is left out. A site on a bitsandbytes
-    weight (surgeon/quantized.py) is merged in float32 from its dequantized
+    weight (kernels/quantized.py) is merged in float32 from its dequantized
     weight, then ``quantized`` decides: "dequantize" makes it a plain linear
     on the merged weight in its compute dtype, "requantize" quantizes the
     merged weight again with the site's own scheme (which adds error).
@@ -178,8 +178,8 @@ def _fold_projections(gm, path: str, kind: str, nodes, specs, weights: dict, mer
 
 def _fold_quantized(gm, nodes, specs, weights: dict, quantized: str, merged: dict) -> None:
     """Every call (``nodes``) of a quantized site: merged in float32 from the dequantized weight, then made a plain
-    linear or quantized again (surgeon/quantized.py). LoRA biases are refused at planning on such sites."""
-    from surgeon.quantized_merge import dequantize_graph_site, graph_weight, requantize_graph_site
+    linear or quantized again (kernels/quantized.py). LoRA biases are refused at planning on such sites."""
+    from surgeon.passes.fold_quantized import dequantize_graph_site, graph_weight, requantize_graph_site
 
     path = specs[0].path
     if (path, "linear") not in merged:

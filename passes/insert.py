@@ -32,8 +32,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ._graph import Inserter, SiteNodes, attribute, site_args
-from .pipeline import PassResult
+from surgeon.passes._graph import Inserter, SiteNodes, attribute, site_args
+from surgeon.passes.pipeline import PassResult
 
 __all__ = ["Insertion", "Gates", "insert_adapters", "attribute_prefix", "GraphBuilder"]
 
@@ -116,7 +116,7 @@ class GraphBuilder:
         # Only a routed call (adapter_ids) needs this, and only the graph shows it for every site: the plan
         # marks the sites it knows of (GPT-2's Conv1D) as unroutable, this catches the rest.
         if self.routed and rank and not self._gate_of.keeps_batch(value):
-            from surgeon.grammar.diagnostics import PlanError
+            from surgeon.diagnostics import PlanError
 
             raise PlanError(
                 f"{self.spec.path} computes on rows that are not the batch's (its output is {tuple(value.shape)}), "
@@ -151,7 +151,7 @@ class GraphBuilder:
         """
         weight = self.weight()
         if weight.op != "get_attr":  # planning refuses this (weight-replaced-twice); kept for insertions made by hand
-            from surgeon.grammar.diagnostics import PlanError
+            from surgeon.diagnostics import PlanError
 
             raise PlanError(
                 f"{self.spec.path}: two adapters rewrite this weight ({self.spec.adapter!r} is the second); "

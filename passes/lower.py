@@ -27,8 +27,8 @@ site's (-1: none), so each row runs only its own adapter.
 
 from __future__ import annotations
 
-from ._graph import attribute
-from .pipeline import PassResult
+from surgeon.passes._graph import attribute
+from surgeon.passes.pipeline import PassResult
 
 __all__ = ["lower_adapters"]
 

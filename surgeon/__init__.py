@@ -13,6 +13,9 @@ import importlib
 
 __version__ = "0.1.0"
 
+# The built-in methods register their signatures with the language (torch-free, so this stays cheap).
+import surgeon.methods  # noqa: E402,F401
+
 # public name -> module that defines it (loaded lazily)
 _EXPORTS = {
     "parse": "surgeon.grammar",
@@ -29,9 +32,9 @@ _EXPORTS = {
     "plan": "surgeon.api",
     "compile": "surgeon.api",
     "capture_model": "surgeon.api",
-    "open_model": "surgeon.models",
-    "Plan": "surgeon.planning",
-    "write_artifacts": "surgeon.checkpoints.artifacts",
+    "open_model": "surgeon.capture.models",
+    "Plan": "surgeon.planning.plan",
+    "write_artifacts": "surgeon.artifacts",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -18,9 +18,9 @@ from typing import Any
 
 from surgeon.grammar import RuleSet, load_rules, parse
 
-from .capture import Captured, capture
-from .models import open_model
-from .planning import Plan, build_plan
+from surgeon.capture.sites import Captured, capture
+from surgeon.capture.models import open_model
+from surgeon.planning.plan import Plan, build_plan
 
 __all__ = ["capture_model", "plan", "compile"]
 
@@ -75,14 +75,14 @@ def compile(
     (a model, a state dict, or a safetensors folder), which ``lora(init="loftq")``
     starts from (the quantized demos know theirs). ``kbit_training``: first do to the
     model what PEFT's ``prepare_model_for_kbit_training`` does to a graph (its unquantized
-    float16/bfloat16 parameters become float32; see surgeon.quantized.prepare_kbit_training).
-    Returns a :class:`surgeon.compiled.Compiled`.
+    float16/bfloat16 parameters become float32; see surgeon.kernels.quantized.prepare_kbit_training).
+    Returns a :class:`surgeon.compiled.model.Compiled`.
     """
     from surgeon.grammar import SurgeryError
 
-    from .checkpoints.peft import load_adapter
-    from .checkpoints.peft_rules import peft_rule_set
-    from .compiled import Compiled
+    from surgeon.checkpoints.peft import load_adapter
+    from surgeon.checkpoints.peft_rules import peft_rule_set
+    from surgeon.compiled.model import Compiled
 
     if rules is None and adapter is None:
         raise SurgeryError("compile needs rules, or an adapter folder to derive them from", hint="surgeon.compile(model, rules)")
@@ -92,11 +92,11 @@ def compile(
         rule_set = peft_rule_set(adapter)  # built and checked as objects: no text from the folder is parsed
     opened = model if hasattr(model, "example_kwargs") else open_model(model, weights=True, example_inputs=example_inputs)
     if full_precision is not None:
-        from .models import full_precision_source
+        from surgeon.capture.models import full_precision_source
 
         opened.full_precision = full_precision_source(full_precision)
     if kbit_training:
-        from .quantized import prepare_kbit_training
+        from surgeon.kernels.quantized import prepare_kbit_training
 
         prepare_kbit_training(opened.module)
     captured = capture(opened)
@@ -121,7 +121,7 @@ def apply_merges(compiled, rule_set) -> None:
         except SurgeryError as exc:  # located at the merge statement
             from dataclasses import replace
 
-            from surgeon.grammar.diagnostics import PlanError
+            from surgeon.diagnostics import PlanError
 
             line = rule_set.source_line(merge.span.line) if merge.span else None
             located = [replace(d, span=merge.span, file=rule_set.path or "<rules>", source_line=line) for d in exc.diagnostics]

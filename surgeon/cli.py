@@ -204,7 +204,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from surgeon.api import capture_model
     from surgeon.grammar import SurgeryError, load_rules
-    from surgeon.planning import build_plan
+    from surgeon.planning.plan import build_plan
 
     if _swapped(args.model, args.rules):
         return 2
@@ -298,7 +298,7 @@ def _compile(args: argparse.Namespace) -> int:
 
     try:
         import surgeon
-        from surgeon.checkpoints.artifacts import write_artifacts
+        from surgeon.artifacts import write_artifacts
         from surgeon.checkpoints.output_folder import OutputFolder
         from surgeon.grammar import load_rules
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from surgeon.grammar import rules as ir
-from surgeon.grammar.diagnostics import RulesError, SurgeryError
+from surgeon.diagnostics import RulesError, SurgeryError
 
 __all__ = ["merge_rule_set"]
 

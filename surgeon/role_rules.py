@@ -52,7 +52,7 @@ def with_role_selectors(rule_set: ir.RuleSet, captured) -> tuple:
 
 def _roles_of(rule: ir.Rule, captured, by_role: dict):
     """The roles whose sites are exactly those ``rule``'s selectors pick (its where clause aside), or None."""
-    from .select import matches
+    from surgeon.planning.select import matches
 
     if any(isinstance(s, ir.RoleSelector) for s in rule.selectors):
         return None

@@ -11,7 +11,7 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "surgeon"))
 
-# Captures are cached on disk (surgeon/capture_cache.py): the suite keeps its own cache, new each run,
+# Captures are cached on disk (surgeon/capture/cache.py): the suite keeps its own cache, new each run,
 # never the user's ~/.cache/surgeon.
 _CACHE = tempfile.mkdtemp(prefix="surgeon-test-cache-")
 os.environ["SURGEON_CACHE_DIR"] = _CACHE

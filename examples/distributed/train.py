@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import surgeon
-from surgeon.demos import build_demo
+from surgeon.capture.demos import build_demo
 
 # As examples/rules/tiny-finetune.surgery: LoRA on every projection, the output head trained in full.
 LORA = 'match "*.self_attn.{q,k,v,o}_proj", "*.mlp.{gate,up,down}_proj" apply lora(r=16, alpha=32)'
@@ -86,9 +86,9 @@ def train(engine: str, steps: int, out: Path | None, bf16: bool = False, lr: flo
     elif engine == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
 
-        from surgeon.distributed import fully_shard  # torch's, after surgeon's checks
+        from surgeon.compiled.distributed import fully_shard  # torch's, after surgeon's checks
 
-        fully_shard(model, mesh=init_device_mesh(device.type, (world,)))  # one unit: see surgeon/distributed.py
+        fully_shard(model, mesh=init_device_mesh(device.type, (world,)))  # one unit: see surgeon/compiled/distributed.py
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     for step, batch in enumerate(global_batches(steps, global_rows(world))):
         mine = {k: v[rank::world].to(device) for k, v in batch.items()}

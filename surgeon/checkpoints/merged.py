@@ -16,17 +16,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from surgeon.grammar.diagnostics import SurgeryError
+from surgeon.diagnostics import SurgeryError
 
-from surgeon.distributed import refuse_sharded, writes_files
+from surgeon.compiled.distributed import refuse_sharded, writes_files
 
-from .atomic import output_folder, replace_folder, writing
+from surgeon.atomic import output_folder, replace_folder, writing
 
 __all__ = ["save_merged"]
 
 
 def save_merged(folded, directory) -> None:
-    """Write ``folded`` (a :class:`surgeon.folded.Folded`) as a Hugging Face checkpoint folder."""
+    """Write ``folded`` (a :class:`surgeon.compiled.folded.Folded`) as a Hugging Face checkpoint folder."""
     compiled, quantized = folded._compiled, folded.quantized
     refuse_sharded(compiled, "save_pretrained")
     if not writes_files():  # in a process group, rank 0 writes

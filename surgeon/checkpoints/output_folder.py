@@ -2,7 +2,7 @@
 
 What a command writes goes into a staging folder, ``.OUT.surgeon-staging-*``,
 a sibling of OUT; only when every file is written does it replace OUT
-(:func:`surgeon.checkpoints.atomic.replace_folder`). So OUT is at every moment
+(:func:`surgeon.atomic.replace_folder`). So OUT is at every moment
 either the earlier output, whole, or the new one, whole: a failed, interrupted
 (Ctrl-C) or killed run leaves the earlier OUT as it was, and at most a staging
 folder that the next run into OUT removes. Files from an earlier run never
@@ -30,7 +30,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from surgeon.grammar.diagnostics import SurgeryError
+from surgeon.diagnostics import SurgeryError
 
 __all__ = ["MARKER", "OutputFolder", "check_free_space", "output_bytes"]
 
@@ -151,7 +151,7 @@ class OutputFolder:
 
     def commit(self) -> None:
         """Record what the staging folder holds and put it in OUT's place. Ctrl-C waits until it is done."""
-        from surgeon.checkpoints.atomic import replace_folder, write_text
+        from surgeon.atomic import replace_folder, write_text
 
         record = {"written_by": "surgeon", "command": self.command, "files": sorted(_files(self.staging))}
         write_text(self.staging / MARKER, json.dumps(record, indent=2) + "\n")
@@ -170,7 +170,7 @@ class OutputFolder:
         if isinstance(error, SurgeryError) and staging is not None:  # name OUT, where the user looks, not staging
             from dataclasses import replace
 
-            from surgeon.grammar.diagnostics import render
+            from surgeon.diagnostics import render
 
             error.diagnostics = [replace(d, message=d.message.replace(str(staging), str(self.out))) for d in error.diagnostics]
             error.args = (render(error.diagnostics),)
@@ -221,7 +221,7 @@ def _files(folder: Path) -> list:
 
 
 def _cannot(path: Path, exc: OSError) -> SurgeryError:
-    from surgeon.checkpoints.atomic import write_error
+    from surgeon.atomic import write_error
 
     error = write_error(exc, path)
     return error if error is not None else SurgeryError(f"cannot write {path}: {exc}")

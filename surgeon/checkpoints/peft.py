@@ -27,16 +27,16 @@ import json
 import warnings
 from pathlib import Path
 
-from surgeon.distributed import gathered, writes_files
+from surgeon.compiled.distributed import gathered, writes_files
 from surgeon.grammar import DEFAULT_ADAPTER
 from surgeon.methods.adapter import adapter_class
 
-from .atomic import atomic_path, output_folder, write_text
-from .peft_folder import CONFIG, MIXTURE, MIXTURE_PARTS, WEIGHTS, adapter_folders, folder_of, read_peft_config, saving
-from .peft_format import AdapterError, PeftFidelityWarning
-from .peft_load import expected_state, load_adapter
-from .peft_record import RECORD_KEY, fidelity_warning, record
-from .peft_rules import exact_rules_from_folder, rules_from_folder, rules_from_peft, rules_from_peft_folder
+from surgeon.atomic import atomic_path, output_folder, write_text
+from surgeon.checkpoints.peft_folder import CONFIG, MIXTURE, MIXTURE_PARTS, WEIGHTS, adapter_folders, folder_of, read_peft_config, saving
+from surgeon.methods.peft_format import AdapterError, PeftFidelityWarning
+from surgeon.checkpoints.peft_load import expected_state, load_adapter
+from surgeon.checkpoints.peft_record import RECORD_KEY, fidelity_warning, record
+from surgeon.checkpoints.peft_rules import exact_rules_from_folder, rules_from_folder, rules_from_peft, rules_from_peft_folder
 
 __all__ = [
     "save_adapter",
@@ -91,7 +91,7 @@ def _tensors(compiled, adapter: str, method: str | None = None, trained: bool = 
 
 def _expected(compiled, adapter: str, method: str | None = None, trained: bool = True, saving: bool = False) -> dict:
     """PEFT key -> the live tensor it saves from, for one adapter (or its sites of one method)."""
-    from surgeon.switching import site_key
+    from surgeon.compiled.adapter_state import site_key
 
     return expected_state(compiled.plan, lambda path: compiled.adapter_module(adapter, path),
                           lambda path: compiled.trained[site_key(path)], adapter, method, trained, saving)

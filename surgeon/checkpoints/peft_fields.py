@@ -26,7 +26,7 @@ import math
 import unicodedata
 import warnings
 
-from .peft_format import AdapterError, PeftFidelityWarning
+from surgeon.methods.peft_format import AdapterError, PeftFidelityWarning
 
 __all__ = ["PEFT_FIELDS", "INERT_KINDS", "check_peft_fields", "control_character"]
 

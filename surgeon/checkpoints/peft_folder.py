@@ -23,9 +23,9 @@ from surgeon.grammar.names import checked_name
 from surgeon.methods._registry import method_names
 from surgeon.methods.adapter import adapter_class, peft_reader
 
-from .atomic import write_text
-from .peft_fields import check_peft_fields, control_character
-from .peft_format import AdapterError
+from surgeon.atomic import write_text
+from surgeon.checkpoints.peft_fields import check_peft_fields, control_character
+from surgeon.methods.peft_format import AdapterError
 
 __all__ = [
     "CONFIG",

@@ -21,10 +21,10 @@ from surgeon.grammar import SurgeryError
 from surgeon.grammar.names import checked_name
 from surgeon.methods.adapter import adapter_class
 
-from .peft_folder import CONFIG, WEIGHTS, adapter_folders, configs, read_tensors
-from .peft_format import PREFIX, AdapterError
-from .peft_rules import adapter_rule_set, part_rules
-from .staging import commit_adapter, rolled_back, stage_adapter
+from surgeon.checkpoints.peft_folder import CONFIG, WEIGHTS, adapter_folders, configs, read_tensors
+from surgeon.methods.peft_format import PREFIX, AdapterError
+from surgeon.checkpoints.peft_rules import adapter_rule_set, part_rules
+from surgeon.checkpoints.staging import commit_adapter, rolled_back, stage_adapter
 
 __all__ = ["load_adapter", "expected_state"]
 
@@ -53,7 +53,7 @@ def expected_state(plan, module_of, trained_of, adapter: str, method: str | None
 
 
 def _staged_state(staged) -> dict:
-    from surgeon.switching import site_key
+    from surgeon.compiled.adapter_state import site_key
 
     return expected_state(staged.plan, staged.module, lambda path: staged.trained[site_key(path)], staged.name)
 

@@ -38,8 +38,8 @@ import warnings
 
 from surgeon.grammar import rules as ir
 
-from .peft_fields import control_character
-from .peft_format import PREFIX, PeftFidelityWarning, path_globs
+from surgeon.checkpoints.peft_fields import control_character
+from surgeon.methods.peft_format import PREFIX, PeftFidelityWarning, path_globs
 
 __all__ = ["RECORD_KEY", "record", "read_metadata", "recorded_rules", "fidelity_warning"]
 
@@ -224,9 +224,9 @@ def fidelity_warning(compiled, adapter: str, method: str | None, config: dict) -
     """
     from surgeon.grammar import SurgeryError
     from surgeon.grammar.check import checked_rule_set
-    from surgeon.planning import build_plan
+    from surgeon.planning.plan import build_plan
 
-    from .peft_rules import peft_rules
+    from surgeon.checkpoints.peft_rules import peft_rules
 
     try:
         rules = checked_rule_set(ir.RuleSet((ir.Adapter(ir.DEFAULT_ADAPTER, peft_rules(config)),)))

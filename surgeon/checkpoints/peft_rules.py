@@ -19,10 +19,10 @@ from surgeon.grammar import rules as ir
 from surgeon.grammar.check import checked_rule_set
 from surgeon.methods.adapter import peft_reader
 
-from .peft_fields import check_peft_fields, control_character
-from .peft_folder import CONFIG, WEIGHTS, adapter_folders, configs
-from .peft_format import peft_names
-from .peft_record import read_metadata, recorded_rules
+from surgeon.checkpoints.peft_fields import check_peft_fields, control_character
+from surgeon.checkpoints.peft_folder import CONFIG, WEIGHTS, adapter_folders, configs
+from surgeon.methods.peft_format import peft_names
+from surgeon.checkpoints.peft_record import read_metadata, recorded_rules
 
 __all__ = [
     "peft_rules",

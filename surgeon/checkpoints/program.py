@@ -11,20 +11,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from surgeon.distributed import refuse_sharded, writes_files
-from surgeon.grammar.diagnostics import SurgeryError
+from surgeon.compiled.distributed import refuse_sharded, writes_files
+from surgeon.diagnostics import SurgeryError
 
-from .atomic import output_folder, save_exported
+from surgeon.atomic import output_folder, save_exported
 
 __all__ = ["export_program_file", "load_program"]
 
 
 def export_program_file(compiled, path, *, fold: bool = True, args: tuple = (), kwargs: dict | None = None,
                         quantized: str = "dequantize", folded=None) -> None:
-    """``folded``: the fold to save (a :class:`surgeon.folded.Folded`; default: ``compiled.fold(...)`` now)."""
+    """``folded``: the fold to save (a :class:`surgeon.compiled.folded.Folded`; default: ``compiled.fold(...)`` now)."""
     import torch
 
-    from surgeon.export import dynamic_shapes, widen_inputs
+    from surgeon.capture.export import dynamic_shapes, widen_inputs
 
     refuse_sharded(compiled, "export")
     if not writes_files():  # in a process group, rank 0 writes
@@ -67,7 +67,7 @@ def register_ops() -> None:
     lowered program, the quantized linears of a bitsandbytes model's."""
     import importlib
 
-    for module in ("surgeon.kernels.lora_linear", "surgeon.kernels.routed_lora", "surgeon.kernels.dora", "surgeon.quantized"):
+    for module in ("surgeon.kernels.lora_linear", "surgeon.kernels.routed_lora", "surgeon.kernels.dora", "surgeon.kernels.quantized"):
         importlib.import_module(module)
 
 
@@ -78,6 +78,6 @@ def load_program(path):
     from anyone loads without running code of its own; anything else is a
     SurgeryError naming the file.
     """
-    from .program_archive import open_program
+    from surgeon.checkpoints.program_archive import open_program
 
     return open_program(path)[0]

@@ -41,9 +41,9 @@ import re
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from surgeon.grammar.diagnostics import SurgeryError
+from surgeon.diagnostics import SurgeryError
 
-from .program_graph import check_graph
+from surgeon.checkpoints.program_graph import check_graph
 
 __all__ = ["open_program", "check_archive", "ProgramArchiveError"]
 
@@ -202,7 +202,7 @@ def open_program(path):
     """
     import torch
 
-    from .program import register_ops
+    from surgeon.checkpoints.program import register_ops
 
     path = Path(path)
     if not path.exists():

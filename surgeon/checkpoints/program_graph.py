@@ -34,7 +34,7 @@ import ast
 import json
 import re
 
-from surgeon.grammar.diagnostics import SurgeryError
+from surgeon.diagnostics import SurgeryError
 
 __all__ = ["check_graph", "check_sym_expr", "check_guard", "check_target"]
 

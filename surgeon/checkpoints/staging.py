@@ -36,7 +36,7 @@ class Staged:
     shared: set = field(default_factory=set)  # keys of ``trained`` that are the model's own copies (other adapters train them too)
 
     def module(self, path: str):
-        from surgeon.switching import site_key
+        from surgeon.compiled.adapter_state import site_key
 
         return self.modules[site_key(path)]
 
@@ -48,8 +48,8 @@ def stage_adapter(compiled, name: str, rules: ir.RuleSet, device=None) -> Staged
     model's own modules, to be read, never written. Raises what planning or building raises; the model is unchanged.
     """
     from surgeon.grammar.names import checked_name
-    from surgeon.planning import build_plan
-    from surgeon.switching import site_key
+    from surgeon.planning.plan import build_plan
+    from surgeon.compiled.adapter_state import site_key
 
     checked_name(name)
     new = ir.Adapter(name, tuple(rule for adapter in rules.adapters for rule in adapter.rules))

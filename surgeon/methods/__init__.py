@@ -10,11 +10,11 @@ signatures.
 import importlib
 import pkgutil
 
-from ._registry import SITE_KINDS, get_method, method_names, register_method, signatures
+from surgeon.methods._registry import SITE_KINDS, get_method, method_names, register_method, signatures
 
 __all__ = ["SITE_KINDS", "register_method", "get_method", "method_names", "signatures"]
 
-_NOT_METHODS = {"adapter"}
+_NOT_METHODS = {"adapter", "loftq", "peft_format"}
 
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     if _info.name.startswith("_") or _info.name.endswith("_weights") or _info.name in _NOT_METHODS:

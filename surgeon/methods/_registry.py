@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from surgeon.grammar.signature import MethodSignature, signature_of
+from surgeon.grammar.signature import MethodSignature, register_signature, signature_of
 
 __all__ = ["SITE_KINDS", "register_method", "get_method", "method_names", "signatures"]
 
@@ -33,6 +33,7 @@ def register_method(name: str, *, sites: Iterable[str]) -> Callable[[type], type
         if name in _METHODS:
             raise ValueError(f"method {name!r} is already registered")
         _METHODS[name] = signature_of(name, config_class, sites)
+        register_signature(_METHODS[name])  # the language's checker reads it there
         config_class.method_name = name
         return config_class
 

@@ -164,7 +164,7 @@ def adapter_class(name: str):
 
 def peft_reader(peft_type: str):
     """The SiteAdapter class that reads PEFT configs of ``peft_type``, or None."""
-    from ._registry import method_names
+    from surgeon.methods._registry import method_names
 
     for name in method_names():
         cls = adapter_class(name)

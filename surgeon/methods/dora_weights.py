@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import site_adapter
-from .lora_weights import LoraWeights
+from surgeon.methods.adapter import site_adapter
+from surgeon.methods.lora_weights import LoraWeights
 
 __all__ = ["DoraWeights"]
 

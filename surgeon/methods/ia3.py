@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from surgeon.grammar.signature import param
 
-from ._registry import register_method
+from surgeon.methods._registry import register_method
 
 __all__ = ["Ia3Config"]
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from surgeon.checkpoints.peft_format import call_rule, peft_targets
+from surgeon.methods.peft_format import call_rule, peft_targets
 
-from .adapter import SiteAdapter, site_adapter
+from surgeon.methods.adapter import SiteAdapter, site_adapter
 
 __all__ = ["Ia3Weights"]
 

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgeon.checkpoints.peft_format import AdapterError, lora_family_config, lora_family_rules, refuse
+from surgeon.methods.peft_format import AdapterError, lora_family_config, lora_family_rules, refuse
 
-from .adapter import SiteAdapter, site_adapter
+from surgeon.methods.adapter import SiteAdapter, site_adapter
 
 __all__ = ["LohaWeights", "delta_branch", "module_kept", "rows_dropped", "eager_dropped", "one_per_adapter", "dropout_arguments"]
 

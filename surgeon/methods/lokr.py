@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from surgeon.grammar.signature import param
 
-from ._registry import register_method
-from .lora import lora_scale
+from surgeon.methods._registry import register_method
+from surgeon.methods.lora import lora_scale
 
 __all__ = ["LokrConfig", "factorization", "lokr_shapes"]
 

@@ -7,11 +7,11 @@ import math
 import torch
 from torch import nn
 
-from surgeon.checkpoints.peft_format import AdapterError, lora_family_config, lora_family_rules, refuse
+from surgeon.methods.peft_format import AdapterError, lora_family_config, lora_family_rules, refuse
 
-from .adapter import SiteAdapter, site_adapter
-from .loha_weights import delta_branch, dropout_arguments, eager_dropped, one_per_adapter
-from .lokr import lokr_shapes
+from surgeon.methods.adapter import SiteAdapter, site_adapter
+from surgeon.methods.loha_weights import delta_branch, dropout_arguments, eager_dropped, one_per_adapter
+from surgeon.methods.lokr import lokr_shapes
 
 __all__ = ["LokrWeights"]
 

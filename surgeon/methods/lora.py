@@ -22,7 +22,7 @@ that the model starts equal to the base; surgeon leaves the user's weight
 alone and computes the residual in the graph (see lora_weights.py).
 ``init="loftq"`` (LoftQ, Li et al., 2023), on a bitsandbytes-quantized site
 only, starts s B A at the low-rank part of the quantization error W - Q(W)
-(the full-precision W comes with the model; see surgeon/loftq.py).
+(the full-precision W comes with the model; see surgeon/methods/loftq.py).
 
 On a Conv1d/2d/3d, as PEFT: A is a convolution (r, in, *kernel) with the
 base's stride, padding and dilation, B a 1x1 convolution (out, r/g, 1, ...)
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 from surgeon.grammar.signature import param
 
-from ._registry import register_method
+from surgeon.methods._registry import register_method
 
 __all__ = ["LoraConfig", "lora_scale"]
 

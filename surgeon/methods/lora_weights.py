@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgeon.checkpoints.peft_format import AdapterError, common, lora_family_config, lora_family_rules, refuse
+from surgeon.methods.peft_format import AdapterError, common, lora_family_config, lora_family_rules, refuse
 
-from .adapter import SiteAdapter, site_adapter
+from surgeon.methods.adapter import SiteAdapter, site_adapter
 
 __all__ = ["LoraWeights"]
 
@@ -37,7 +37,7 @@ class LoraWeights(SiteAdapter):
         # A grouped convolution (weight (out, in/g, *k)): A sees every input channel, B is grouped (PEFT's layout).
         self.groups = in_features // weight.shape[1] if kernel else 1
         if config.r % self.groups:  # planning refuses it first (validate_site); this guards adapters built by hand
-            from surgeon.grammar.diagnostics import PlanError
+            from surgeon.diagnostics import PlanError
 
             raise PlanError(f"LoRA on a convolution with {self.groups} groups needs a rank divisible by {self.groups}, not {config.r}")
         self.lora_A = nn.Parameter(torch.empty(config.r, in_features, *kernel, **factory))
@@ -52,7 +52,7 @@ class LoraWeights(SiteAdapter):
     def validate_site(cls, site, context) -> list:
         """What the constructor would refuse: a rank the conv's groups do not divide, PiSSA/OLoRA on a site
         they are not defined for or on a weight without values."""
-        from .adapter import SiteProblem
+        from surgeon.methods.adapter import SiteProblem
 
         config, kind, path, problems = site.config, site.kind, site.path, []
         if kind.startswith("conv") and len(site.weight_shape) > 2:
@@ -84,7 +84,7 @@ class LoraWeights(SiteAdapter):
         weight and subtracts s x A0^T B0^T in the graph: a rank-r correction, so
         no copy of W is held.
         """
-        from surgeon.grammar.diagnostics import PlanError
+        from surgeon.diagnostics import PlanError
 
         init, kind = self.config.init, self.kind
         # validate_site refuses both at plan time; these guard adapters built without a plan

@@ -3,7 +3,7 @@
 ``F.multi_head_attention_forward`` runs both projections in the MHA's own frame,
 ``qkv = x W_in^T + b_in`` (``in_proj_weight``, (3E, E)) and ``out = a W_out^T + b_out``
 (``out_proj.weight``, (E, E)), so capture makes them one site at the MHA's path
-(``Site.parts``, surgeon/capture.py). PEFT's ``lora.MultiheadAttention`` (what
+(``Site.parts``, surgeon/capture/sites.py). PEFT's ``lora.MultiheadAttention`` (what
 ``target_modules=["attn"]`` makes) gives each its own LoRA, under these keys::
 
     in-projection:  A (r, E), B (3E, r)   <path>.lora_A.weight, <path>.lora_B.weight
@@ -30,9 +30,9 @@ import warnings
 import torch
 from torch import nn
 
-from surgeon.grammar.diagnostics import Diagnostic, PlanError, SurgeryError
+from surgeon.diagnostics import Diagnostic, PlanError, SurgeryError
 
-from .adapter import SiteAdapter, SiteProblem
+from surgeon.methods.adapter import SiteAdapter, SiteProblem
 
 __all__ = ["MhaLoraWeights", "mha_adapter", "mha_problems", "MHA_INITS"]
 

@@ -14,11 +14,11 @@ import warnings
 import torch
 from torch import nn
 
-from surgeon.checkpoints.peft_format import NOT_HEAD, AdapterError, both, call_rule, peft_targets, peft_where
+from surgeon.methods.peft_format import NOT_HEAD, AdapterError, both, call_rule, peft_targets, peft_where
 from surgeon.grammar.rules import TypeSelector
 
-from .adapter import SiteAdapter, site_adapter
-from .oft import DEFAULT_BLOCK_SIZE
+from surgeon.methods.adapter import SiteAdapter, site_adapter
+from surgeon.methods.oft import DEFAULT_BLOCK_SIZE
 
 __all__ = ["OftWeights", "coft_project_"]
 

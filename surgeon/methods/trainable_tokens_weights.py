@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgeon.checkpoints.peft_format import PREFIX, AdapterError, call_rule, peft_targets
+from surgeon.methods.peft_format import PREFIX, AdapterError, call_rule, peft_targets
 
-from .adapter import SiteAdapter, site_adapter
+from surgeon.methods.adapter import SiteAdapter, site_adapter
 
 __all__ = ["TrainableTokensWeights"]
 
@@ -30,7 +30,7 @@ class TrainableTokensWeights(SiteAdapter):
 
     @classmethod
     def validate_site(cls, site, context) -> list:
-        from .adapter import SiteProblem
+        from surgeon.methods.adapter import SiteProblem
 
         beyond = max(site.config.indices)
         if beyond < site.in_features:
@@ -44,7 +44,7 @@ class TrainableTokensWeights(SiteAdapter):
             raise ValueError("trainable tokens start from the embedding's own rows: the base weight is needed")
         indices = list(config.indices)
         if max(indices) >= in_features:  # validate_site refuses it at plan time; this guards adapters built by hand
-            from surgeon.grammar.diagnostics import PlanError
+            from surgeon.diagnostics import PlanError
 
             raise PlanError(
                 f"trainable_tokens: token id {max(indices)} is outside the embedding's {in_features} rows",
@@ -63,7 +63,7 @@ class TrainableTokensWeights(SiteAdapter):
         rows = graph.cast_before(graph.param("trainable_tokens_delta"), graph.dtype_of(weight))
         indices = graph.param("token_indices")
         if graph.routed:
-            from surgeon.grammar.diagnostics import SurgeryError
+            from surgeon.diagnostics import SurgeryError
 
             raise SurgeryError(
                 "trainable_tokens cannot be routed per batch row: the embedding's rows are shared by the batch",

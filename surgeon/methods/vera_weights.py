@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgeon.checkpoints.peft_format import ALL_LINEAR, NOT_HEAD, AdapterError, both, call_rule, peft_targets, peft_where
-from surgeon.grammar.diagnostics import PlanError
+from surgeon.methods.peft_format import ALL_LINEAR, NOT_HEAD, AdapterError, both, call_rule, peft_targets, peft_where
+from surgeon.diagnostics import PlanError
 
-from .adapter import SiteAdapter, site_adapter
+from surgeon.methods.adapter import SiteAdapter, site_adapter
 
 __all__ = ["VeraWeights", "projections"]
 
@@ -106,7 +106,7 @@ class VeraWeights(SiteAdapter):
         """A site whose arguments differ from the adapter's first VeRA site (they share one A and B)."""
         from surgeon.grammar.rules import format_value
 
-        from .adapter import SiteProblem
+        from surgeon.methods.adapter import SiteProblem
 
         first = context.peers[0] if context.peers else site
         if site.config == first.config:

@@ -98,8 +98,8 @@ def test_inner_fsdp_groups_and_mixed_trainable_dtypes_are_refused_clearly(one_pr
     from torch.distributed.fsdp import fully_shard as torch_fully_shard
 
     import surgeon
-    from surgeon.demos import build_demo
-    from surgeon.distributed import fully_shard
+    from surgeon.capture.demos import build_demo
+    from surgeon.compiled.distributed import fully_shard
     from surgeon.grammar import SurgeryError
 
     mixed = surgeon.compile(build_demo("llama").to(torch.bfloat16), 'match "*.q_proj" apply lora(r=2)\nmatch "lm_head" train')
@@ -115,8 +115,8 @@ def test_inner_fsdp_groups_and_mixed_trainable_dtypes_are_refused_clearly(one_pr
 def test_a_sharded_model_runs_its_graphs_on_the_gathered_weights_and_saves_whole_tensors(one_process_group, tmp_path):
     """FSDP2 of a bfloat16 base with float32 adapters (mixed dtypes: FSDP2 gathers both, reduces float32 gradients)."""
     import surgeon
-    from surgeon.demos import build_demo
-    from surgeon.distributed import fully_shard
+    from surgeon.capture.demos import build_demo
+    from surgeon.compiled.distributed import fully_shard
     from surgeon.grammar import SurgeryError
 
     from ..surgeon._peft_reference import inputs

@@ -19,7 +19,7 @@ import regex
 
 import surgeon
 from surgeon.grammar import RegexSelector, RulesError, SurgeryError, load_rules, parse
-from surgeon.grammar.diagnostics import PlanError
+from surgeon.diagnostics import PlanError
 from surgeon.grammar.glob import GlobError, GlobMatcher, compile_glob
 from surgeon.grammar.limits import MAX_DEPTH, MAX_LITERAL_CHARS, MAX_TEXT_BYTES, MAX_WORD_CHARS
 from surgeon.grammar.regex import RegexError, RegexTimeout, check_regex, regex_fullmatch
@@ -312,7 +312,7 @@ def test_selection_matches_each_distinct_selector_once_and_never_wins_is_not_qua
 
 
 def test_a_no_match_hint_does_not_expand_exponentially_many_brace_alternatives():
-    from surgeon.select import _words
+    from surgeon.planning.select import _words
 
     rule = parse('match "' + "{a,b}" * 40 + '" skip\n').rules[0]
     assert len(_words(rule)) <= 128 and "aaaaaaa" in _words(rule)
@@ -325,7 +325,7 @@ def test_many_unterminated_strings_are_each_reported():
 
 
 def test_a_diagnostic_under_a_very_long_line_shows_a_window_with_the_caret_under_the_error():
-    from surgeon.grammar.diagnostics import Diagnostic, Span
+    from surgeon.diagnostics import Diagnostic, Span
 
     line = "x" * 5000 + "BAD" + "y" * 5000
     d = Diagnostic("code", "message", Span(1, 5001, 1, 5004, 5000, 5003), source_line=line)
@@ -336,13 +336,13 @@ def test_a_diagnostic_under_a_very_long_line_shows_a_window_with_the_caret_under
 
 def test_slow_regexes_that_each_stay_within_their_bound_cannot_add_up_past_the_plans_budget(monkeypatch):
     import surgeon
-    import surgeon.select_regex
+    import surgeon.planning.select_regex
 
-    from surgeon.grammar.diagnostics import PlanError
+    from surgeon.diagnostics import PlanError
 
     # each backtracks over every split of the path but ends before its own bound; a thousand of them would take minutes
     text = "".join(f'match re"(?=.{{10}}(.|..)*Z).*|nope{i}" apply lora(r=2)\n' for i in range(1000))
-    monkeypatch.setattr(surgeon.select_regex, "REGEX_BUDGET", 0.3)
+    monkeypatch.setattr(surgeon.planning.select_regex, "REGEX_BUDGET", 0.3)
     with pytest.raises(PlanError) as caught:
         surgeon.plan("demo:llama", surgeon.parse(text, path="slow.surgery"))
     (d,) = caught.value.diagnostics

@@ -14,7 +14,7 @@ import torch
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (see test_lora_linear.py)"
 
 import surgeon  # noqa: E402
-from surgeon.demos import demo_config  # noqa: E402
+from surgeon.capture.demos import demo_config  # noqa: E402
 from surgeon.kernels import triton_mode  # noqa: E402
 from surgeon.kernels.lora_linear import lora_linear, lora_linear_torch, lora_linear_triton  # noqa: E402
 

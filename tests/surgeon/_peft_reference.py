@@ -3,7 +3,7 @@
 import torch
 from peft import LoraConfig, get_peft_model
 
-from surgeon.demos import build_demo
+from surgeon.capture.demos import build_demo
 
 
 def randomize_adapters(compiled, seed: int = 0) -> None:

@@ -9,7 +9,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import surgeon
 from surgeon.checkpoints.peft import AdapterError, rules_from_peft
-from surgeon.demos import build_demo
+from surgeon.capture.demos import build_demo
 from surgeon.grammar import SurgeryError
 
 from ._peft_reference import inputs, randomize_adapters

@@ -6,7 +6,7 @@ import transformers
 
 from surgeon.api import capture_model
 from surgeon.grammar import ModelError, SurgeryError
-from surgeon.models import open_model
+from surgeon.capture.models import open_model
 
 from .conftest import tiny_cnn
 
@@ -64,7 +64,7 @@ def test_module_facts_the_language_reads(captures):
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
 def test_the_captured_graph_has_dynamic_batch_and_sequence(captures, name):
     captured = captures(name)
-    from surgeon.export import bind_program
+    from surgeon.capture.export import bind_program
 
     model = captured.model.module
     graph = bind_program(captured.program, model)
@@ -135,7 +135,7 @@ def test_global_hooks_are_removed_after_capture():
 
 
 def test_programs_are_cached_per_architecture_and_bound_to_each_models_own_weights():
-    from surgeon.export import _PROGRAMS, bind_program, export_program
+    from surgeon.capture.export import _PROGRAMS, bind_program, export_program
 
     first, second = build_hf("llama", seed=1), build_hf("llama", seed=2)
     kwargs = open_model(first).example_kwargs
@@ -151,7 +151,7 @@ def test_programs_are_cached_per_architecture_and_bound_to_each_models_own_weigh
 
 
 def build_hf(name, seed):
-    from surgeon.demos import demo_config
+    from surgeon.capture.demos import demo_config
 
     config, model_class = demo_config(name)
     torch.manual_seed(seed)

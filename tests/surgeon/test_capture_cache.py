@@ -1,4 +1,4 @@
-"""The capture cache (surgeon/capture_cache.py): a second process plans from the file the first one wrote."""
+"""The capture cache (surgeon/capture/cache.py): a second process plans from the file the first one wrote."""
 
 import json
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import surgeon
-from surgeon.capture import capture
-from surgeon.capture_cache import capture_key
-from surgeon.models import open_model
+from surgeon.capture.sites import capture
+from surgeon.capture.cache import capture_key
+from surgeon.capture.models import open_model
 
 from .methods._checks import randomize_all
 
@@ -75,7 +75,7 @@ def test_a_model_compiled_from_the_cache_computes_what_one_compiled_without_it_d
 def test_another_config_is_another_key_and_a_plain_module_has_none(cache):
     import transformers
 
-    from surgeon.demos import demo_config
+    from surgeon.capture.demos import demo_config
 
     llama = open_model("demo:llama", weights=False)
     config, _ = demo_config("llama")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import surgeon
-from surgeon.demos import build_demo, demo_config
+from surgeon.capture.demos import build_demo, demo_config
 
 from ._peft_reference import inputs, peft_twin, randomize_adapters
 

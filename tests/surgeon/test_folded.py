@@ -1,4 +1,4 @@
-"""The fold contract (surgeon/folded.py, surgeon/folding.py): a folded model is called like the base model,
+"""The fold contract (surgeon/compiled/folded.py, surgeon/compiled/folding.py): a folded model is called like the base model,
 an in-place fold leaves the compiled model computing what it did, trained modules are written into the model
 as PEFT's merge_and_unload writes them, every merged artifact comes from the one verified fold, and
 torch.compile(fullgraph=True) works on a compiled model's first call."""
@@ -12,7 +12,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from transformers import AutoModelForCausalLM
 
 import surgeon
-from surgeon.demos import build_demo
+from surgeon.capture.demos import build_demo
 from surgeon.passes import FoldError, PassResult
 
 from ._peft_reference import inputs, randomize_adapters

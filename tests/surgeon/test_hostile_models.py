@@ -15,12 +15,12 @@ import pytest
 import safetensors.torch as st
 
 import surgeon
-from surgeon.capture import capture
-from surgeon.capture_cache import _checksum, capture_key
+from surgeon.capture.sites import capture
+from surgeon.capture.cache import _checksum, capture_key
 from surgeon.cli import main
-from surgeon.demos import build_demo
+from surgeon.capture.demos import build_demo
 from surgeon.grammar import ModelError
-from surgeon.models import open_model
+from surgeon.capture.models import open_model
 
 RULES = "match role(attn.q) apply lora(r=2)\n"
 

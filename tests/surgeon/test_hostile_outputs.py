@@ -158,7 +158,7 @@ def test_a_full_disk_while_saving_the_merged_checkpoint_is_an_error(earlier, tmp
 
 _SAVE_UNDER_A_SIZE_LIMIT = """
 import resource, signal, torch
-from surgeon.checkpoints.atomic import save_exported
+from surgeon.atomic import save_exported
 from surgeon.grammar import SurgeryError
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails (EFBIG), as on a full disk
 program = torch.export.export(torch.nn.Linear(300, 300), (torch.randn(2, 300),))

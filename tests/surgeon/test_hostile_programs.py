@@ -12,7 +12,7 @@ import torch
 import surgeon
 from surgeon.checkpoints.program import load_program
 from surgeon.grammar import SurgeryError
-from surgeon.swap import swap_program_adapter
+from surgeon.checkpoints.hot_swap import swap_program_adapter
 
 from ._peft_reference import inputs
 from .methods._checks import randomize_all
@@ -263,7 +263,7 @@ def test_a_catastrophic_rank_pattern_key_is_an_error_not_a_hang(saved, tmp_path)
     # a backtracking engine tries every split of a run of a's: 2**60 of them
     _, unfolded, _, adapter = saved
     hostile = _broken_adapter(adapter, tmp_path / "hostile", config={"rank_pattern": {"(a|aa)+": 8}})
-    from surgeon.swap import peft_site_scale
+    from surgeon.checkpoints.hot_swap import peft_site_scale
 
     config = json.loads((hostile / "adapter_config.json").read_text())
     with pytest.raises(SurgeryError, match="took longer than"):

@@ -5,7 +5,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import surgeon
-from surgeon.demos import build_demo
+from surgeon.capture.demos import build_demo
 from surgeon.grammar import SurgeryError
 
 from ._peft_reference import inputs
@@ -83,7 +83,7 @@ def test_merge_errors_are_clear(two):
 
 def test_merge_statements_of_a_rules_file_run_after_the_adapters_are_loaded(two, tmp_path):
     from surgeon.grammar.vocabulary import MERGE_OPTIONS, MERGE_TYPES
-    from surgeon.merging import COMBINATIONS
+    from surgeon.compiled.merge_math import COMBINATIONS
 
     # the language's table (torch-free) and the math's registry agree
     assert {n: set(p) for n, p in MERGE_TYPES.items()} == {n: set(c.params) for n, c in COMBINATIONS.items()}

@@ -1,11 +1,11 @@
-"""surgeon.merging against PEFT 0.21's add_weighted_adapter, hand-checked cases, and argument errors."""
+"""surgeon.compiled.merge_math against PEFT 0.21's add_weighted_adapter, hand-checked cases, and argument errors."""
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer, LoraModel
 
-from surgeon.merging import COMBINATIONS, check_merge_args, lora_delta, merge_lora_site
+from surgeon.compiled.merge_math import COMBINATIONS, check_merge_args, lora_delta, merge_lora_site
 
 # Three adapters with different scales: x r=4 s=8/4=2, y r=6 s=3/6=0.5, z r=4 rsLoRA s=4/sqrt(4)=2.
 # The merged config is copied from the first adapter, so x (not rsLoRA) always comes first.

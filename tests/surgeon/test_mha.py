@@ -265,7 +265,7 @@ def test_eager_hooks_and_routing_refuse_mha_clearly():
 
 
 def test_the_capture_cache_keeps_an_mha_site(tmp_path, monkeypatch):
-    from surgeon.capture_cache import load_capture, store_capture
+    from surgeon.capture.cache import load_capture, store_capture
 
     monkeypatch.setenv("SURGEON_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("SURGEON_CAPTURE_CACHE", raising=False)

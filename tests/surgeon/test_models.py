@@ -9,9 +9,9 @@ import textwrap
 import pytest
 import torch
 
-from surgeon.demos import DEMOS, build_demo
+from surgeon.capture.demos import DEMOS, build_demo
 from surgeon.grammar import ModelError
-from surgeon.models import open_model
+from surgeon.capture.models import open_model
 
 
 def test_demos_are_deterministic_and_offline():
@@ -119,7 +119,7 @@ def test_hub_ids_with_hf_hub_offline_open_from_the_local_cache_or_fail_clearly(t
     for f in ("config.json", "model.safetensors"):
         (snapshot / f).write_bytes((gpt2_folder / f).read_bytes())
     code = (
-        "from surgeon.models import open_model\n"
+        "from surgeon.capture.models import open_model\n"
         "m = open_model('some-org/tiny-gpt2', weights=False)\n"
         "print(m.source, type(m.module).__name__, m.fake)\n"
         "from surgeon.grammar import SurgeryError\n"

@@ -22,10 +22,10 @@ from safetensors.torch import save_file
 import surgeon
 from surgeon.checkpoints.peft import AdapterError, PeftFidelityWarning, rules_from_peft, rules_from_peft_folder
 from surgeon.checkpoints.peft_fields import PEFT_FIELDS
-from surgeon.checkpoints.peft_format import path_globs
+from surgeon.methods.peft_format import path_globs
 from surgeon.checkpoints.peft_record import RECORD_KEY
 from surgeon.cli import main
-from surgeon.demos import build_demo
+from surgeon.capture.demos import build_demo
 from surgeon.grammar.glob import compile_glob
 
 # q_proj's dropout and o_proj's rslora are what one LoraConfig cannot say beside the others

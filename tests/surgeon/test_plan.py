@@ -6,9 +6,9 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from surgeon.demos import build_demo
+from surgeon.capture.demos import build_demo
 from surgeon.grammar import PlanError, parse
-from surgeon.planning import build_plan
+from surgeon.planning.plan import build_plan
 
 # (demo, rules, the equivalent PEFT LoraConfig)
 PEFT_CASES = {

@@ -12,7 +12,7 @@ import torch
 import surgeon
 from surgeon.cli import main
 from surgeon.grammar import PlanError, parse
-from surgeon.planning import build_plan
+from surgeon.planning.plan import build_plan
 
 
 def _refused(captured, text: str):

@@ -1,4 +1,4 @@
-"""QLoRA: LoRA on bitsandbytes 4-bit and 8-bit bases (surgeon/quantized.py) against PEFT's QLoRA layers."""
+"""QLoRA: LoRA on bitsandbytes 4-bit and 8-bit bases (kernels/quantized.py) against PEFT's QLoRA layers."""
 
 import tempfile
 from pathlib import Path
@@ -9,7 +9,7 @@ from peft import PeftModel
 
 import surgeon
 from surgeon.api import plan
-from surgeon.demos import build_quantized_demo
+from surgeon.capture.demos import build_quantized_demo
 from surgeon.grammar import SurgeryError
 
 from ._peft_reference import exact_bnb_cpu_path, inputs, peft_twin, randomize_adapters
@@ -136,7 +136,7 @@ def test_unquantized_bitsandbytes_layers_are_refused_and_the_model_is_left_as_it
 def test_folds_merge_in_full_precision_or_requantize_with_the_error_reported(compiled_cases, scheme, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from surgeon.quantized import QUANTIZED_OPS
+    from surgeon.kernels.quantized import QUANTIZED_OPS
 
     compiled = compiled_cases(scheme)
     with torch.no_grad():
@@ -175,9 +175,9 @@ def test_folds_merge_in_full_precision_or_requantize_with_the_error_reported(com
 
 
 def test_loftq_brings_the_4bit_model_closer_to_full_precision(compiled_cases):
-    """LoftQ (surgeon/loftq.py) against the plain 4-bit model, both measured against the float32 model they
+    """LoftQ (surgeon/methods/loftq.py) against the plain 4-bit model, both measured against the float32 model they
     were quantized from; more iterations re-quantize the base and shrink the error further."""
-    from surgeon.demos import build_demo
+    from surgeon.capture.demos import build_demo
 
     with torch.no_grad():
         full = build_demo("llama")(**inputs()).logits

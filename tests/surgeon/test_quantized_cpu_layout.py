@@ -1,4 +1,4 @@
-"""bitsandbytes' AVX512-BF16 CPU layout of a Linear4bit (surgeon/quantized.py, surgeon/eager.py).
+"""bitsandbytes' AVX512-BF16 CPU layout of a Linear4bit (kernels/quantized.py, surgeon/compiled/eager.py).
 
 On such a CPU, ``Linear4bit.forward`` in evaluation mode with an input that does not require grad rewrites
 the layer's packed weight and QuantState in place (scales rounded to bfloat16) and multiplies in bfloat16.
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import surgeon
-from surgeon.grammar.diagnostics import ModelError
+from surgeon.diagnostics import ModelError
 
 from ._peft_reference import randomize_adapters
 
@@ -77,7 +77,7 @@ def test_a_compiled_4bit_model_stays_exact_in_attach_and_in_its_own_eager_forwar
 
 
 def test_attach_to_another_model_puts_its_switch_back_and_refuses_it_once_bitsandbytes_rewrote_it():
-    from surgeon.quantized import dequantized_weight
+    from surgeon.kernels.quantized import dequantized_weight
 
     compiled = surgeon.compile(_model(), RULES, example_inputs=(_x(),)).eval()
     randomize_adapters(compiled, seed=4)

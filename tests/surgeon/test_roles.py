@@ -1,4 +1,4 @@
-"""Semantic roles (surgeon/roles.py) on ten architectures, built tiny from their transformers configs.
+"""Semantic roles (surgeon/capture/roles.py) on ten architectures, built tiny from their transformers configs.
 
 The reference is each architecture's own module names (what PEFT's per-architecture target
 tables spell out by hand): the dataflow analysis must find the same modules without reading names.
@@ -86,7 +86,7 @@ def test_rules_from_peft_write_roles_that_carry_to_another_architecture(tmp_path
     from peft import LoraConfig, get_peft_model
 
     from surgeon.cli import main
-    from surgeon.demos import build_demo
+    from surgeon.capture.demos import build_demo
 
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
     get_peft_model(build_demo("llama"), config).save_pretrained(tmp_path)
@@ -104,12 +104,12 @@ def test_rules_from_peft_write_roles_that_carry_to_another_architecture(tmp_path
 
 
 def test_a_role_analysis_that_fails_warns_and_leaves_capture_working(monkeypatch):
-    import surgeon.roles
+    import surgeon.capture.roles
 
     def broken(program, sites):
         raise RuntimeError("a graph nobody foresaw")
 
-    monkeypatch.setattr(surgeon.roles, "site_roles", broken)
+    monkeypatch.setattr(surgeon.capture.roles, "site_roles", broken)
     with pytest.warns(UserWarning, match="role analysis could not read this graph .*a graph nobody foresaw"):
         capture = surgeon.capture_model(LinearAttention(), example_inputs=(torch.randn(2, 5, 16),))
     assert len(capture.sites) == 4 and {capture.modules[p].role for p in capture.sites} == {"unknown"}

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import surgeon
-from surgeon.capture import capture
+from surgeon.capture.sites import capture
 from surgeon.cli import main
 from surgeon.grammar import ModelError
-from surgeon.models import hugging_face_inputs, open_model
+from surgeon.capture.models import hugging_face_inputs, open_model
 
 from ._architectures import ARCHITECTURES, build, every_layer, named
 

@@ -5,7 +5,7 @@ import torch
 
 import surgeon
 from surgeon.grammar import SurgeryError
-from surgeon.swap import swap_program_adapter
+from surgeon.checkpoints.hot_swap import swap_program_adapter
 
 from ._peft_reference import inputs
 from .methods._checks import randomize_all

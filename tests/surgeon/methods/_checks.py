@@ -4,7 +4,7 @@ import torch
 from peft import PeftModel
 
 import surgeon
-from surgeon.demos import build_demo
+from surgeon.capture.demos import build_demo
 
 from .._peft_reference import inputs
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from peft import IA3Config, get_peft_model
 
-from surgeon.demos import build_demo
+from surgeon.capture.demos import build_demo
 
 from .._peft_reference import inputs
 from ._checks import CompiledCases, check_files_both_ways_fold_and_unfold, check_logits_and_gradients, copy_into_peft

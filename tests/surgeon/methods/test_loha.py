@@ -3,7 +3,7 @@
 import pytest
 from peft import LoHaConfig, get_peft_model
 
-from surgeon.demos import build_demo
+from surgeon.capture.demos import build_demo
 
 from ._checks import (
     CompiledCases,

@@ -3,7 +3,7 @@
 import pytest
 from peft import LoKrConfig, get_peft_model
 
-from surgeon.demos import build_demo
+from surgeon.capture.demos import build_demo
 from surgeon.methods.lokr import factorization
 
 from ._checks import (

@@ -4,7 +4,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from surgeon.demos import build_demo
+from surgeon.capture.demos import build_demo
 
 from ._checks import (
     CompiledCases,

@@ -5,7 +5,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import surgeon
-from surgeon.demos import build_demo
+from surgeon.capture.demos import build_demo
 from surgeon.grammar import SurgeryError, parse
 
 from .._peft_reference import inputs

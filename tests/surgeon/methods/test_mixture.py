@@ -7,7 +7,7 @@ import torch
 from peft import PeftModel
 
 import surgeon
-from surgeon.demos import build_demo
+from surgeon.capture.demos import build_demo
 
 from .._peft_reference import inputs
 from ._checks import randomize_all

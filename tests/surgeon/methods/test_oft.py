@@ -7,8 +7,8 @@ import torch
 from peft import OFTConfig, get_peft_model
 
 from surgeon.checkpoints.peft import rules_from_peft
-from surgeon.checkpoints.peft_format import AdapterError
-from surgeon.demos import build_demo
+from surgeon.methods.peft_format import AdapterError
+from surgeon.capture.demos import build_demo
 from surgeon.methods import get_method
 
 from .._peft_reference import inputs

@@ -8,7 +8,7 @@ import torch
 from peft import VeraConfig as PeftVeraConfig
 from peft import get_peft_model
 
-from surgeon.demos import build_demo
+from surgeon.capture.demos import build_demo
 from surgeon.grammar import SurgeryError, parse
 from surgeon.methods.vera import VeraConfig
 from surgeon.methods.vera_weights import SHARED_KEYS, VeraWeights

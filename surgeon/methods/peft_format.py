@@ -19,7 +19,7 @@ import math
 import re
 from collections import Counter
 
-from surgeon.grammar.diagnostics import SurgeryError
+from surgeon.diagnostics import SurgeryError
 from surgeon.grammar.rules import (
     And,
     Apply,

@@ -1,6 +1,6 @@
 """A compiled model under ``torch.distributed``: DDP, FSDP2, torchrun and accelerate.
 
-surgeon brings no engine of its own; a :class:`~surgeon.compiled.Compiled` is an
+surgeon brings no engine of its own; a :class:`~surgeon.compiled.model.Compiled` is an
 ``nn.Module`` and PyTorch's wrappers take it as they take the model it came from.
 What this file adds is what the graphs need to stay right under them.
 
@@ -72,7 +72,7 @@ def is_sharded(module: nn.Module) -> bool:
 
 def check_sharding(model: nn.Module) -> None:
     """Refuse ``fully_shard`` groups inside a compiled model: their gathering hooks would never run."""
-    from surgeon.grammar.diagnostics import SurgeryError
+    from surgeon.diagnostics import SurgeryError
 
     fsdp = _fsdp_module_class()
     inner = [name for name, m in model.named_modules() if m is not model and fsdp is not None and isinstance(m, fsdp)]
@@ -89,7 +89,7 @@ def fully_shard(compiled: nn.Module, **options) -> nn.Module:
     """``torch.distributed.fsdp.fully_shard(compiled, **options)``, after checking what FSDP2 would refuse later."""
     from torch.distributed.fsdp import fully_shard as torch_fully_shard
 
-    from surgeon.grammar.diagnostics import SurgeryError
+    from surgeon.diagnostics import SurgeryError
 
     check_sharding(compiled)
     dtypes = {}
@@ -138,7 +138,7 @@ def refuse_sharded(model: nn.Module, what: str) -> None:
         return
     from torch.distributed.tensor import DTensor
 
-    from surgeon.grammar.diagnostics import SurgeryError
+    from surgeon.diagnostics import SurgeryError
 
     if any(isinstance(p, DTensor) for p in model.parameters()):
         raise SurgeryError(

@@ -21,8 +21,8 @@ import json
 import time
 from pathlib import Path
 
-from .atomic import write_text
-from .output_folder import OutputFolder, check_free_space, output_bytes
+from surgeon.atomic import write_text
+from surgeon.checkpoints.output_folder import OutputFolder, check_free_space, output_bytes
 
 __all__ = ["write_artifacts"]
 

@@ -1,4 +1,4 @@
-"""Folding into bitsandbytes-quantized sites (passes/fold.py, surgeon/folding.py).
+"""Folding into bitsandbytes-quantized sites (passes/fold.py, surgeon/compiled/folding.py).
 
 A quantized site merges in float32 from its dequantized weight; then either
 "dequantize" (the merged weight stays in full precision, in the site's compute
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .quantized import _bnb_kind, _dequantize_4bit, _quant_state, dequantized_weight, quantize_like
+from surgeon.kernels.quantized import _bnb_kind, _dequantize_4bit, _quant_state, dequantized_weight, quantize_like
 
 __all__ = ["QUANTIZED_MERGES", "graph_weight", "dequantize_graph_site", "requantize_graph_site", "merged_quantized_state",
            "conv1d_paths"]

@@ -27,7 +27,7 @@ autograd functions do, so training saves no full-precision weight, and a
 fake implementation for export and ``torch.compile``. Capture classifies
 these ops as ``linear`` sites with a :class:`Quantization`; methods that only
 read the site's input and output (LoRA) adapt them unchanged. Folding into
-them: surgeon/quantized_merge.py.
+them: passes/fold_quantized.py.
 
 On a CPU with AVX512-BF16, bitsandbytes' ``Linear4bit`` (0.50: its CPU fused
 kernel) has a second path: in evaluation mode, with an input that does not
@@ -38,7 +38,7 @@ quantization undone), and every later call multiplies in bfloat16 whatever the
 compute dtype. The float32 scales are lost (bitsandbytes' inverse, run when it
 saves the state dict, does not give them back), so a layer in that layout is
 refused (:func:`_quant_state`), and every 4-bit linear that capture or
-:func:`surgeon.eager.attach` sees is kept off that path
+:func:`surgeon.compiled.eager.attach` sees is kept off that path
 (:func:`exact_4bit_matmuls`): the graph, later captures, folds and checkpoints
 read the layer's tensors, and the eager model must compute what the graph does.
 """
@@ -97,7 +97,7 @@ def _bnb_kind(module) -> str | None:
 
 
 def _refuse(module, why: str, hint: str):
-    from surgeon.grammar.diagnostics import ModelError
+    from surgeon.diagnostics import ModelError
 
     raise ModelError(f"a {type(module).__name__} ({module.in_features} -> {module.out_features}) {why}", hint=hint)
 
@@ -129,7 +129,7 @@ def _quant_state(module):
     (its scales rounded to bfloat16 for good: nothing read from it is the weight the model was loaded with)."""
     state = module.weight.quant_state
     if getattr(state, _CPU_LAYOUT_MARK, False):
-        from surgeon.grammar.diagnostics import ModelError
+        from surgeon.diagnostics import ModelError
 
         raise ModelError(
             "a 4-bit weight is in bitsandbytes' CPU inference packing (the model ran in evaluation mode on an AVX512-BF16 CPU)",

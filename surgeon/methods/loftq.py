@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .quantized import _bnb_kind, _int8_state, dequantized_weight, quantize_like
+from surgeon.kernels.quantized import _bnb_kind, _int8_state, dequantized_weight, quantize_like
 
 __all__ = ["loftq_start"]
 

@@ -23,7 +23,7 @@ def site_key(path: str) -> str:
 
 
 class AdapterSwitching:
-    """Mixed into :class:`surgeon.compiled.Compiled`."""
+    """Mixed into :class:`surgeon.compiled.model.Compiled`."""
 
     def _forget_gate(self, name: str) -> None:
         """Drop ``name``'s gate (it starts afresh when rebuilt), keeping every other adapter's."""
@@ -43,15 +43,15 @@ class AdapterSwitching:
 
         No graph is captured again and a ``torch.compile``d model is not
         recompiled: smaller ranks are zero-padded and scales folded into B (see
-        surgeon/swap.py); a larger rank is an error naming the rank to compile for.
+        surgeon/checkpoints/hot_swap.py); a larger rank is an error naming the rank to compile for.
         """
-        from .checkpoints.program import lora_sites
-        from .swap import swapped_factors
+        from surgeon.checkpoints.program import lora_sites
+        from surgeon.checkpoints.hot_swap import swapped_factors
 
         sites = lora_sites(self).get(name, {})
         others = [s.path for s in self.plan.sites if s.adapter == name and s.path not in sites]
         if not sites or others:
-            from surgeon.grammar.diagnostics import SurgeryError
+            from surgeon.diagnostics import SurgeryError
 
             raise SurgeryError(f"adapter {name!r} is not made of plain LoRA on linear layers only, which a swap needs"
                                + (f" ({others[0]})" if others else ""), hint="load_adapter() replaces any adapter (a new graph)")
@@ -64,8 +64,8 @@ class AdapterSwitching:
     def merge(self, name: str, sources: dict, combination: str = "linear", *, replace: bool = False, **options) -> str:
         """A new adapter ``name``: ``combination`` of ``sources`` (name -> weight), as PEFT's
         ``add_weighted_adapter`` (``density``, ``majority_sign``, ``svd_rank``, ``svd_clamp``;
-        see surgeon/merging.py for each type's math; ``linear`` is exact, without PEFT's cross terms)."""
-        from .combine import merge_adapters
+        see surgeon/compiled/merge_math.py for each type's math; ``linear`` is exact, without PEFT's cross terms)."""
+        from surgeon.compiled.merge import merge_adapters
 
         return merge_adapters(self, name, sources, combination, replace=replace, **options)
 
@@ -86,11 +86,11 @@ class AdapterSwitching:
         names = [names] if isinstance(names, str) else list(names or ())
         unknown = [n for n in names if n not in self.adapter_names]
         if unknown:
-            from surgeon.grammar.diagnostics import SurgeryError
+            from surgeon.diagnostics import SurgeryError
 
             raise SurgeryError(f"no adapter named {', '.join(map(repr, unknown))}", hint=f"adapters: {', '.join(self.adapter_names)}")
         if weights is not None and len(list(weights)) != len(names):
-            from surgeon.grammar.diagnostics import SurgeryError
+            from surgeon.diagnostics import SurgeryError
 
             raise SurgeryError(f"set_active got {len(names)} adapters and {len(list(weights))} weights", hint="one weight per adapter")
         weights = dict(zip(names, weights)) if weights is not None else {n: 1.0 for n in names}
@@ -134,7 +134,7 @@ class AdapterSwitching:
 
     def _checked_ids(self, ids, args=(), kwargs=None):
         kwargs = {k: v for k, v in (kwargs or {}).items() if k != "adapter_ids"}
-        from surgeon.grammar.diagnostics import SurgeryError
+        from surgeon.diagnostics import SurgeryError
 
         ids = torch.as_tensor(ids, device=self.adapter_gates.device)  # on the model's device
         if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex():
@@ -154,7 +154,7 @@ class AdapterSwitching:
             return dict(zip(self.adapter_names, self.adapter_gates.tolist()))
         unknown = [n for n in adapters if n not in self.adapter_names]
         if unknown:
-            from surgeon.grammar.diagnostics import SurgeryError
+            from surgeon.diagnostics import SurgeryError
 
             raise SurgeryError(f"no adapter named {', '.join(map(repr, unknown))}", hint=f"adapters: {', '.join(self.adapter_names)}")
         return {n: float(adapters.get(n, 0.0)) for n in self.adapter_names}

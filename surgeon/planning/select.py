@@ -25,11 +25,11 @@ import re
 from dataclasses import dataclass, field
 
 from surgeon.grammar import rules as ir
-from surgeon.grammar.diagnostics import Diagnostic, PlanError
+from surgeon.diagnostics import Diagnostic, PlanError
 from surgeon.grammar.glob import compile_glob
 from surgeon.grammar.regex import RegexError, RegexTimeout, regex_fullmatch
 
-from .select_regex import bounded_matches, regex_problem as _regex_problem
+from surgeon.planning.select_regex import bounded_matches, regex_problem as _regex_problem
 
 __all__ = ["RuleMatch", "Resolution", "resolve", "matches"]
 

@@ -43,7 +43,7 @@ __all__ = ["cache_folder", "capture_key", "load_capture", "store_capture"]
 
 FORMAT = 3  # 2: sites have parts (MultiheadAttention's two projections); 3: a checksum of the content
 # The code whose output the cache holds: a change to any of it is a new key.
-_ANALYSIS = ("surgeon.capture", "surgeon.roles", "surgeon.export", "surgeon.quantized", "surgeon.grammar.vocabulary")
+_ANALYSIS = ("surgeon.capture.sites", "surgeon.capture.roles", "surgeon.capture.export", "surgeon.kernels.quantized", "surgeon.grammar.vocabulary")
 
 
 def cache_folder() -> Path | None:
@@ -165,8 +165,8 @@ def _validated(found, key: str, model) -> tuple[dict, dict] | None:
     from surgeon.grammar.vocabulary import ROLES
     from surgeon.methods import SITE_KINDS
 
-    from .capture import Site
-    from .roles import UNKNOWN
+    from surgeon.capture.sites import Site
+    from surgeon.capture.roles import UNKNOWN
 
     if not isinstance(found, dict) or found.get("format") != FORMAT or found.get("key") != key:
         return None
@@ -207,7 +207,7 @@ def store_capture(key: str | None, captured) -> None:
     """Keep ``captured``'s sites and roles under ``key`` (nothing when the cache is off or cannot be written)."""
     from dataclasses import asdict
 
-    from .checkpoints.atomic import atomic_path
+    from surgeon.atomic import atomic_path
 
     folder = cache_folder()
     if key is None or folder is None:

@@ -13,7 +13,7 @@ hf_conv1d        ``aten.addmm(b, x, W)`` in transformers'     W: (in, out)
 embedding        ``aten.embedding(W, ids)``                   W: (vocab, dim)
 conv1d/2d/3d     ``aten.convNd(x, W, ...)``                   W: (out, in/groups, *k)
 linear           ``surgeon.linear_4bit`` / ``linear_8bit``    bitsandbytes 4-bit blocks /
-(quantized)      (surgeon/quantized.py)                       int8 rows of (out, in)
+(quantized)      (kernels/quantized.py)                       int8 rows of (out, in)
 ==============  ===========================================  ==================
 
 Every node knows the module it ran in (``node.meta["nn_module_stack"]``); a
@@ -39,11 +39,11 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from surgeon.grammar.diagnostics import ModelError
+from surgeon.diagnostics import ModelError
 
-from .capture_cache import capture_key, load_capture, store_capture
-from .export import cached_program, export_program
-from .models import OpenedModel
+from surgeon.capture.cache import capture_key, load_capture, store_capture
+from surgeon.capture.export import cached_program, export_program
+from surgeon.capture.models import OpenedModel
 
 __all__ = ["ModuleInfo", "Site", "Captured", "capture", "module_table", "site_weight"]
 
@@ -64,8 +64,8 @@ class ModuleInfo:
     out_features: int | None = None
     weight_shape: tuple | None = None
     dtype: str | None = None
-    quantization: str | None = None  # bitsandbytes' storage of the weight (surgeon.quantized.Quantization)
-    role: str | None = None  # what it does, from the dataflow (surgeon/roles.py): sites and norms; "unknown" if undecided
+    quantization: str | None = None  # bitsandbytes' storage of the weight (surgeon.kernels.quantized.Quantization)
+    role: str | None = None  # what it does, from the dataflow (surgeon/capture/roles.py): sites and norms; "unknown" if undecided
 
     def field(self, name: str):
         return getattr(self, name)
@@ -101,7 +101,7 @@ class Captured:
     total_params: int = 0
     seconds: float = 0.0
     training: bool = False  # the model's mode when it was captured (export fixes it in the graph)
-    cached: bool = False  # sites and roles came from the capture cache (surgeon/capture_cache.py)
+    cached: bool = False  # sites and roles came from the capture cache (surgeon/capture/cache.py)
     _released: bool = field(default=False, repr=False)
 
     @property
@@ -160,7 +160,7 @@ def capture(opened: OpenedModel) -> Captured:
 
 def _with_roles(program, modules: dict, sites: dict) -> tuple[dict, bool]:
     """(modules with their roles, whether the analysis read the graph)."""
-    from .roles import norm_modules, site_roles
+    from surgeon.capture.roles import norm_modules, site_roles
 
     understood = True
     try:
@@ -207,7 +207,7 @@ def _features(module) -> tuple:
 
 def module_table(model) -> dict:
     """path -> ModuleInfo for every module but the root, in ``named_modules`` order."""
-    from surgeon.quantized import quantization_of
+    from surgeon.kernels.quantized import quantization_of
 
     table = {}
     for path, module in model.named_modules():
@@ -301,7 +301,7 @@ def _site_reads(program, modules: dict) -> dict:
 
     aten = torch.ops.aten
     conv = {aten.conv1d.default: "conv1d", aten.conv2d.default: "conv2d", aten.conv3d.default: "conv3d"}
-    from surgeon.quantized import QUANTIZED_OPS
+    from surgeon.kernels.quantized import QUANTIZED_OPS
 
     parameters = program.graph_signature.inputs_to_parameters
     buffers = program.graph_signature.inputs_to_buffers  # a quantized weight is its stand-in's buffer

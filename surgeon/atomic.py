@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from surgeon.grammar.diagnostics import SurgeryError
+from surgeon.diagnostics import SurgeryError
 
 __all__ = ["atomic_path", "write_text", "output_folder", "replace_folder", "save_exported", "write_error", "writing",
            "WriteError"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from surgeon.grammar import rules as ir
-from surgeon.grammar.diagnostics import Diagnostic, PlanError
+from surgeon.diagnostics import Diagnostic, PlanError
 from surgeon.grammar.limits import REGEX_BUDGET, REGEX_TIMEOUT
 from surgeon.grammar.regex import RegexTimeout, regex_fullmatch
 

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from surgeon.grammar.diagnostics import SurgeryError
+from surgeon.diagnostics import SurgeryError
 
-from .checkpoints.peft_fields import check_peft_fields
-from .checkpoints.peft_folder import CONFIG, WEIGHTS, read_peft_config, read_tensors
-from .checkpoints.peft_format import PREFIX, AdapterError
+from surgeon.checkpoints.peft_fields import check_peft_fields
+from surgeon.checkpoints.peft_folder import CONFIG, WEIGHTS, read_peft_config, read_tensors
+from surgeon.methods.peft_format import PREFIX, AdapterError
 
 __all__ = ["swapped_factors", "peft_site_scale", "program_sites", "swap_program_adapter", "PROGRAM_METADATA"]
 
@@ -160,7 +160,7 @@ def program_sites(text, program) -> dict:
 
 def _output(out) -> Path:
     """``out`` ready to be written (its folder made, as export does), checked before any work is done."""
-    from .checkpoints.atomic import output_folder
+    from surgeon.atomic import output_folder
 
     out = Path(out)
     if out.is_dir():
@@ -176,8 +176,8 @@ def swap_program_adapter(program, directory, name: str = "default", out=None):
     is loaded through surgeon's checks (checkpoints/program_archive.py); every site, key and shape is
     checked before the first tensor is written, and ``out`` is replaced atomically.
     """
-    from .checkpoints.atomic import save_exported
-    from .checkpoints.program_archive import open_program
+    from surgeon.atomic import save_exported
+    from surgeon.checkpoints.program_archive import open_program
 
     out = _output(out) if out is not None else None
     loaded, extra = open_program(program)

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from surgeon.grammar.diagnostics import ModelError
+from surgeon.diagnostics import ModelError
 
-from .model_folders import check_depth, check_loaded, inside_folder, model_class_of
-from .demos import DEMOS, QUANTIZED_DEMOS, build_demo, build_quantized_demo, demo_config
+from surgeon.capture.model_folders import check_depth, check_loaded, inside_folder, model_class_of
+from surgeon.capture.demos import DEMOS, QUANTIZED_DEMOS, build_demo, build_quantized_demo, demo_config
 
 __all__ = ["OpenedModel", "open_model", "full_precision_source", "MODEL_FORMS"]
 

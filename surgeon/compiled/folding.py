@@ -1,15 +1,15 @@
 """Folding: a compiled model's adapters merged into its base weights (the ``Folding`` mixin of Compiled).
 
 There is one fold: ``fold()`` runs the fold pass on the evaluation graph and
-checks the merged graph against the unfolded one (surgeon/folded.py). Every
-merged artifact comes from it: the :class:`~surgeon.folded.Folded` model it
+checks the merged graph against the unfolded one (surgeon/compiled/folded.py). Every
+merged artifact comes from it: the :class:`~surgeon.compiled.folded.Folded` model it
 returns, ``merged_state_dict()`` and the merged checkpoint (its
 ``state_dict()``), the merged program, and ``fold(inplace=True)``, which writes
 its tensors into the base model's own parameters. While folded in place the
 compiled model runs the base graph (the adapters are in the weights), as a
 merged PEFT layer does, until ``unfold()`` restores every tensor bit for bit.
 Sites on bitsandbytes weights merge from their dequantized weights, then stay
-in full precision or are quantized again (surgeon/quantized_merge.py).
+in full precision or are quantized again (passes/fold_quantized.py).
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ import torch
 from surgeon.passes import verify_fold
 from surgeon.passes.fold import FoldError, output_difference
 
-from .distributed import refuse_sharded
-from .folded import Folded
+from surgeon.compiled.distributed import refuse_sharded
+from surgeon.compiled.folded import Folded
 
 __all__ = ["Folding"]
 
 
 class Folding:
-    """fold / unfold / merged_state_dict for :class:`surgeon.compiled.Compiled`."""
+    """fold / unfold / merged_state_dict for :class:`surgeon.compiled.model.Compiled`."""
 
     @property
     def folded_in_place(self) -> bool:
@@ -53,7 +53,7 @@ class Folding:
         folded graph's max and mean absolute output difference from the unfolded one.
         """
         refuse_sharded(self, "fold")
-        from surgeon.quantized_merge import QUANTIZED_MERGES
+        from surgeon.passes.fold_quantized import QUANTIZED_MERGES
 
         if quantized not in QUANTIZED_MERGES:
             raise ValueError(f"quantized must be one of {QUANTIZED_MERGES}, not {quantized!r}")

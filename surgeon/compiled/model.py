@@ -16,7 +16,7 @@ then finds it), and again after ``.to()`` or a change of adapters.
 
 Base parameters are frozen (``requires_grad=False``), as PEFT does; their
 values are never changed unless ``fold(inplace=True)`` is asked for, after
-which the graphs are the base model's on the merged weights (surgeon/folding.py).
+which the graphs are the base model's on the merged weights (surgeon/compiled/folding.py).
 """
 
 from __future__ import annotations
@@ -31,14 +31,14 @@ from surgeon.passes import Insertion, Pipeline, insert_adapters
 from surgeon.passes.insert import ROUTING_INPUT, Gates
 from surgeon.passes.lower import lower_adapters
 
-from .distributed import bindings, check_sharding, is_sharded, rebind
-from .export import autocast_state, bind_program, export_program, widen_inputs
-from .methods.adapter import SiteAdapter, adapter_class
-from .planning import Plan
+from surgeon.compiled.distributed import bindings, check_sharding, is_sharded, rebind
+from surgeon.capture.export import autocast_state, bind_program, export_program, widen_inputs
+from surgeon.methods.adapter import SiteAdapter, adapter_class
+from surgeon.planning.plan import Plan
 from surgeon.kernels import check_kernels
 
-from .folding import Folding
-from .switching import AdapterSwitching, gate_trained_modules, site_key
+from surgeon.compiled.folding import Folding
+from surgeon.compiled.adapter_state import AdapterSwitching, gate_trained_modules, site_key
 
 __all__ = ["Compiled"]
 
@@ -112,14 +112,14 @@ class Compiled(AdapterSwitching, Folding, nn.Module):
 
     def site_module(self, site, plan: Plan, rules: ir.RuleSet, adapter_dtype=None, device=None, conv1d=None) -> SiteAdapter:
         """A new SiteAdapter for plan site ``site`` (``device="meta"``: its shapes only, nothing allocated or started)."""
-        from .capture import site_weight
+        from surgeon.capture.sites import site_weight
 
         captured = self.captured.sites[site.path]
         weight = site_weight(self.base_model, captured)  # the parameter the site reads (MHA: in_proj_weight)
         dtype = adapter_dtype or (weight.dtype if weight.dtype == torch.float64 else torch.float32)
         device, conv1d = torch.device(device or weight.device), {} if conv1d is None else conv1d
         if captured.parts:  # MultiheadAttention: two projections in one site (surgeon/methods/mha_weights.py)
-            from .methods.mha_weights import mha_adapter
+            from surgeon.methods.mha_weights import mha_adapter
 
             module = mha_adapter(site, captured, rules, dtype=dtype, device=device)
         else:
@@ -130,7 +130,7 @@ class Compiled(AdapterSwitching, Folding, nn.Module):
         module.site_path, module.tied_with = site.path, tuple(site.tied_with)
         if getattr(site.config, "init", None) == "loftq" and device.type != "meta":
             if "paths" not in conv1d:
-                from .quantized_merge import conv1d_paths
+                from surgeon.passes.fold_quantized import conv1d_paths
 
                 conv1d["paths"] = conv1d_paths(self.base_model)
             self._loftq(site, module, transposed=site.path in conv1d["paths"])
@@ -140,7 +140,7 @@ class Compiled(AdapterSwitching, Folding, nn.Module):
         """Add (or replace) adapter ``name`` with the rules of ``rules`` (all its adapters' rules, merged).
 
         Planned and built aside first (surgeon/checkpoints/staging.py): an error leaves the model as it was."""
-        from .checkpoints.staging import commit_adapter, stage_adapter
+        from surgeon.checkpoints.staging import commit_adapter, stage_adapter
 
         commit_adapter(self, stage_adapter(self, name, rules))
 
@@ -245,7 +245,7 @@ class Compiled(AdapterSwitching, Folding, nn.Module):
         routed = ROUTING_INPUT in kwargs
         kwargs = {k: v for k, v in kwargs.items() if k != ROUTING_INPUT}
         if routed and self.plan.trained:
-            from surgeon.grammar.diagnostics import SurgeryError
+            from surgeon.diagnostics import SurgeryError
 
             raise SurgeryError(
                 "adapter_ids cannot route batches through adapters that train whole modules (train rules)",
@@ -328,11 +328,11 @@ class Compiled(AdapterSwitching, Folding, nn.Module):
         self._graphs.clear()
 
     def _loftq(self, site, module, transposed: bool) -> None:
-        """LoftQ's start for a LoRA site on a quantized weight (surgeon/loftq.py); ``transposed``: the full-precision
+        """LoftQ's start for a LoRA site on a quantized weight (surgeon/methods/loftq.py); ``transposed``: the full-precision
         weight is stored (in, out) (GPT-2's Conv1D, which bitsandbytes quantized as (out, in))."""
-        from surgeon.grammar.diagnostics import PlanError
+        from surgeon.diagnostics import PlanError
 
-        from .loftq import loftq_start
+        from surgeon.methods.loftq import loftq_start
 
         source = self.captured.model.full_precision
         if source is None:
@@ -345,20 +345,20 @@ class Compiled(AdapterSwitching, Folding, nn.Module):
     # --- hooks for eager use ---------------------------------------------------------------
 
     def attach(self, model: nn.Module | None = None) -> list:
-        """Make an eager model (default: the base model) run with these adapters (see surgeon/eager.py)."""
-        from .eager import attach
+        """Make an eager model (default: the base model) run with these adapters (see surgeon/compiled/eager.py)."""
+        from surgeon.compiled.eager import attach
 
         return attach(self, self.base_model if model is None else model)
 
     # --- checkpoints ---------------------------------------------------------------------
 
     def save_adapter(self, directory, adapters=None) -> None:
-        from .checkpoints.peft import save_adapter
+        from surgeon.checkpoints.peft import save_adapter
 
         save_adapter(self, directory, adapters)
 
     def load_adapter(self, directory, name: str | None = None) -> str:
-        from .checkpoints.peft import load_adapter
+        from surgeon.checkpoints.peft import load_adapter
 
         return load_adapter(self, directory, name)
 
@@ -368,7 +368,7 @@ class Compiled(AdapterSwitching, Folding, nn.Module):
         self.fold(adapters=adapters, quantized=quantized).save_pretrained(directory)
 
     def export(self, path, *, fold: bool = True, args: tuple = (), kwargs: dict | None = None, quantized: str = "dequantize") -> None:
-        from .checkpoints.program import export_program_file
+        from surgeon.checkpoints.program import export_program_file
 
         export_program_file(self, path, fold=fold, args=args, kwargs=kwargs, quantized=quantized)
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from surgeon.passes import Pipeline, copy_graph_module, fold_adapters
 
-from .switching import fold_trained_modules
+from surgeon.compiled.adapter_state import fold_trained_modules
 
 __all__ = ["Folded"]
 
@@ -97,7 +97,7 @@ class Folded(nn.Module):
 
     def train(self, mode: bool = True):
         if mode:
-            from surgeon.grammar.diagnostics import SurgeryError
+            from surgeon.diagnostics import SurgeryError
 
             raise SurgeryError("a folded model is for evaluation only", hint="train the compiled model, then fold() again")
         return super().train(False)
@@ -140,20 +140,20 @@ class Folded(nn.Module):
                     if tied in state:
                         state[tied] = weight.detach()
         if any(s.quantization for s in compiled.captured.sites.values()):
-            from surgeon.quantized_merge import merged_quantized_state
+            from surgeon.passes.fold_quantized import merged_quantized_state
 
             state = merged_quantized_state(model, state, quantized, self.quantized)
         return state
 
     def save_pretrained(self, directory) -> None:
         """This merged model as a Hugging Face checkpoint (config, ``model.safetensors``); the folder is replaced whole."""
-        from .checkpoints.merged import save_merged
+        from surgeon.checkpoints.merged import save_merged
 
         save_merged(self, directory)
 
     def export(self, path, *, args: tuple = (), kwargs: dict | None = None) -> None:
         """This merged model's graph (for ``args``/``kwargs``, default the example inputs) as a ``.pt2`` program."""
-        from .checkpoints.program import export_program_file
+        from surgeon.checkpoints.program import export_program_file
 
         export_program_file(self._compiled, path, fold=True, args=args, kwargs=kwargs, quantized=self.quantized, folded=self)
 

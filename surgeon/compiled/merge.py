@@ -1,7 +1,7 @@
 """Making a new adapter from weighted adapters (``Compiled.merge``; the math is in merging.py).
 
 For every site that at least one source adapter adapts, in plan order, the
-sources' LoRA factors there are merged by :func:`surgeon.merging.merge_lora_site`
+sources' LoRA factors there are merged by :func:`surgeon.compiled.merge_math.merge_lora_site`
 (with the weights of the sources present at that site, as PEFT does). The
 result is an ordinary LoRA adapter, with the merged rank of each site and
 alpha = r (scale 1, the scales being folded into the factors): it is planned
@@ -16,10 +16,10 @@ import torch
 
 from surgeon.grammar import rules as ir
 from surgeon.grammar.check import checked_rule_set
-from surgeon.grammar.diagnostics import SurgeryError
+from surgeon.diagnostics import SurgeryError
 from surgeon.grammar.names import checked_name
 
-from .merging import check_merge_args, merge_lora_site
+from surgeon.compiled.merge_math import check_merge_args, merge_lora_site
 
 __all__ = ["merge_adapters"]
 

@@ -7,7 +7,7 @@ stand in for their parameters. Training through the graph and generating
 through the hooks use the very same tensors.
 
 While attached, the model's bitsandbytes 4-bit linears stay on the
-dequantize + matmul path the graph takes (surgeon.quantized.exact_4bit_matmuls):
+dequantize + matmul path the graph takes (surgeon.kernels.quantized.exact_4bit_matmuls):
 on an AVX512-BF16 CPU, generation (evaluation mode, no grad) would otherwise
 run them in bfloat16 and rewrite their tensors in place.
 """
@@ -21,7 +21,7 @@ __all__ = ["attach"]
 
 def attach(compiled, model: nn.Module) -> list:
     """Hook ``compiled``'s adapters into ``model``; returns handles (``.remove()`` detaches)."""
-    from .quantized import exact_4bit_matmuls
+    from surgeon.kernels.quantized import exact_4bit_matmuls
 
     handles = [_Handles(exact_4bit_matmuls(model))]  # first: it refuses a rewritten 4-bit layer before any hook
     for name, path, adapter in compiled.sites():

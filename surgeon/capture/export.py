@@ -18,7 +18,7 @@ import contextlib
 import io
 import sys
 
-from surgeon.grammar.diagnostics import ModelError
+from surgeon.diagnostics import ModelError
 
 __all__ = ["autocast_state", "export_program", "cached_program", "bind_program", "dynamic_shapes", "widen_inputs", "TOKEN_INPUTS"]
 
@@ -160,7 +160,7 @@ def _export(model, args: tuple, kwargs: dict, hugging_face: bool, name: str, dyn
     push = torch.nn.modules.module.register_module_forward_pre_hook(enter)
     pop = torch.nn.modules.module.register_module_forward_hook(leave)
     try:
-        from surgeon.quantized import quantized_stand_ins  # bitsandbytes linears, seen as surgeon ops
+        from surgeon.kernels.quantized import quantized_stand_ins  # bitsandbytes linears, seen as surgeon ops
 
         with _quiet_torch_logs(), _named_keywords(model, kwargs), quantized_stand_ins(model):
             return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from surgeon.grammar.diagnostics import ModelError
+from surgeon.diagnostics import ModelError
 
 __all__ = ["check_loaded", "check_depth", "inside_folder", "model_class_of"]
 

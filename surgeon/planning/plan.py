@@ -1,7 +1,7 @@
 """The plan: exactly what a rule set will do to a model, computed without touching weights.
 
 ``build_plan(rule_set, captured)`` resolves the rules against the captured
-model (surgeon.select) and records, for each site, the adapter, method,
+model (surgeon.planning.select) and records, for each site, the adapter, method,
 arguments, shapes and the trainable parameters it adds; for each rule, the
 modules it matched and won; totals; per-layer coverage. ``Plan.to_json()`` has
 a stable schema (``PLAN_SCHEMA_VERSION``). Every site a rule wins is checked as
@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from surgeon.grammar import rules as ir
-from surgeon.grammar.diagnostics import PlanError
+from surgeon.diagnostics import PlanError
 
-from .capture import Captured
-from .select import resolve
+from surgeon.capture.sites import Captured
+from surgeon.planning.select import resolve
 
 __all__ = ["PlannedSite", "TrainedModule", "RuleReport", "Plan", "build_plan", "PLAN_SCHEMA_VERSION"]
 
@@ -282,7 +282,7 @@ def _arguments(config) -> dict:
 
 
 # Methods that adapt a bitsandbytes-quantized linear: they read only its input and output in the
-# graph, and fold by dequantizing (surgeon/quantized.py). Inits that read the weight are listed.
+# graph, and fold by dequantizing (kernels/quantized.py). Inits that read the weight are listed.
 QUANTIZED_METHODS = {"lora": ("kaiming", "gaussian", "zeros", "loftq")}
 
 
@@ -374,7 +374,7 @@ def _quantized_problems(site: PlannedSite, opened) -> list:
 
 def _located(problems: list, rule_set) -> list:
     """One diagnostic per rule and code, at the rule, counting the other modules it concerns."""
-    from surgeon.grammar.diagnostics import Diagnostic
+    from surgeon.diagnostics import Diagnostic
 
     groups: dict = {}
     for match, problem in problems:
