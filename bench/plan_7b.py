@@ -31,7 +31,7 @@ import torch, transformers
 imported = time.perf_counter()
 if sys.argv[1] == "plan":
     import surgeon
-    import surgeon.api, surgeon.capture.sites
+    import surgeon.api, surgeon.capture.captured
     spent = {"open": 0.0, "export": 0.0, "roles": 0.0}
 
     def timed(module, name, key):  # how much of planning is torch.export, and how much surgeon's own analysis
@@ -47,8 +47,8 @@ if sys.argv[1] == "plan":
         setattr(module, name, inner)
 
     timed(surgeon.api, "open_model", "open")
-    timed(surgeon.capture.sites, "export_program", "export")
-    timed(surgeon.capture.sites, "_with_roles", "roles")
+    timed(surgeon.capture.captured, "export_program", "export")
+    timed(surgeon.capture.captured, "_with_roles", "roles")
     t = time.perf_counter()
     plan = surgeon.api.plan(sys.argv[2], sys.argv[3])
     planning = time.perf_counter() - t

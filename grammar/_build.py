@@ -13,8 +13,8 @@ import re
 
 from lark import Token, Tree
 
-from surgeon.grammar import rules as ir
 from surgeon.diagnostics import Span
+from surgeon.grammar import rules as ir
 from surgeon.grammar.limits import MAX_DEPTH
 
 __all__ = ["BuildRules", "TooDeep", "span_of", "assemble"]

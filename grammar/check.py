@@ -1,11 +1,16 @@
 """Semantic checks of a parsed rule set, before any model is seen.
 
-Every ``apply`` is checked against the method registry (unknown methods,
+Every ``apply`` is checked against the method signatures (unknown methods,
 unknown, duplicate, missing or positional arguments, wrong types, values out of
 range); every selector and predicate against the language (bad regexes and
 globs, unknown fields and module types, empty ranges); every adapter block for
 a valid, unique name and at least one rule. All findings are collected, none
 stops the others.
+
+The signatures are plain data (grammar/signature.py): the method registry, a
+floor above, hands each one to :func:`register_signature` as it registers its
+method, and a caller may pass its own (``methods=``); this module never imports
+the methods, so checking a file never imports torch.
 """
 
 from __future__ import annotations
@@ -15,8 +20,8 @@ import math
 from dataclasses import replace
 from typing import Mapping
 
-from surgeon.grammar import rules as ir
 from surgeon.diagnostics import Diagnostic, RulesError, Span, closest
+from surgeon.grammar import rules as ir
 from surgeon.grammar.glob import GlobError, compile_glob
 from surgeon.grammar.names import NAME_HINT, name_problem
 from surgeon.grammar.regex import RegexError, check_regex

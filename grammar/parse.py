@@ -1,8 +1,8 @@
 """Surgery text -> :class:`RuleSet`, with every mistake reported in words.
 
 ``parse(text, path)`` runs lark's LALR parser over ``surgery.lark``, builds the
-rule IR with :class:`BuildRules`, then checks it against the method registry
-(:mod:`surgeon.grammar.check`). Syntax errors do not stop the work: the broken
+rule IR with :class:`BuildRules`, then checks it against the method signatures
+(:mod:`surgeon.grammar.check`, reading the table the method registry fills). Syntax errors do not stop the work: the broken
 statement is blanked out (offsets kept) and its piece parsed again, so one run
 reports every error of a file.
 
@@ -26,10 +26,11 @@ from typing import Mapping
 from lark import Lark, Token
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
+from surgeon.diagnostics import Diagnostic, RulesError, Span
 from surgeon.grammar import rules as ir
 from surgeon.grammar._build import BuildRules, TooDeep, assemble
 from surgeon.grammar._scan import CONTROL_CHAR, Lines, Scan, blank_all, pieces, scan, spaces
-from surgeon.diagnostics import Diagnostic, RulesError, Span
+from surgeon.grammar.check import check_rules
 from surgeon.grammar.limits import MAX_DEPTH, MAX_TEXT_BYTES, size_words
 from surgeon.grammar.signature import MethodSignature
 
@@ -113,8 +114,6 @@ def _parser() -> Lark:
 
 def parse(text: str, path: str | None = None, methods: Mapping[str, MethodSignature] | None = None) -> ir.RuleSet:
     """Parse and check surgery text. Raises :class:`RulesError` listing every error."""
-    from surgeon.grammar.check import check_rules
-
     if len(text) > MAX_TEXT_BYTES:
         raise RulesError(_too_large(path, Span.at(text, MAX_TEXT_BYTES), "the rules text is longer than"))
     with _no_cycle_collection():

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import os
+
+from surgeon.diagnostics import SurgeryError
 
 __all__ = ["triton_mode", "TritonMissing", "KERNELS", "check_kernels"]
 
@@ -26,8 +29,6 @@ def triton_mode() -> str | None:
         if triton.knobs.runtime.interpret:
             return "interpret"
     except AttributeError:  # pragma: no cover - older Triton
-        import os
-
         if os.environ.get("TRITON_INTERPRET") == "1":
             return "interpret"
     try:
@@ -42,8 +43,6 @@ KERNELS = ("auto", "triton", "torch")
 
 def check_kernels(kernels: str) -> str:
     """``kernels`` itself when it is one of KERNELS and can run here; a SurgeryError otherwise."""
-    from surgeon.diagnostics import SurgeryError
-
     if kernels not in KERNELS:
         raise SurgeryError(f"kernels={kernels!r} is not one of {', '.join(KERNELS)}")
     if kernels == "triton":

@@ -21,8 +21,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from surgeon.kernels._fused import check_operands, fused_kernels, launch, next_pow2, tile_sizes, use_triton
 from surgeon.kernels._triton import TritonMissing, triton_mode
-from surgeon.kernels.lora_linear import _blocks, _check, _kernels, _launch, _use_triton, triton_next_pow2
 
 __all__ = ["dora_row_norm_torch", "dora_row_norm_triton", "dora_linear", "dora_linear_torch"]
 
@@ -82,7 +82,7 @@ def dora_row_norm_triton(weight, lora_a, lora_b, scale):
     kernel = _row_norm_kernel()
     aat = (lora_a.float() @ lora_a.float().T).contiguous()
     norm = torch.empty(n, dtype=torch.float32, device=weight.device)
-    block_m, block_k, block_r = 32, 32, max(16, triton_next_pow2(r))
+    block_m, block_k, block_r = 32, 32, max(16, next_pow2(r))
     kernel[(_ROW_NORM["triton"].cdiv(n, block_m),)](
         weight, lora_a, lora_b, aat, norm, n, k, r, float(scale), *weight.stride(), *lora_a.stride(), *lora_b.stride(),
         *aat.stride(), BM=block_m, BK=block_k, BR=block_r, UPCAST=mode == "interpret" and weight.dtype == torch.bfloat16,
@@ -114,11 +114,11 @@ def dora_linear_torch(x, weight, bias, lora_a, lora_b, scale, magnitude, gate=No
 def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scale: torch.Tensor, magnitude: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """DoRA linear: the row-norm kernel, then the fused LoRA kernels with (c, d) in the epilogue (torch elsewhere)."""
-    if not (_use_triton(x) and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
+    if not (use_triton(x) and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
         return dora_linear_torch(x, weight, bias, lora_a, lora_b, scale, magnitude, gate)
     # a graph makes the scale (and may keep the gate) as CPU scalars: the kernels read them on x's device
     scale, gate = (torch.as_tensor(t, dtype=torch.float32, device=x.device) for t in (scale, gate))
-    _check(x, weight, bias, lora_a, lora_b, scale)
+    check_operands(x, weight, bias, lora_a, lora_b, scale)
     if gate.numel() != 1 or magnitude.shape != (weight.shape[0],):
         raise ValueError(f"gate must hold one number and magnitude one per output row; got {tuple(gate.shape)}, {tuple(magnitude.shape)}")
     c, d = (t.contiguous() for t in _columns(magnitude, dora_row_norm_triton(weight, lora_a, lora_b, scale), scale, gate))
@@ -127,8 +127,8 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     h = torch.empty((m, r), dtype=torch.float32, device=x.device)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     upcast = triton_mode() == "interpret" and x.dtype == torch.bfloat16
-    _launch(_kernels(), x2, weight, bias, lora_a.unsqueeze(0), lora_b.unsqueeze(0), scale.float().reshape(1), None, h, y,
-            _blocks(m, n, x2.shape[1], r), upcast, "ieee" if x.dtype == torch.float32 else "tf32", columns=(c, d))
+    launch(fused_kernels(), x2, weight, bias, lora_a.unsqueeze(0), lora_b.unsqueeze(0), scale.float().reshape(1), None, h, y,
+            tile_sizes(m, n, x2.shape[1], r), upcast, "ieee" if x.dtype == torch.float32 else "tf32", columns=(c, d))
     return y.reshape(*x.shape[:-1], n)
 
 

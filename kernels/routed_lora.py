@@ -20,8 +20,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from surgeon.kernels._fused import fused_kernels, launch, tile_sizes, use_triton
 from surgeon.kernels._triton import TritonMissing, triton_mode
-from surgeon.kernels.lora_linear import _blocks, _kernels, _launch, _use_triton
 
 __all__ = ["routed_lora_linear_torch", "routed_lora_linear_triton", "routed_lora_linear", "stack_adapters"]
 
@@ -74,13 +74,13 @@ def routed_lora_linear_triton(x, weight, bias, a_stack, b_stack, scales, ids):
         raise ValueError(f"ids must be integers, one per leading row of x: got {tuple(ids.shape)} {ids.dtype} for x {tuple(x.shape)}")
     x2, row_ids = _rows(x, ids)
     m = x2.shape[0]
-    blocks = _blocks(m, n, k, rank)
+    blocks = tile_sizes(m, n, k, rank)
     upcast = mode == "interpret" and x.dtype == torch.bfloat16
     h = torch.empty((m, rank), dtype=torch.float32, device=x.device)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     scales = scales.to(device=x.device, dtype=torch.float32)  # a graph may build them on the CPU
     row_ids = row_ids.to(device=x.device, dtype=torch.int32).contiguous()
-    _launch(_kernels(), x2, weight, bias, a_stack, b_stack, scales, row_ids, h, y,
+    launch(fused_kernels(), x2, weight, bias, a_stack, b_stack, scales, row_ids, h, y,
             blocks, upcast, "ieee" if x.dtype == torch.float32 else "tf32")
     return y.reshape(*x.shape[:-1], n)
 
@@ -89,7 +89,7 @@ def routed_lora_linear_triton(x, weight, bias, a_stack, b_stack, scales, ids):
 def routed_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], a_stack: torch.Tensor,
                        b_stack: torch.Tensor, scales: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Each row with adapter ``ids[row]`` of the stacks (-1: none): the routed kernels where Triton runs, else torch."""
-    if _use_triton(x) and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
+    if use_triton(x) and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
         return routed_lora_linear_triton(x, weight, bias, a_stack, b_stack, scales, ids)
     return routed_lora_linear_torch(x, weight, bias, a_stack, b_stack, scales, ids)
 

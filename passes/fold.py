@@ -1,6 +1,6 @@
 """The fold pass: merge every adapter into its base weight and take its nodes out.
 
-Each method says how it merges (``SiteAdapter.fold``); for LoRA::
+Each method says how it merges (``SiteAdapter.fold``); for a low-rank update::
 
     W' = W + scale * B @ A          (linear: W is (out, in))
     W' = W + (scale * B @ A)^T      (GPT-2 Conv1D: W is (in, out))
@@ -13,7 +13,7 @@ graph has exactly the base graph's op sequence. The new weights are new
 tensors set on the graph module (the user's model and the unfolded graph keep
 theirs). A ``merged`` dict given to the pass keeps them, by site: a second
 graph of the same model (another call signature) folded with that dict reads
-the very same tensors, computed once (surgeon/compiled/folded.py writes them into the
+the very same tensors, computed once (surgeon/compiled/merged_model.py writes them into the
 model for an in-place fold and reads a merged checkpoint from them).
 
 :func:`verify_fold` runs the folded and unfolded graphs on the same inputs and
@@ -22,12 +22,21 @@ raises :class:`FoldError` when they differ beyond a tolerance for the dtype.
 
 from __future__ import annotations
 
-from surgeon.diagnostics import SurgeryError
+import copy
+import warnings
+from dataclasses import replace
+
+import torch
+from torch.utils._pytree import tree_leaves
+
+from surgeon.diagnostics import FoldError
 
 from surgeon.kernels.quantized import QUANTIZED_OPS
 
+from surgeon.methods import node_roles as roles
 from surgeon.passes._graph import SiteNodes, attribute, site_args
-from surgeon.passes.insert import attribute_prefix
+from surgeon.passes.fold_quantized import dequantize_graph_site, graph_weight, requantize_graph_site
+from surgeon.passes.insert import GATES_BUFFER, attribute_prefix
 from surgeon.passes.pipeline import PassResult
 
 __all__ = ["merge_dtype", "fold_weighted", "fold_adapters", "verify_fold", "output_difference", "FoldError",
@@ -35,30 +44,19 @@ __all__ = ["merge_dtype", "fold_weighted", "fold_adapters", "verify_fold", "outp
 
 # Roles of the nodes that stand in for a value of the base graph (the site's output, input or
 # weight), each with the value it replaces as its first argument.
-JOINTS = ("out", "in", "weight")
+JOINTS = roles.JOINTS
 
 # (rtol, atol relative to the output's largest magnitude) by dtype of the outputs.
 TOLERANCES = {"float32": (1e-4, 1e-5), "float64": (1e-9, 1e-10), "bfloat16": (2e-2, 2e-2), "float16": (5e-3, 5e-3)}
 
 
-class FoldError(SurgeryError):
-    """Folding changed what the model computes, or cannot be done."""
-
-
 def merge_dtype(dtype):
     """The dtype merges are computed in: float32, or the weight's own when wider (float64)."""
-    import torch
-
     return torch.promote_types(dtype, torch.float32)
 
 
 def copy_graph_module(gm):
     """A new graph module with its own graph and module tree, sharing gm's tensors."""
-    import copy
-    import warnings
-
-    import torch
-
     with warnings.catch_warnings():  # torch's own pytree specs warn about their deprecated copy path
         warnings.simplefilter("ignore", FutureWarning)
         graph = copy.deepcopy(gm.graph)
@@ -83,15 +81,13 @@ def fold_adapters(insertions, *, weights: dict | None = None, quantized: str = "
     merged = {} if merged is None else merged
 
     def fold_adapter_branches(gm) -> PassResult:
-        import torch
-
         by_site: dict = {}
         for spec in insertions:
             by_site.setdefault((spec.path, spec.kind), []).append(spec)
         if not by_site:
             return PassResult(gm, False)
         for node in list(gm.graph.nodes):  # each branch's joint takes its first argument's place again
-            if node.meta.get("surgeon", {}).get("role") in JOINTS:
+            if roles.role_of(node) in JOINTS:
                 node.replace_all_uses_with(node.args[0])
         site_nodes, single = SiteNodes(gm), _single_readers(gm)
         with torch.no_grad():
@@ -131,10 +127,10 @@ def fold_adapters(insertions, *, weights: dict | None = None, quantized: str = "
                 if bias is not None and new_bias is not None:
                     _set(gm, [bias_node.target], new_bias)
         for node in reversed(list(gm.graph.nodes)):
-            if "surgeon" in node.meta and not node.users:
+            if roles.META in node.meta and not node.users:
                 gm.graph.erase_node(node)
-        if "surgeon_gates" in gm._buffers:
-            del gm._buffers["surgeon_gates"]
+        if GATES_BUFFER in gm._buffers:
+            del gm._buffers[GATES_BUFFER]
         for spec in insertions:  # the adapter parameters leave the folded module
             owner = gm.get_submodule(spec.path)
             prefix = attribute_prefix(spec.adapter)
@@ -147,8 +143,6 @@ def fold_adapters(insertions, *, weights: dict | None = None, quantized: str = "
 
 def _merged_site(specs, weight, bias, kind: str, weights: dict) -> tuple:
     """(weight, bias) of one site with its adapters folded, as new frozen parameters in the base tensors' dtypes."""
-    import torch
-
     wide = merge_dtype(weight.dtype)
     new_weight, new_bias = weight.detach().to(wide), None if bias is None else bias.detach().to(wide)
     for spec in specs:
@@ -159,14 +153,12 @@ def _merged_site(specs, weight, bias, kind: str, weights: dict) -> tuple:
 
 def _fold_projections(gm, path: str, kind: str, nodes, specs, weights: dict, merged: dict) -> None:
     """A site whose calls read several weights (MultiheadAttention: in_proj_weight, then out_proj.weight), each
-    folded with its own projection of every adapter (``module.for_weight``, surgeon/methods/mha_weights.py).
-    ``merged`` keeps the first weight under (path, kind), as any site's, and each other under (path, kind, its
-    parameter name); biases are left as they are (these adapters have none)."""
-    from dataclasses import replace
-
+    folded with its own projection of every adapter (``module.for_weight``: a method's adapter for a site of
+    several weights). ``merged`` keeps the first weight under (path, kind), as any site's, and each other under
+    (path, kind, its parameter name); biases are left as they are (these adapters have none)."""
     if not all(hasattr(spec.module, "for_weight") for spec in specs):
         raise FoldError(f"cannot fold {path}: it has adapters of several projections and of one weight together",
-                        hint="this is a bug in surgeon: a MultiheadAttention site takes LoRA only")
+                        hint="this is a bug in surgeon: planning gives a site of several weights adapters of one method")
     targets = list(dict.fromkeys(site_args(node, kind)[1].target for node in nodes))
     for i, target in enumerate(targets):
         key = (path, kind) if i == 0 else (path, kind, target)
@@ -178,16 +170,14 @@ def _fold_projections(gm, path: str, kind: str, nodes, specs, weights: dict, mer
 
 def _fold_quantized(gm, nodes, specs, weights: dict, quantized: str, merged: dict) -> None:
     """Every call (``nodes``) of a quantized site: merged in float32 from the dequantized weight, then made a plain
-    linear or quantized again (kernels/quantized.py). LoRA biases are refused at planning on such sites."""
-    from surgeon.passes.fold_quantized import dequantize_graph_site, graph_weight, requantize_graph_site
-
+    linear or quantized again (kernels/quantized.py). Biases of adapters are refused at planning on such sites."""
     path = specs[0].path
     if (path, "linear") not in merged:
         weight = graph_weight(gm, nodes[0])
         for spec in specs:
             weight, bias = fold_weighted(spec, weight, None, "linear", weights.get(spec.adapter, 1.0))
             if bias is not None:
-                raise FoldError(f"cannot fold {path}: an adapter with a bias on a quantized linear", hint="use lora(bias=false)")
+                raise FoldError(f"cannot fold {path}: an adapter with a bias on a quantized linear", hint="adapt quantized linears without a bias of the adapter")
         merged[(path, "linear")] = ("quantized", weight)
     weight = merged[(path, "linear")][1]
     (dequantize_graph_site if quantized == "dequantize" else requantize_graph_site)(gm, nodes, weight)
@@ -236,12 +226,12 @@ def _used_elsewhere(gm, weight_node, base, single: dict | None = None) -> bool:
     ``single`` (from _single_readers) spares the walk over the graph for a weight only ``weight_node`` reads."""
     tensor = attribute(gm, weight_node.target)
     if single is not None and single.get(id(tensor)) is weight_node:
-        return any(user is not base and "surgeon" not in user.meta for user in weight_node.users)
+        return any(user is not base and roles.META not in user.meta for user in weight_node.users)
     for node in gm.graph.nodes:
         if node.op != "get_attr" or attribute(gm, node.target) is not tensor:
             continue
         for user in node.users:
-            if user is not base and "surgeon" not in user.meta:
+            if user is not base and roles.META not in user.meta:
                 return True
     return False
 
@@ -266,8 +256,6 @@ def _has_module(gm, path: str) -> bool:
 
 
 def _make_module(gm, path: str):
-    import torch
-
     owner = gm
     for part in path.split("."):
         if not hasattr(owner, part):
@@ -278,9 +266,6 @@ def _make_module(gm, path: str):
 
 def output_difference(expected, got) -> tuple:
     """(max, mean) absolute difference of the largest floating-point output (the logits, not the loss)."""
-    import torch
-    from torch.utils._pytree import tree_leaves
-
     pairs = [(e, g) for e, g in zip(tree_leaves(expected), tree_leaves(got)) if isinstance(e, torch.Tensor) and e.is_floating_point()]
     if not pairs:
         return 0.0, 0.0
@@ -292,9 +277,6 @@ def output_difference(expected, got) -> tuple:
 def verify_fold(unfolded, folded, args: tuple, kwargs: dict, tolerance: tuple | None = None) -> float:
     """Run both graphs on the same inputs; raise FoldError beyond tolerance (by dtype, or ``tolerance``:
     (rtol, atol)). Returns the max abs difference."""
-    import torch
-    from torch.utils._pytree import tree_leaves
-
     with torch.no_grad():
         expected = [t for t in tree_leaves(unfolded(*args, **kwargs)) if isinstance(t, torch.Tensor)]
         got = [t for t in tree_leaves(folded(*args, **kwargs)) if isinstance(t, torch.Tensor)]

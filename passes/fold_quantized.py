@@ -1,4 +1,4 @@
-"""Folding into bitsandbytes-quantized sites (passes/fold.py, surgeon/compiled/folding.py).
+"""Folding into bitsandbytes-quantized sites (passes/fold.py, surgeon/compiled/checked_fold.py).
 
 A quantized site merges in float32 from its dequantized weight; then either
 "dequantize" (the merged weight stays in full precision, in the site's compute
@@ -10,10 +10,14 @@ so the folded graph describes the saved model.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
-from surgeon.kernels.quantized import _bnb_kind, _dequantize_4bit, _quant_state, dequantized_weight, quantize_like
+from surgeon.kernels.quantized import bnb_kind, dequantize_4bit, dequantized_weight, quant_state, quantize_like
+
+from surgeon.passes._graph import attribute, module_path
 
 __all__ = ["QUANTIZED_MERGES", "graph_weight", "dequantize_graph_site", "requantize_graph_site", "merged_quantized_state",
            "conv1d_paths"]
@@ -24,8 +28,6 @@ QUANTIZED_MERGES = ("dequantize", "requantize")
 
 
 def _graph_tensor(gm, arg):
-    from surgeon.passes._graph import attribute
-
     return attribute(gm, arg.target) if getattr(arg, "op", None) == "get_attr" else None
 
 
@@ -34,7 +36,7 @@ def graph_weight(gm, node) -> torch.Tensor:
     if node.target is torch.ops.surgeon.linear_4bit.default:
         x, packed, shape, absmax, blocksize, quant_type, _, a8, code, offset = node.args
         t = lambda a: _graph_tensor(gm, a)  # noqa: E731
-        return _dequantize_4bit(t(packed), list(shape), t(absmax), blocksize, quant_type, t(a8), t(code), t(offset), torch.float32)
+        return dequantize_4bit(t(packed), list(shape), t(absmax), blocksize, quant_type, t(a8), t(code), t(offset), torch.float32)
     cb, scb = _graph_tensor(gm, node.args[1]), _graph_tensor(gm, node.args[2])
     return cb.float() * (scb.float().unsqueeze(1) / 127.0)
 
@@ -47,8 +49,6 @@ def _compute_dtype(node, default):
 def dequantize_graph_site(gm, nodes, weight) -> None:
     """Replace the quantized op ``nodes`` (every call of one site) by ``aten.linear`` on ``weight`` (set as the
     site's ``weight``, in the op's compute dtype), and drop the quantized tensors they read."""
-    from surgeon.passes._graph import module_path
-
     path = module_path(nodes[0])
     owner = gm.get_submodule(path)
     readers = {a for node in nodes for a in node.args[1:] if getattr(a, "op", None) == "get_attr"}
@@ -93,8 +93,6 @@ def _quantized_buffers(weight, node, gm) -> dict:
 def requantize_graph_site(gm, nodes, weight) -> None:
     """Give the quantized op ``nodes`` (every call of one site) the quantized ``weight`` instead (new tensors;
     the model keeps its own)."""
-    from surgeon.passes._graph import module_path
-
     owner = gm.get_submodule(module_path(nodes[0]))
     for name, tensor in _quantized_buffers(weight, nodes[0], gm).items():
         owner.register_buffer(name, tensor)
@@ -103,7 +101,7 @@ def requantize_graph_site(gm, nodes, weight) -> None:
 def _requantized_state(path: str, module, weight) -> dict:
     """The state-dict entries bitsandbytes writes for ``module`` (at ``path``) holding ``weight`` quantized
     with the module's own scheme: what transformers loads as a pre-quantized checkpoint."""
-    if _bnb_kind(module) == "8bit":
+    if bnb_kind(module) == "8bit":
         cb, scb = quantize_like(module, weight)
         return {f"{path}.weight": cb, f"{path}.SCB": scb}
     packed, new_state = quantize_like(module, weight)  # from the compute dtype, as the graph's requantize_graph_site
@@ -114,8 +112,8 @@ def _requantized_state(path: str, module, weight) -> dict:
 
 def _full_precision_dtype(model, module):
     """A dequantized weight's dtype: the 4-bit compute dtype; for int8, the model's own float dtype."""
-    if _bnb_kind(module) == "4bit":
-        return module.compute_dtype or _quant_state(module).dtype
+    if bnb_kind(module) == "4bit":
+        return module.compute_dtype or quant_state(module).dtype
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
@@ -128,7 +126,7 @@ def merged_quantized_state(model, state: dict, merged: dict, mode: str) -> dict:
     """
     transposed = conv1d_paths(model) if mode == "dequantize" else set()
     for path, module in model.named_modules():
-        if _bnb_kind(module) is None:
+        if bnb_kind(module) is None:
             continue
         name = f"{path}.weight"
         if mode == "requantize" and name not in merged:
@@ -148,8 +146,6 @@ def merged_quantized_state(model, state: dict, merged: dict, mode: str) -> dict:
 def conv1d_paths(model) -> set:
     """Modules that the unquantized model class builds as transformers' Conv1D (GPT-2: weight (in, out)), which
     bitsandbytes quantized as (out, in) linears: a full-precision checkpoint must store them transposed back."""
-    import copy
-
     config = getattr(model, "config", None)
     if config is None or getattr(config, "quantization_config", None) is None:
         return set()

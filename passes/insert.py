@@ -2,7 +2,7 @@
 
 For each site (a module path computing ``aten.linear`` or GPT-2's
 ``aten.addmm``), the adapter's method rewrites the graph through a
-:class:`GraphBuilder` (see surgeon/methods/adapter.py); for LoRA::
+:class:`GraphBuilder` (see surgeon/methods/adapter.py); a low-rank update, for example::
 
     h = linear(dropout(x), A)        # (..., r)     A: (r, in)
     d = linear(h, B[, b_B])          # (..., out)   B: (out, r)
@@ -17,14 +17,14 @@ graph: either one float per adapter (the ``surgeon_gates`` buffer: 1 active,
 0 inactive, set by ``Compiled.set_active``), or, for a routed graph, one per
 batch row, ``adapter_ids == i`` from an ``adapter_ids`` input the pass adds
 (-1: no adapter). A method whose SiteAdapter sets ``applies_gate`` multiplies
-its change by ``graph.gate()`` itself (LoRA: into its scale, no extra pass over
+its change by ``graph.gate()`` itself (a low-rank update: into its scale, no extra pass over
 the output); for the others the pass interpolates, ``y + g (y' - y)`` (and
 ``x + g (x' - x)`` for input-side methods), which is the method at g = 1, the
 base at g = 0, and linear in between, as folding with a weight is. The adapter's parameters are registered on the graph module at
 the site's path (``<path>.surgeon_<adapter>__<name>``): the very Parameter
 objects the compiled model owns, so every graph of one compiled model trains
 the same weights. Inserted nodes carry ``meta["surgeon"] = {adapter, site,
-method, role}``.
+method, role}`` (the roles: surgeon/methods/node_roles.py).
 """
 
 from __future__ import annotations
@@ -32,13 +32,19 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from surgeon.diagnostics import PlanError
+
+from surgeon.methods import node_roles as roles
+from surgeon.methods.node_roles import GATES_BUFFER, ROUTING_INPUT
 from surgeon.passes._graph import Inserter, SiteNodes, attribute, site_args
 from surgeon.passes.pipeline import PassResult
 
-__all__ = ["Insertion", "Gates", "insert_adapters", "attribute_prefix", "GraphBuilder"]
+__all__ = ["Insertion", "Gates", "insert_adapters", "attribute_prefix", "GraphBuilder", "GATES_BUFFER", "ROUTING_INPUT"]
 
-GATES_BUFFER = "surgeon_gates"
-ROUTING_INPUT = "adapter_ids"
+aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
@@ -69,9 +75,7 @@ def outermost(node):
     """The last node of the chain of adapter outputs wrapping ``node`` (``node`` itself if none)."""
     current = node
     while True:
-        wrapper = next(
-            (u for u in current.users if u.meta.get("surgeon", {}).get("role") == "out" and u.args[0] is current), None
-        )
+        wrapper = next((u for u in current.users if roles.role_of(u) == roles.OUT and u.args[0] is current), None)
         if wrapper is None:
             return current
         current = wrapper
@@ -81,14 +85,12 @@ class GraphBuilder:
     """What a method's ``branch`` uses to rewrite one call of its site."""
 
     def __init__(self, gm, node, spec: Insertion, training: bool, gate_of=None):
-        import torch
-
         self.gm, self.node, self.spec, self.training = gm, node, spec, training
         self._gate_of = gate_of
-        self.aten = torch.ops.aten
+        self.aten = aten
         self.prefix = attribute_prefix(spec.adapter)
         self.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")}
-        self.meta["surgeon"] = {"adapter": spec.adapter, "site": spec.path, "method": spec.module.method}
+        self.meta[roles.META] = {"adapter": spec.adapter, "site": spec.path, "method": spec.module.method}
         self.after = Inserter(gm.graph, outermost(node), self.meta)
         self._params: dict = {}
 
@@ -116,8 +118,6 @@ class GraphBuilder:
         # Only a routed call (adapter_ids) needs this, and only the graph shows it for every site: the plan
         # marks the sites it knows of (GPT-2's Conv1D) as unroutable, this catches the rest.
         if self.routed and rank and not self._gate_of.keeps_batch(value):
-            from surgeon.diagnostics import PlanError
-
             raise PlanError(
                 f"{self.spec.path} computes on rows that are not the batch's (its output is {tuple(value.shape)}), "
                 "so adapter_ids cannot route it",
@@ -131,12 +131,10 @@ class GraphBuilder:
         gate = self.gate()
         if gate is None:
             return scale
-        import torch
-
         first = next(iter(self.spec.module.parameters()), None)
         if first is not None and first.dtype != torch.float32:  # keep the adapter's dtype (bf16 adapters, routed)
-            gate = self.call(self.aten._to_copy.default, (gate,), "gate", {"dtype": first.dtype})
-        return self.call(self.aten.mul.Tensor, (gate, scale), "gate")
+            gate = self.call(self.aten._to_copy.default, (gate,), roles.GATE, {"dtype": first.dtype})
+        return self.call(self.aten.mul.Tensor, (gate, scale), roles.GATE)
 
     @property
     def routed(self) -> bool:
@@ -144,26 +142,24 @@ class GraphBuilder:
         return self._gate_of is not None and getattr(self._gate_of, "routed", False)
 
     def replace_weight(self, node, *, tied: bool = False) -> None:
-        """Make the base op read ``node`` (role "weight") instead of its weight.
+        """Make the base op read ``node`` (role ``WEIGHT``) instead of its weight.
 
         With ``tied``, every other op of the graph reading the same tensor (a
         tied output layer) reads ``node`` too.
         """
         weight = self.weight()
         if weight.op != "get_attr":  # planning refuses this (weight-replaced-twice); kept for insertions made by hand
-            from surgeon.diagnostics import PlanError
-
             raise PlanError(
                 f"{self.spec.path}: two adapters rewrite this weight ({self.spec.adapter!r} is the second); "
-                "one trainable_tokens adapter per embedding",
-                hint="list all the token ids in one trainable_tokens rule (a graph holds every adapter, active or not)",
+                "one adapter may replace a weight tensor",
+                hint="give that change to one adapter (a graph holds every adapter, active or not)",
             )
         readers = [self.node]
         if tied:
             tensor = attribute(self.gm, weight.target)
             for other in self.gm.graph.nodes:
                 if other.op == "get_attr" and attribute(self.gm, other.target) is tensor:
-                    readers += [(u, other) for u in other.users if u is not node and "surgeon" not in u.meta]
+                    readers += [(u, other) for u in other.users if u is not node and roles.META not in u.meta]
         for reader in readers:
             user, old = reader if isinstance(reader, tuple) else (reader, weight)
             user.replace_input_with(old, node)
@@ -174,7 +170,7 @@ class GraphBuilder:
             with self.gm.graph.inserting_before(self.node):
                 attr = self.gm.graph.get_attr(f"{self.spec.path}.{self.prefix}{name}")
             attr.meta.update(self.meta)
-            attr.meta["surgeon"] = {**self.meta["surgeon"], "role": f"param:{name}"}
+            attr.meta[roles.META] = {**self.meta[roles.META], "role": roles.param(name)}
             self._params[name] = attr
         return self._params[name]
 
@@ -186,8 +182,8 @@ class GraphBuilder:
         """Insert ``op(*args)`` right before the base op (for input-side rewrites)."""
         with self.gm.graph.inserting_before(self.node):
             node = self.gm.graph.call_function(op, args, kwargs or {})
-        node.meta.update({k: v for k, v in self.meta.items() if k != "surgeon"})
-        node.meta["surgeon"] = {**self.meta["surgeon"], "role": role}
+        node.meta.update({k: v for k, v in self.meta.items() if k != roles.META})
+        node.meta[roles.META] = {**self.meta[roles.META], "role": role}
         return node
 
     @staticmethod
@@ -202,13 +198,13 @@ class GraphBuilder:
         """
         if not self._needs_cast(node, dtype, source):
             return node
-        return self.call(self.aten._to_copy.default, (node,), "cast", {"dtype": dtype})
+        return self.call(self.aten._to_copy.default, (node,), roles.CAST, {"dtype": dtype})
 
     def cast_before(self, node, dtype):
         """:meth:`cast`, placed before the base op."""
         if not self._needs_cast(node, dtype):
             return node
-        return self.call_before(self.aten._to_copy.default, (node,), "cast", {"dtype": dtype})
+        return self.call_before(self.aten._to_copy.default, (node,), roles.CAST, {"dtype": dtype})
 
     def _needs_cast(self, node, dtype, source=None) -> bool:
         current = self.dtype_of(node) or source
@@ -241,7 +237,7 @@ def insert_adapters(insertions, *, training: bool, gates: Gates | None = None):
                 users = [u for u in current.users]
                 new_x, new_y = spec.module.branch(builder, x, current)
                 if gate_of is not None and not getattr(spec.module, "applies_gate", False):
-                    new_x, new_y = _interpolated(builder, x, new_x, "in"), _interpolated(builder, current, new_y, "out")
+                    new_x, new_y = _interpolated(builder, x, new_x, roles.IN), _interpolated(builder, current, new_y, roles.OUT)
                 if new_x is not None:
                     node.replace_input_with(x, new_x)
                 if new_y is not None:
@@ -254,13 +250,10 @@ def insert_adapters(insertions, *, training: bool, gates: Gates | None = None):
 
 
 def _interpolated(builder, value, new, role: str):
-    """``value + g (new - value)`` with role ``role`` (``new`` keeps its place in the chain as "ungated")."""
-    import torch
-
+    """``value + g (new - value)`` with the joint role ``role`` (``new`` keeps its place in the chain as ungated)."""
     if new is None:
         return None
-    aten = torch.ops.aten
-    new.meta["surgeon"] = {**new.meta["surgeon"], "role": f"ungated-{role}"}
+    new.meta[roles.META] = {**new.meta[roles.META], "role": roles.ungated(role)}
     meta_value = value.meta.get("val") if hasattr(value, "meta") else None
     gate = builder.gate(meta_value.dim() if meta_value is not None else None)
     dtype = builder.dtype_of(value)
@@ -272,14 +265,14 @@ def _interpolated(builder, value, new, role: str):
     return _after(builder, role, scaled, aten.add.Tensor, (value, scaled), role=role)
 
 
-def _after(builder, side: str, anchor, op, args, kwargs=None, role: str = "gate"):
+def _after(builder, side: str, anchor, op, args, kwargs=None, role: str = roles.GATE):
     """A node right after ``anchor`` (input side: before the base op, where ``anchor`` lives)."""
-    if side == "in":
+    if side == roles.IN:
         return builder.call_before(op, args, role, kwargs)
     with builder.gm.graph.inserting_after(anchor):
         node = builder.gm.graph.call_function(op, args, kwargs or {})
-    node.meta.update({k: v for k, v in builder.meta.items() if k != "surgeon"})
-    node.meta["surgeon"] = {**builder.meta["surgeon"], "role": role}
+    node.meta.update({k: v for k, v in builder.meta.items() if k != roles.META})
+    node.meta[roles.META] = {**builder.meta[roles.META], "role": role}
     return node
 
 
@@ -287,15 +280,12 @@ class _GateNodes:
     """The gate nodes of one graph, made once per adapter (and per output rank when routed)."""
 
     def __init__(self, gm, gates: Gates):
-        import torch
-
         self.gm, self.gates, self.routed = gm, gates, gates.routed
         self.index = {name: i for i, name in enumerate(gates.names)}
         self.made: dict = {}
         graph = gm.graph
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-        aten = torch.ops.aten
-        meta = {"surgeon": {"adapter": None, "site": None, "method": None, "role": "gates"}}
+        meta = {roles.META: {"adapter": None, "site": None, "method": None, "role": roles.GATES}}
         inputs = [n.meta.get("val") for n in placeholders]
         self.batch = next((v.shape[0] for v in inputs if hasattr(v, "shape") and len(v.shape) > 0), None)
         if self.routed:
@@ -322,8 +312,6 @@ class _GateNodes:
         return node
 
     def __call__(self, adapter: str, rank: int):
-        import torch
-
         key = (adapter, rank if self.routed else 0)
         if key not in self.made:
             i = self.index[adapter]
@@ -340,9 +328,6 @@ class _GateNodes:
 
 def add_keyword_input(gm, name: str):
     """Give the graph module a new keyword input ``name`` (its pytree signature updated); its placeholder node."""
-    import torch
-    from torch.utils._pytree import tree_flatten, tree_unflatten
-
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     with graph.inserting_after(placeholders[-1]):

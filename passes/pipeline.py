@@ -1,9 +1,10 @@
-"""The pass contract and a small pass manager.
+"""The pass contract, the stages of the pipeline as data, and a small pass manager.
 
 A pass is any callable ``pass_(gm: torch.fx.GraphModule) -> PassResult`` (a
 pass may also rewrite ``gm`` in place and return None, meaning "changed").
-A :class:`Pipeline` is a list of named stages; users add their own passes at
-named points::
+The pipeline's stages are the list :data:`STAGES` (print it with
+:func:`describe_stages`); every stage has a point before and after it
+(:data:`POINTS`), where users add their own passes::
 
     def log_sites(gm):
         for node in adapter_nodes(gm, role="out"):
@@ -12,9 +13,12 @@ named points::
 
     surgeon.compile(model, rules, passes={"after_insert": [log_sites]})
 
-After every pass the manager lints the graph (``graph.lint()``) and recompiles
-it; a pass that raises, or leaves an invalid graph, is reported as a
-:class:`PassError` that names it and the passes that ran before it.
+A :class:`Pipeline` is a list of named stages, each a list of passes, built by
+:meth:`Pipeline.with_points` from the core passes of each stage and the user's
+passes at each point. After every pass the manager lints the graph
+(``graph.lint()``) and recompiles it; a pass that raises, or leaves an invalid
+graph, is reported as a :class:`PassError` that names it and the passes that
+ran before it.
 """
 
 from __future__ import annotations
@@ -24,10 +28,38 @@ from typing import Callable, Iterable
 
 from surgeon.diagnostics import SurgeryError
 
-__all__ = ["PassResult", "PassError", "Pipeline", "run_passes", "POINTS"]
+__all__ = ["PassResult", "PassError", "Stage", "STAGES", "POINTS", "describe_stages", "Pipeline", "run_passes"]
 
-# Where a user's passes can go, in pipeline order.
-POINTS = ("before_insert", "after_insert", "before_fold", "after_fold")
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline: what it does, and to which graphs."""
+
+    name: str
+    does: str
+    runs_on: str
+
+
+# The stages, in order. insert and lower make every graph a compiled model runs; fold has a run of its own.
+STAGES = (
+    Stage("insert", "puts every adapter's branch into the graph at its sites (passes/insert.py), and gates "
+          "the train modules' copies", "each graph a compiled model captures"),
+    Stage("lower", "rewrites the branches a method's lowering pattern recognises into fused kernel calls "
+          "(passes/lower.py)", "those graphs, where the compiled model's kernels lower"),
+    Stage("fold", "merges every adapter into its base weights and takes its nodes out (passes/fold.py), "
+          "giving back the base graph", "fold(): a copy of the graph"),
+)
+
+# Where a user's passes can go, in pipeline order: before and after each stage.
+POINTS = tuple(f"{when}_{stage.name}" for stage in STAGES for when in ("before", "after"))
+
+
+def describe_stages() -> str:
+    """The pipeline as text: each point and stage in order, what each stage does and to which graphs."""
+    lines = []
+    for stage in STAGES:
+        lines += [f"  before_{stage.name}", f"{stage.name}: {stage.does}; on {stage.runs_on}", f"  after_{stage.name}"]
+    return "\n".join(lines)
 
 
 @dataclass
@@ -85,7 +117,11 @@ class Pipeline:
 
     @staticmethod
     def with_points(core: dict, user: dict | None) -> "Pipeline":
-        """``core``: stage name -> passes (stages 'insert', 'fold'); ``user``: point -> passes."""
+        """``core``: stage name (of STAGES) -> its passes; ``user``: point (of POINTS) -> passes.
+
+        The stages run in STAGES order, each between its two points; a stage given with no passes still has
+        its points, and the points of a stage not in ``core`` are not part of this pipeline.
+        """
         user = dict(user or {})
         unknown = sorted(set(user) - set(POINTS))
         if unknown:
@@ -93,15 +129,23 @@ class Pipeline:
                 f"unknown pass point{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}",
                 hint=f"passes can go at: {', '.join(POINTS)}",
             )
+        order = [stage.name for stage in STAGES]
+        strange = sorted(set(core) - set(order))
+        if strange:
+            raise PassError(f"unknown pipeline stage{'s' if len(strange) > 1 else ''}: {', '.join(strange)}",
+                            hint=f"the stages: {', '.join(order)}")
         for point, passes in user.items():
             if callable(passes):
                 user[point] = [passes]
         stages = []
-        for stage, passes in core.items():
+        for stage in sorted(core, key=order.index):
             stages.append((f"before_{stage}", list(user.get(f"before_{stage}", []))))
-            stages.append((stage, list(passes)))
+            stages.append((stage, list(core[stage])))
             stages.append((f"after_{stage}", list(user.get(f"after_{stage}", []))))
         return Pipeline([(n, p) for n, p in stages if p or n in core])
 
     def run(self, gm, *, lint: bool = True) -> PassResult:
         return run_passes(gm, [p for _, passes in self.stages for p in passes], lint=lint)
+
+    def __str__(self) -> str:
+        return "\n".join(f"{name}: {', '.join(map(_name, passes)) or '-'}" for name, passes in self.stages)

@@ -1,32 +1,34 @@
 """surgeon: a declarative model-surgery compiler for PyTorch.
 
-text -> rules (``surgeon.grammar``) -> graph -> passes (``surgeon.passes``)
--> kernels (``surgeon.kernels``) -> artifacts.
+text -> rules (``surgeon.grammar``) -> graph (``surgeon.capture``) -> plan
+(``surgeon.planning``) -> passes (``surgeon.passes``, with ``surgeon.kernels``)
+-> the compiled model (``surgeon.compiled``) -> artifacts (``surgeon.checkpoints``).
 
-Importing ``surgeon`` is cheap and never imports torch: the names below are
-loaded on first use, so ``surgeon check`` stays instant.
+This module is the public face, above every floor (docs/architecture.md). Importing
+``surgeon`` is cheap and never imports torch: it registers the built-in methods
+(torch-free) and loads each name below from its module on first use, so
+``surgeon check`` stays instant.
 """
 
 from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
-
 # The built-in methods register their signatures with the language (torch-free, so this stays cheap).
-import surgeon.methods  # noqa: E402,F401
+import surgeon.methods  # noqa: F401
+from surgeon._version import __version__
 
-# public name -> module that defines it (loaded lazily)
+# public name -> the module that defines it (imported on first use, by name: the face sits above every floor)
 _EXPORTS = {
-    "parse": "surgeon.grammar",
-    "load_rules": "surgeon.grammar",
-    "RuleSet": "surgeon.grammar",
-    "Rule": "surgeon.grammar",
-    "Diagnostic": "surgeon.grammar",
-    "SurgeryError": "surgeon.grammar",
-    "RulesError": "surgeon.grammar",
-    "ModelError": "surgeon.grammar",
-    "PlanError": "surgeon.grammar",
+    "parse": "surgeon.grammar.parse",
+    "load_rules": "surgeon.grammar.parse",
+    "RuleSet": "surgeon.grammar.rules",
+    "Rule": "surgeon.grammar.rules",
+    "Diagnostic": "surgeon.diagnostics",
+    "SurgeryError": "surgeon.diagnostics",
+    "RulesError": "surgeon.diagnostics",
+    "ModelError": "surgeon.diagnostics",
+    "PlanError": "surgeon.diagnostics",
     "register_method": "surgeon.methods",
     "method_names": "surgeon.methods",
     "plan": "surgeon.api",

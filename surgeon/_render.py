@@ -1,4 +1,4 @@
-"""Rich renderables for the command line (built here, printed only by cli.py)."""
+"""Rich renderables for the command line: built here, printed by the command modules (cli_model.py)."""
 
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ def _features(info) -> str:
 
 
 def inspect_table(captured, paths) -> Table:
-    """The table `surgeon inspect` prints: one row per module of ``paths`` (capture.module_table is the data)."""
-    table = Table(title=Text(f"{captured.model.name} ({type(captured.model.module).__name__})"), title_justify="left")
+    """The table `surgeon inspect` prints: one row per module of ``paths`` (surgeon.capture.sites.module_table is the data)."""
+    table = Table(title=Text(f"{captured.opened.name} ({type(captured.opened.module).__name__})"), title_justify="left")
     table.caption = Text("weight as stored: (out, in) for a Linear, (in, out) for GPT-2's Conv1D")
     table.caption_justify = "left"
     columns = (("path", "left"), ("type", "left"), ("site", "left"), ("role", "left"), ("in -> out", "right"),

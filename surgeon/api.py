@@ -13,13 +13,19 @@ tensors (``weights=False``, the default here).
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from surgeon.grammar import RuleSet, load_rules, parse
-
-from surgeon.capture.sites import Captured, capture
-from surgeon.capture.models import open_model
+from surgeon.capture.captured import Captured, capture
+from surgeon.capture.models import full_precision_source, open_model
+from surgeon.capture.quantized_bases import prepare_kbit_training
+from surgeon.checkpoints.peft_rules import peft_rule_set
+from surgeon.compiled.model import Compiled
+from surgeon.diagnostics import PlanError, SurgeryError
+from surgeon.grammar.parse import load_rules, parse
+from surgeon.grammar.rules import RuleSet
+from surgeon.grammar.vocabulary import MERGE_OPTIONS
 from surgeon.planning.plan import Plan, build_plan
 
 __all__ = ["capture_model", "plan", "compile"]
@@ -75,15 +81,9 @@ def compile(
     (a model, a state dict, or a safetensors folder), which ``lora(init="loftq")``
     starts from (the quantized demos know theirs). ``kbit_training``: first do to the
     model what PEFT's ``prepare_model_for_kbit_training`` does to a graph (its unquantized
-    float16/bfloat16 parameters become float32; see surgeon.kernels.quantized.prepare_kbit_training).
+    float16/bfloat16 parameters become float32; see surgeon.capture.quantized_bases.prepare_kbit_training).
     Returns a :class:`surgeon.compiled.model.Compiled`.
     """
-    from surgeon.grammar import SurgeryError
-
-    from surgeon.checkpoints.peft import load_adapter
-    from surgeon.checkpoints.peft_rules import peft_rule_set
-    from surgeon.compiled.model import Compiled
-
     if rules is None and adapter is None:
         raise SurgeryError("compile needs rules, or an adapter folder to derive them from", hint="surgeon.compile(model, rules)")
     if rules is not None:
@@ -92,37 +92,26 @@ def compile(
         rule_set = peft_rule_set(adapter)  # built and checked as objects: no text from the folder is parsed
     opened = model if hasattr(model, "example_kwargs") else open_model(model, weights=True, example_inputs=example_inputs)
     if full_precision is not None:
-        from surgeon.capture.models import full_precision_source
-
         opened.full_precision = full_precision_source(full_precision)
     if kbit_training:
-        from surgeon.kernels.quantized import prepare_kbit_training
-
         prepare_kbit_training(opened.module)
     captured = capture(opened)
     compiled = Compiled(
         captured, rule_set, build_plan(rule_set, captured), passes=passes, lint=lint, adapter_dtype=adapter_dtype, kernels=kernels
     )
     if adapter is not None:
-        load_adapter(compiled, adapter)
-    apply_merges(compiled, rule_set)
+        compiled.load_adapter(adapter)
+    _apply_merges(compiled, rule_set)
     return compiled
 
 
-def apply_merges(compiled, rule_set) -> None:
+def _apply_merges(compiled, rule_set) -> None:
     """Make the adapters of the rules' ``merge`` statements, in order (their sources are built or loaded by now)."""
-    from surgeon.grammar import SurgeryError
-    from surgeon.grammar.vocabulary import MERGE_OPTIONS
-
     for merge in rule_set.merges:
         options = {k: v for k, v in merge.call.kwargs.items() if k in MERGE_OPTIONS}
         try:
             compiled.merge(merge.name, merge.weights(tuple(MERGE_OPTIONS)), merge.call.name, **options)
         except SurgeryError as exc:  # located at the merge statement
-            from dataclasses import replace
-
-            from surgeon.diagnostics import PlanError
-
             line = rule_set.source_line(merge.span.line) if merge.span else None
             located = [replace(d, span=merge.span, file=rule_set.path or "<rules>", source_line=line) for d in exc.diagnostics]
             raise PlanError(located) from None

@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 from surgeon.atomic import write_text
-from surgeon.checkpoints.output_folder import OutputFolder, check_free_space, output_bytes
+from surgeon.checkpoints.output_folder import OutputFolder, check_free_space
 
-__all__ = ["write_artifacts"]
+__all__ = ["write_artifacts", "output_bytes"]
 
 
 def write_artifacts(compiled, out, *, fold: bool = False, quantized: str = "dequantize", folder: OutputFolder | None = None,
@@ -68,3 +68,18 @@ def write_artifacts(compiled, out, *, fold: bool = False, quantized: str = "dequ
             written.append("fold_report.json")
     folder.commit()
     return written
+
+
+def output_bytes(compiled, fold: bool) -> int:
+    """About how many bytes :func:`write_artifacts` writes: the adapter, twice (its tensors and PEFT's copy of the
+    plan), and the base weights once per file that holds them (program.pt2; with a fold merged/ and merged.pt2).
+    A lower bound: a checkpoint's headers and a dequantized fold's wider weights come on top."""
+    seen, weights, adapter = set(), 0, 0
+    model = compiled.base_model
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            weights += tensor.numel() * tensor.element_size()
+    for _, parameter in compiled.trainable_parameters():
+        adapter += parameter.numel() * parameter.element_size()
+    return 2 * adapter + weights * (3 if fold else 1)

@@ -12,10 +12,12 @@ is given a Python file that records the first error instead; see
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import io
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -145,7 +147,8 @@ class _Recording(io.RawIOBase):
 
 def save_exported(program, target, extra_files: dict | None = None) -> None:
     """``torch.export.save(program, target)``, atomically, and a SurgeryError (not an abort) when the write fails."""
-    import torch
+    import torch  # here only: the ground floor stays importable without torch, as the language is
+
 
     with atomic_path(target) as tmp:
         with open(tmp, "wb") as file:
@@ -188,9 +191,6 @@ def replace_folder(staging, directory) -> None:
 
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically (renameat2 with RENAME_EXCHANGE); False where the system cannot."""
-    import ctypes
-    import sys
-
     if not sys.platform.startswith("linux"):
         return False
     try:

@@ -26,6 +26,7 @@ __all__ = [
     "RulesError",
     "ModelError",
     "PlanError",
+    "FoldError",
     "closest",
     "render",
 ]
@@ -160,6 +161,10 @@ class ModelError(SurgeryError):
 
 class PlanError(SurgeryError):
     """Rules that do not fit the model they are applied to."""
+
+
+class FoldError(SurgeryError):
+    """Folding changed what the model computes, or cannot be done."""
 
 
 def closest(word: str, choices: Iterable[str], n: int = 3) -> list[str]:

@@ -75,3 +75,12 @@ def test_the_api_verbs_stay_functions_after_every_module_is_imported():
             importlib.import_module(f"surgeon.{info.name}")
     for verb in ("plan", "compile", "capture_model", "parse", "load_rules", "open_model"):
         assert callable(getattr(surgeon, verb)) and not isinstance(getattr(surgeon, verb), type(surgeon)), verb
+
+
+def test_the_version_is_the_one_pyproject_declares():
+    import tomllib
+
+    import surgeon
+    from surgeon._version import __version__
+
+    assert surgeon.__version__ == __version__ == tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]

@@ -34,16 +34,31 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import marshal
 import os
+from dataclasses import asdict, fields
 from pathlib import Path
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+
+from surgeon._version import __version__
+from surgeon.atomic import atomic_path
+from surgeon.capture.roles import UNKNOWN
+from surgeon.capture.sites import Site
+from surgeon.grammar.vocabulary import ROLES
+from surgeon.methods import SITE_KINDS
 
 __all__ = ["cache_folder", "capture_key", "load_capture", "store_capture"]
 
 FORMAT = 3  # 2: sites have parts (MultiheadAttention's two projections); 3: a checksum of the content
-# The code whose output the cache holds: a change to any of it is a new key.
-_ANALYSIS = ("surgeon.capture.sites", "surgeon.capture.roles", "surgeon.capture.export", "surgeon.kernels.quantized", "surgeon.grammar.vocabulary")
+# The code whose output the cache holds: a change to any of it is a new key. (Read as source files, never imported
+# from here: captured.py, which imports this module, is among them.)
+_ANALYSIS = ("surgeon.capture.captured", "surgeon.capture.sites", "surgeon.capture.roles", "surgeon.capture.export",
+             "surgeon.capture.quantized_bases", "surgeon.kernels.quantized", "surgeon.grammar.vocabulary")
 
 
 def cache_folder() -> Path | None:
@@ -61,20 +76,14 @@ def cache_folder() -> Path | None:
 
 @functools.lru_cache(maxsize=1)
 def _code_version() -> str:
-    import torch
-    import transformers
-
-    import importlib
-
-    from surgeon import __version__
-
     digest = hashlib.sha256(__version__.encode())
     for name in _ANALYSIS:
         try:
-            digest.update(Path(importlib.import_module(name).__file__).read_bytes())
-        except (OSError, TypeError):  # no source on disk (a zipped install): the version stands for it
+            digest.update(Path(importlib.util.find_spec(name).origin).read_bytes())
+        except (OSError, TypeError, AttributeError):  # no source on disk (a zipped install): the version stands for it
             digest.update(name.encode())
-    return f"torch {torch.__version__}; transformers {transformers.__version__}; surgeon {digest.hexdigest()[:16]}"
+    transformers_version = importlib.metadata.version("transformers")  # the installed one, without importing it
+    return f"torch {torch.__version__}; transformers {transformers_version}; surgeon {digest.hexdigest()[:16]}"
 
 
 def _code_hash(function) -> str:
@@ -90,9 +99,6 @@ def _code_hash(function) -> str:
 
 def capture_key(opened) -> str | None:
     """The cache key of an opened model (a hex digest), or None when it cannot be cached."""
-    import torch
-    from torch._subclasses.fake_tensor import FakeTensor
-
     model = opened.module
     config = getattr(model, "config", None)
     if not opened.is_hugging_face or config is None or not hasattr(config, "to_json_string"):
@@ -160,14 +166,6 @@ def load_capture(key: str | None, model) -> tuple[dict, dict] | None:
 
 
 def _validated(found, key: str, model) -> tuple[dict, dict] | None:
-    from dataclasses import fields
-
-    from surgeon.grammar.vocabulary import ROLES
-    from surgeon.methods import SITE_KINDS
-
-    from surgeon.capture.sites import Site
-    from surgeon.capture.roles import UNKNOWN
-
     if not isinstance(found, dict) or found.get("format") != FORMAT or found.get("key") != key:
         return None
     if found.get("checksum") != _checksum(found["sites"], found["roles"]):
@@ -205,17 +203,13 @@ def _validated(found, key: str, model) -> tuple[dict, dict] | None:
 
 def store_capture(key: str | None, captured) -> None:
     """Keep ``captured``'s sites and roles under ``key`` (nothing when the cache is off or cannot be written)."""
-    from dataclasses import asdict
-
-    from surgeon.atomic import atomic_path
-
     folder = cache_folder()
     if key is None or folder is None:
         return
     # Through JSON once, so that the checksum is of exactly what a reader will see (tuples as lists).
     sites = json.loads(json.dumps([asdict(site) for site in captured.sites.values()]))
     roles = {path: info.role for path, info in captured.modules.items() if info.role is not None}
-    payload = {"format": FORMAT, "key": key, "model": captured.model.name, "sites": sites, "roles": roles,
+    payload = {"format": FORMAT, "key": key, "model": captured.opened.name, "sites": sites, "roles": roles,
                "checksum": _checksum(sites, roles)}
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -6,73 +6,41 @@ examples/rules/llama-lora.surgery``); ``demo:llama-nf4`` is the same model loade
 with ``torch.manual_seed(0)``, so every run gets the same weights. They are
 small enough for tests and examples, and shaped so that the example rules in
 ``examples/rules/`` match: 4 layers each, and the Llama MLP is 1024 wide.
+transformers is imported when a demo is built (a plain nn.Module needs none of it),
+and each model family's code when its classes are first asked for.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import tempfile
+from dataclasses import dataclass
 
-__all__ = ["DEMOS", "QUANTIZED_DEMOS", "build_demo", "build_quantized_demo", "demo_config", "quantization_config"]
+import torch
 
-
-def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=1000,
-        max_position_embeddings=256,
-    )
-    return config, LlamaForCausalLM
+__all__ = ["Demo", "DEMOS", "QUANTIZED_DEMOS", "build_demo", "build_quantized_demo", "demo_config", "quantization_config"]
 
 
-def _qwen2():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+@dataclass(frozen=True)
+class Demo:
+    """A demo: what it is, and its transformers config and model classes (by name) with the config's fields."""
 
-    config = Qwen2Config(
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=1000,
-        max_position_embeddings=256,
-    )
-    return config, Qwen2ForCausalLM
+    summary: str
+    config_class: str
+    model_class: str
+    fields: dict
 
 
-def _gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(n_embd=64, n_layer=4, n_head=4, vocab_size=1000, n_positions=256, bos_token_id=0, eos_token_id=0)
-    return config, GPT2LMHeadModel
-
-
-def _bert():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    config = BertConfig(
-        hidden_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=256,
-        vocab_size=1000,
-        max_position_embeddings=256,
-        num_labels=2,
-    )
-    return config, BertForSequenceClassification
-
-
-# name -> (what it is, builder of (config, model class))
-DEMOS: dict[str, tuple[str, Callable]] = {
-    "llama": ("LlamaForCausalLM: 4 layers, hidden 64, MLP 1024, GQA 4/2 heads, vocab 1000", _llama),
-    "qwen2": ("Qwen2ForCausalLM: 4 layers, hidden 64, MLP 256, GQA 4/2 heads, vocab 1000", _qwen2),
-    "gpt2": ("GPT2LMHeadModel: 4 layers, hidden 64, Conv1D projections, tied lm_head, vocab 1000", _gpt2),
-    "bert": ("BertForSequenceClassification: 4 layers, hidden 64, 2 labels, vocab 1000", _bert),
+_SMALL = dict(num_hidden_layers=4, num_attention_heads=4, vocab_size=1000, max_position_embeddings=256)
+DEMOS: dict[str, Demo] = {
+    "llama": Demo("LlamaForCausalLM: 4 layers, hidden 64, MLP 1024, GQA 4/2 heads, vocab 1000", "LlamaConfig",
+                  "LlamaForCausalLM", dict(_SMALL, hidden_size=64, intermediate_size=1024, num_key_value_heads=2)),
+    "qwen2": Demo("Qwen2ForCausalLM: 4 layers, hidden 64, MLP 256, GQA 4/2 heads, vocab 1000", "Qwen2Config",
+                  "Qwen2ForCausalLM", dict(_SMALL, hidden_size=64, intermediate_size=256, num_key_value_heads=2)),
+    "gpt2": Demo("GPT2LMHeadModel: 4 layers, hidden 64, Conv1D projections, tied lm_head, vocab 1000", "GPT2Config",
+                 "GPT2LMHeadModel", dict(n_embd=64, n_layer=4, n_head=4, vocab_size=1000, n_positions=256, bos_token_id=0,
+                                         eos_token_id=0)),
+    "bert": Demo("BertForSequenceClassification: 4 layers, hidden 64, 2 labels, vocab 1000", "BertConfig",
+                 "BertForSequenceClassification", dict(_SMALL, hidden_size=64, intermediate_size=256, num_labels=2)),
 }
 
 
@@ -87,7 +55,6 @@ QUANTIZED_DEMOS = {
 
 def quantization_config(scheme: str):
     """The ``BitsAndBytesConfig`` of a demo suffix (see QUANTIZED_DEMOS)."""
-    import torch
     from transformers import BitsAndBytesConfig
 
     if scheme == "int8":
@@ -100,10 +67,6 @@ def quantization_config(scheme: str):
 
 def build_quantized_demo(name: str, scheme: str):
     """The demo ``name`` quantized as transformers does it: saved, then loaded with a BitsAndBytesConfig."""
-    import tempfile
-
-    import torch
-
     model = build_demo(name)
     with tempfile.TemporaryDirectory(prefix="surgeon-demo-") as folder:
         model.save_pretrained(folder)
@@ -114,13 +77,14 @@ def build_quantized_demo(name: str, scheme: str):
 
 def demo_config(name: str):
     """(config, model class) of the demo ``name``."""
-    return DEMOS[name][1]()
+    import transformers
+
+    demo = DEMOS[name]
+    return getattr(transformers, demo.config_class)(**demo.fields), getattr(transformers, demo.model_class)
 
 
 def build_demo(name: str):
     """The demo model ``name`` with its deterministic weights, in eval mode."""
-    import torch
-
     config, model_class = demo_config(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

@@ -15,9 +15,15 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
+import inspect
 import io
 import sys
 
+import torch
+from torch.export import Dim
+
+from surgeon.capture.quantized_bases import quantized_stand_ins
 from surgeon.diagnostics import ModelError
 
 __all__ = ["autocast_state", "export_program", "cached_program", "bind_program", "dynamic_shapes", "widen_inputs", "TOKEN_INPUTS"]
@@ -36,8 +42,6 @@ _PROGRAMS_KEPT = 16
 def autocast_state(model):
     """The autocast dtype in force on ``model``'s device, or None. torch.export records the dtypes it
     traced (and asserts them), so a program exported under autocast runs only under the same autocast."""
-    import torch
-
     device = next(iter(model.parameters()), torch.empty(0)).device.type
     if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
         return str(torch.get_autocast_dtype(device))
@@ -45,8 +49,6 @@ def autocast_state(model):
 
 
 def _program_key(model, args: tuple, kwargs: dict, hugging_face: bool):
-    import torch
-
     config = getattr(model, "config", None)
     if not hugging_face or config is None or not hasattr(config, "to_json_string"):
         return None  # a plain module's forward is not described by anything we can key on
@@ -74,9 +76,6 @@ def _program_key(model, args: tuple, kwargs: dict, hugging_face: bool):
 
 def _template(program):
     """The program with every model tensor on the meta device (shapes and graph only)."""
-    import copy
-
-    import torch
 
     template = copy.copy(program)
     template._state_dict = {
@@ -88,8 +87,6 @@ def _template(program):
 
 def bind_program(program, model):
     """``program.module()`` running on ``model``'s own parameters and buffers (shared, not copied)."""
-    import torch
-
     gm = program.module()
     for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
         owner_path, _, leaf = name.rpartition(".")
@@ -143,8 +140,6 @@ def export_program(model, args: tuple, kwargs: dict, hugging_face: bool, name: s
 
 
 def _export(model, args: tuple, kwargs: dict, hugging_face: bool, name: str, dynamic: bool = True):
-    import torch
-
     dynamic = dynamic_shapes(args, kwargs, hugging_face) if dynamic else None
     # Which modules are running, so that a failure can name the innermost one.
     running: list = []
@@ -159,9 +154,7 @@ def _export(model, args: tuple, kwargs: dict, hugging_face: bool, name: str, dyn
 
     push = torch.nn.modules.module.register_module_forward_pre_hook(enter)
     pop = torch.nn.modules.module.register_module_forward_hook(leave)
-    try:
-        from surgeon.kernels.quantized import quantized_stand_ins  # bitsandbytes linears, seen as surgeon ops
-
+    try:  # bitsandbytes linears are seen as surgeon ops (their stand-ins)
         with _quiet_torch_logs(), _named_keywords(model, kwargs), quantized_stand_ins(model):
             return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
     except Exception as exc:  # torch.export raises many types; the user needs where and why
@@ -178,8 +171,6 @@ def _named_keywords(model, kwargs: dict):
 
     Only the instance's ``forward`` is replaced, so module paths stay as they are.
     """
-    import inspect
-
     signature = inspect.signature(model.forward)
     named = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
     has_var_keyword = len(named) < len(signature.parameters)
@@ -213,8 +204,6 @@ def _quiet_torch_logs():
 
 def dynamic_shapes(args: tuple, kwargs: dict, hugging_face: bool):
     """Batch is dynamic for every tensor input; sequence too for a Hugging Face model's token inputs."""
-    import torch
-    from torch.export import Dim
 
     def spec(name, value):
         if not isinstance(value, torch.Tensor) or value.dim() == 0:
@@ -236,7 +225,6 @@ def widen_inputs(args: tuple, kwargs: dict, hugging_face: bool) -> tuple[tuple, 
     export specialises a dimension of size 0 or 1 to a constant; tiling the
     example keeps the captured graph valid for every batch and sequence length.
     """
-    import torch
 
     def widen(name, value):
         if not isinstance(value, torch.Tensor) or value.dim() == 0:

@@ -9,11 +9,15 @@ is planned in a few hundred MB and no weight file is read.
 
 Only safetensors are read, never pickles; remote code is never run. A folder's files
 must lie inside it, and its weights must fill the model exactly (model_folders.py).
+transformers and huggingface_hub are imported where they are used: a plain
+nn.Module needs neither, and huggingface_hub reads its environment
+(``HF_HUB_OFFLINE``) when it is imported.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import inspect
 import json
@@ -23,10 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from surgeon.diagnostics import ModelError
+import torch
+from safetensors import safe_open
+from torch._subclasses.fake_tensor import FakeTensorMode
 
-from surgeon.capture.model_folders import check_depth, check_loaded, inside_folder, model_class_of
 from surgeon.capture.demos import DEMOS, QUANTIZED_DEMOS, build_demo, build_quantized_demo, demo_config
+from surgeon.capture.model_folders import check_depth, check_loaded, inside_folder, model_class_of
+from surgeon.diagnostics import ModelError
 
 __all__ = ["OpenedModel", "open_model", "full_precision_source", "MODEL_FORMS"]
 
@@ -63,8 +70,6 @@ class OpenedModel:
 
 def open_model(spec: Any, *, weights: bool = True, example_inputs: Any = None) -> OpenedModel:
     """Open ``spec`` (see MODEL_FORMS, or pass an nn.Module) for capture."""
-    import torch
-
     if isinstance(spec, torch.nn.Module):
         opened = OpenedModel(spec, type(spec).__name__, "module", config=getattr(spec, "config", None))
     elif not isinstance(spec, (str, os.PathLike)):
@@ -116,13 +121,7 @@ def _open_demo(name: str, weights: bool) -> OpenedModel:
 def full_precision_source(spec):
     """name -> full-precision tensor, read when first asked, from an nn.Module, a state dict, a function
     returning either, or a folder / file of safetensors (read lazily, as PEFT's LoftQ reads them)."""
-    import functools
-
-    import torch
-
     if isinstance(spec, (str, os.PathLike)):
-        from safetensors import safe_open
-
         path = Path(spec)
         files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
         if not files or not all(f.is_file() for f in files):
@@ -213,8 +212,6 @@ def _open_hub(spec: str, weights: bool) -> OpenedModel:
 
 
 def _open_factory(spec: str) -> OpenedModel:
-    import torch
-
     module_name, _, attribute = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -266,9 +263,6 @@ def _fake_from_config(config, model_class, name: str, source: str) -> OpenedMode
     have: ViT's ``trunc_normal_`` asks ``mask.any()``) but still ties weights. Its tensors then
     become fake CPU tensors, ties kept, so that capture traces it like a real model.
     """
-    import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     try:
         with torch.device("meta"), _meta_safe_creation():
             model = model_class(config)
@@ -298,8 +292,6 @@ def _to_fake(model, mode) -> None:
     """Replace every meta tensor of ``model`` (parameters, buffers, plain tensor attributes) by a fake
     CPU tensor of the same shape, dtype and strides; a tensor shared by several modules (tied weights)
     stays one tensor."""
-    import torch
-
     made: dict = {}  # id(meta tensor) -> (the meta tensor, kept alive so that its id stays its own; its fake)
 
     def fake(tensor):
@@ -334,8 +326,6 @@ def _first_line(exc: BaseException) -> str:
 
 def hugging_face_inputs(model, config, batch: int = 2, seq: int = 8) -> dict:
     """Example inputs for a Hugging Face model, from its config (deterministic)."""
-    import torch
-
     parameters = inspect.signature(model.forward).parameters
     main = getattr(model, "main_input_name", "input_ids")
     kwargs: dict = {}
@@ -366,8 +356,6 @@ def _split_inputs(inputs, name: str) -> tuple[tuple, dict]:
         return (), dict(inputs)
     if isinstance(inputs, tuple):
         return inputs, {}
-    import torch
-
     if isinstance(inputs, torch.Tensor):
         return (inputs,), {}
     raise ModelError(

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 from collections import deque
 
+import networkx as nx
+
 from surgeon.grammar.vocabulary import ROLES
 
 __all__ = ["ROLES", "UNKNOWN", "site_roles", "norm_modules"]
@@ -50,8 +52,6 @@ def _op(node) -> str:
 
 
 def _dataflow(graph):
-    import networkx as nx
-
     flow = nx.DiGraph()
     for node in graph.nodes:
         flow.add_node(node)
@@ -129,8 +129,6 @@ def _closest(flow, start, ops: set, upstream: bool, limit: int = 12):
 
 def site_roles(program, sites: dict) -> dict:
     """Site path -> role (one of ROLES, or UNKNOWN) for the sites of a captured program."""
-    import networkx as nx
-
     graph = program.graph
     flow = _dataflow(graph)
     by_name = {node.name: node for node in graph.nodes}

@@ -1,7 +1,6 @@
-"""Capture a model as a graph, and find the sites an adapter can go.
+"""The sites an adapter can go, read off an exported graph; what the language can ask of each module.
 
-``capture(opened)`` runs ``torch.export.export(..., strict=False)`` with dynamic
-batch (and, for token inputs, sequence) dimensions, then reads the training IR
+:func:`find_sites` reads the training IR that ``export_program`` made (surgeon/capture/export.py),
 before any decomposition, where linears are still ``aten.linear``:
 
 ==============  ===========================================  ==================
@@ -13,7 +12,7 @@ hf_conv1d        ``aten.addmm(b, x, W)`` in transformers'     W: (in, out)
 embedding        ``aten.embedding(W, ids)``                   W: (vocab, dim)
 conv1d/2d/3d     ``aten.convNd(x, W, ...)``                   W: (out, in/groups, *k)
 linear           ``surgeon.linear_4bit`` / ``linear_8bit``    bitsandbytes 4-bit blocks /
-(quantized)      (kernels/quantized.py)                       int8 rows of (out, in)
+(quantized)      (capture/quantized_bases.py)                 int8 rows of (out, in)
 ==============  ===========================================  ==================
 
 Every node knows the module it ran in (``node.meta["nn_module_stack"]``); a
@@ -35,17 +34,14 @@ latter too).
 from __future__ import annotations
 
 import re
-import time
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass
 
-from surgeon.diagnostics import ModelError
+import torch
 
-from surgeon.capture.cache import capture_key, load_capture, store_capture
-from surgeon.capture.export import cached_program, export_program
-from surgeon.capture.models import OpenedModel
+from surgeon.capture.quantized_bases import quantization_of
+from surgeon.kernels.quantized import QUANTIZED_OPS
 
-__all__ = ["ModuleInfo", "Site", "Captured", "capture", "module_table", "site_weight"]
+__all__ = ["ModuleInfo", "Site", "module_table", "find_sites", "fits", "tied_parameters", "count_parameters", "site_weight"]
 
 _LAYER = re.compile(r"\.(\d+)(?:\.|$)")
 
@@ -64,7 +60,7 @@ class ModuleInfo:
     out_features: int | None = None
     weight_shape: tuple | None = None
     dtype: str | None = None
-    quantization: str | None = None  # bitsandbytes' storage of the weight (surgeon.kernels.quantized.Quantization)
+    quantization: str | None = None  # bitsandbytes' storage of the weight (surgeon.capture.quantized_bases.Quantization)
     role: str | None = None  # what it does, from the dataflow (surgeon/capture/roles.py): sites and norms; "unknown" if undecided
 
     def field(self, name: str):
@@ -89,98 +85,13 @@ class Site:
     parts: tuple = ()
 
 
-@dataclass
-class Captured:
-    """A captured model: its exported program, modules and adaptable sites."""
-
-    model: OpenedModel
-    _program: Any = field(default=None, repr=False)  # torch.export.ExportedProgram (see ``program``)
-    modules: dict = field(default_factory=dict)  # path -> ModuleInfo, in module order
-    sites: dict = field(default_factory=dict)  # path -> Site
-    ties: tuple = ()  # groups of parameter names that share one tensor
-    total_params: int = 0
-    seconds: float = 0.0
-    training: bool = False  # the model's mode when it was captured (export fixes it in the graph)
-    cached: bool = False  # sites and roles came from the capture cache (surgeon/capture/cache.py)
-    _released: bool = field(default=False, repr=False)
-
-    @property
-    def program(self):
-        """The exported program. After a capture-cache hit it is exported on first use (and kept)."""
-        if self._program is None and self.cached and not self._released:
-            opened = self.model
-            self._program = export_program(opened.module, opened.example_args, opened.example_kwargs,
-                                           opened.is_hugging_face, opened.name, dynamic=not opened.fake)
-        return self._program
-
-    @program.setter
-    def program(self, value) -> None:  # None: let go of it (a compiled model took it for its first graph)
-        self._program, self._released = value, value is None
-
-
-def capture(opened: OpenedModel) -> Captured:
-    """Export ``opened`` and classify its sites. Raises ModelError saying where capture failed."""
-    model = opened.module
-    if not opened.example_args and not opened.example_kwargs:
-        raise ModelError(
-            f"cannot capture {opened.name}: no example inputs",
-            hint="pass example_inputs= (a tuple of arguments or a dict of keyword arguments), "
-            "or return (module, example_inputs) from your factory",
-        )
-    started = time.perf_counter()
-    key = capture_key(opened)
-    modules = module_table(model)
-    found = load_capture(key, model)  # sites and roles, when any process captured this architecture before
-    if found is not None and not all(_fits(site, modules[path]) for path, site in found[0].items()):
-        found = None  # a cached site this model's module could not have: capture again (and rewrite the file)
-    program = cached_program(model, opened.example_args, opened.example_kwargs, opened.is_hugging_face)
-    if program is None and found is None:
-        # A model of fake tensors is planned, never run: its program needs no dynamic sizes.
-        program = export_program(model, opened.example_args, opened.example_kwargs, opened.is_hugging_face, opened.name,
-                                 dynamic=not opened.fake)
-    captured = Captured(opened, program, training=model.training, cached=found is not None)
-    captured.ties = _ties(model)
-    captured.modules = modules
-    if found is not None:  # no export (program None) unless this process holds one already
-        sites, roles = found
-        # How bitsandbytes stores a weight is read from the live model, not the file.
-        captured.sites = {path: replace(site, quantization=captured.modules[path].quantization) if path in captured.modules else site
-                          for path, site in sites.items()}
-        captured.modules = {path: replace(info, role=roles[path]) if path in roles else info
-                            for path, info in captured.modules.items()}
-    else:
-        captured.sites = _sites(program, captured.modules, captured.ties)
-        captured.modules, understood = _with_roles(program, captured.modules, captured.sites)
-        if understood:  # a role analysis that failed here is not kept for later processes
-            store_capture(key, captured)
-    captured.total_params = _count(model.parameters())
-    captured.seconds = time.perf_counter() - started
-    return captured
-
-
-def _with_roles(program, modules: dict, sites: dict) -> tuple[dict, bool]:
-    """(modules with their roles, whether the analysis read the graph)."""
-    from surgeon.capture.roles import norm_modules, site_roles
-
-    understood = True
-    try:
-        roles = site_roles(program, sites)
-        roles.update({path: "norm" for path in norm_modules(program, modules) if path not in roles})
-    except Exception as exc:  # roles only serve role(...) rules and inspect: a graph they misread must not stop capture
-        import warnings
-
-        warnings.warn(f"the role analysis could not read this graph ({type(exc).__name__}: {exc}); every site's role is unknown",
-                      stacklevel=2)
-        roles, understood = {path: "unknown" for path in sites}, False
-    return {path: replace(info, role=roles[path]) if path in roles else info for path, info in modules.items()}, understood
-
-
 def _layer(path: str) -> int | None:
     match = _LAYER.search("." + path)
     return int(match.group(1)) if match else None
 
 
-def _count(parameters) -> int:
+def count_parameters(parameters) -> int:
+    """How many numbers ``parameters`` hold, each shared tensor counted once."""
     seen, total = set(), 0
     for p in parameters:
         if id(p) not in seen:
@@ -207,8 +118,6 @@ def _features(module) -> tuple:
 
 def module_table(model) -> dict:
     """path -> ModuleInfo for every module but the root, in ``named_modules`` order."""
-    from surgeon.kernels.quantized import quantization_of
-
     table = {}
     for path, module in model.named_modules():
         if not path:
@@ -222,7 +131,7 @@ def module_table(model) -> dict:
             path=path,
             type_name=type(module).__name__,
             type_names=tuple(c.__name__ for c in type(module).__mro__ if c.__name__ not in ("Module", "object")),
-            params=_count(module.parameters()),
+            params=count_parameters(module.parameters()),
             layer=_layer(path),
             depth=path.count(".") + 1,
             in_features=in_features,
@@ -234,7 +143,7 @@ def module_table(model) -> dict:
     return table
 
 
-def _fits(site, info) -> bool:
+def fits(site, info) -> bool:
     """Could capture have found ``site`` at the module ``info``? Its kind is the one the module's class computes
     (as _site_reads decides it) and its sizes are the module's own."""
     names = " ".join(info.type_names)
@@ -246,7 +155,8 @@ def _fits(site, info) -> bool:
     return kinds.get(site.kind, False) and (site.in_features, site.out_features) == sizes
 
 
-def _ties(model) -> tuple:
+def tied_parameters(model) -> tuple:
+    """Groups of parameter names that share one tensor (GPT-2's ``wte.weight`` and ``lm_head.weight``)."""
     names: dict = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
@@ -261,7 +171,9 @@ def _module_path(node) -> str | None:
     return path or None
 
 
-def _sites(program, modules: dict, ties: tuple) -> dict:
+def find_sites(program, modules: dict, ties: tuple) -> dict:
+    """path -> Site for every module whose frame in ``program``'s graph runs a site op on one weight (or is a
+    MultiheadAttention's packed self-attention); ``modules`` is :func:`module_table`'s, ``ties`` :func:`tied_parameters`'."""
     reads = _site_reads(program, modules)
     tied = {name: group for group in ties for name in group}
     found: dict = {}
@@ -297,12 +209,8 @@ def _sites(program, modules: dict, ties: tuple) -> dict:
 
 def _site_reads(program, modules: dict) -> dict:
     """path -> [(node name, kind, weight parameter name, weight shape)] of the site ops each module's frame runs."""
-    import torch
-
     aten = torch.ops.aten
     conv = {aten.conv1d.default: "conv1d", aten.conv2d.default: "conv2d", aten.conv3d.default: "conv3d"}
-    from surgeon.kernels.quantized import QUANTIZED_OPS
-
     parameters = program.graph_signature.inputs_to_parameters
     buffers = program.graph_signature.inputs_to_buffers  # a quantized weight is its stand-in's buffer
     reads: dict = {}

@@ -13,93 +13,63 @@ not recompiled, and a saved ``.pt2`` program is not exported again. Sites the
 new adapter does not adapt get zeros (no change). A site the program has no
 adapter on, or a rank above the compiled one, is an error naming what to
 compile for.
+
+This file reads the PEFT folder and writes a saved program; the compiled
+model's side (which of its sites are low-rank, writing the factors into them)
+is surgeon/compiled/low_rank.py. Which method a config holds, and how its
+fields give each site's scale and factors, is the low-rank method's PEFT
+format's answer (``low_rank_reading``: surgeon/methods/lora/swap_reading.py),
+read from plain data, as a saved program holds no model to plan the file's
+rules against.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import re
 from pathlib import Path
 
 import torch
 
+from surgeon.atomic import save_exported
 from surgeon.diagnostics import SurgeryError
+from surgeon.methods import low_rank_method, method_for, registered_methods
+from surgeon.methods.peft_format import AdapterError
+from surgeon.passes.insert import attribute_prefix
 
 from surgeon.checkpoints.peft_fields import check_peft_fields
 from surgeon.checkpoints.peft_folder import CONFIG, WEIGHTS, read_peft_config, read_tensors
-from surgeon.methods.peft_format import PREFIX, AdapterError
+from surgeon.checkpoints.program import PROGRAM_METADATA, program_path, program_sites
+from surgeon.checkpoints.program_archive import open_program
 
-__all__ = ["swapped_factors", "peft_site_scale", "program_sites", "swap_program_adapter", "PROGRAM_METADATA"]
+__all__ = ["swapped_factors", "peft_site_scale", "swap_program_adapter"]
 
-PROGRAM_METADATA = "surgeon.json"  # extra file of a saved program: each adapter's LoRA sites, ranks and scales
+
+def _reading():
+    """How the low-rank method's PEFT format reads a saved adapter for a swap (its scale, refusals, factors)."""
+    return method_for(low_rank_method()).peft_format().low_rank_reading
 
 
 def peft_site_scale(config: dict, path: str) -> float:
-    """The scale PEFT gives ``path`` under a LoRA config (rank_pattern / alpha_pattern as PEFT matches them)."""
-
-    from surgeon.grammar.regex import RegexError, RegexTimeout, regex_fullmatch
-
-    def pattern_value(patterns: dict, default):
-        for key, value in (patterns or {}).items():
-            try:  # PEFT: the key matches the path's end, at a dot; bounded, as every regex surgeon matches
-                if regex_fullmatch(rf"(?:.*\.)?(?:{key})", path):
-                    return value
-            except RegexTimeout as exc:
-                raise AdapterError(f"the pattern key {key!r} took longer than {exc.seconds:g} s to match {path!r}",
-                                   hint="nested repetition such as (a+)+ backtracks; write each part once") from None
-            except RegexError as exc:
-                raise AdapterError(f"the pattern key {key!r} is not a regex surgeon can match: {exc.message}") from None
-        return default
-
-    r = pattern_value(config.get("rank_pattern"), config["r"])
-    alpha = pattern_value(config.get("alpha_pattern"), config["lora_alpha"])
-    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    """The scale PEFT gives ``path`` under the low-rank method's config (its rank/alpha patterns as PEFT matches them)."""
+    return _reading().site_scale(config, path)
 
 
 def _checked_config(directory: Path) -> dict:
-    """The adapter's config, refused unless it is plain LoRA with fields of PEFT's types and positive ranks."""
+    """The adapter's config, refused unless it holds plain low-rank products, with fields of PEFT's types."""
     config = read_peft_config(directory)
     try:
         check_peft_fields(config)
     except AdapterError as exc:
         found = exc.diagnostics[0]
         raise AdapterError(f"{directory / CONFIG}: {found.message}", hint=found.hint) from None
-    if config["peft_type"] != "LORA" or config.get("use_dora") or config.get("lora_bias"):
+    held = next((m.name for m in registered_methods() if (form := m.peft_format()) is not None and form.holds(config)), None)
+    if held != low_rank_method():
         raise SurgeryError(
-            f"{directory / CONFIG}: hot-swapping takes plain LoRA adapters (this one is {config['peft_type']}"
-            f"{' with DoRA' if config.get('use_dora') else ''}{' with a bias' if config.get('lora_bias') else ''})",
+            f"{directory / CONFIG}: hot-swapping takes plain {low_rank_method()} adapters (this one is {config['peft_type']}"
+            f"{f' holding {held}' if held is not None else ''})",
             hint="compile a new model for other methods",
         )
-    if isinstance(config.get("init_lora_weights"), str) and config["init_lora_weights"] not in ("gaussian",):
-        raise SurgeryError(f"{directory / CONFIG}: an init_lora_weights={config['init_lora_weights']!r} adapter "
-                           "changes the base weight; save it converted (surgeon does) to swap it in")
-    ranks = [config["r"], *(config.get("rank_pattern") or {}).values()]
-    if any(r <= 0 for r in ranks):  # the scale divides by the rank
-        raise AdapterError(f"{directory / CONFIG}: a LoRA rank must be positive (found {min(ranks)})",
-                           hint="adapter_config.json is not as PEFT writes it")
+    _reading().swap_refusal(config, directory / CONFIG)
     return config
-
-
-def _factor_pairs(directory: Path, tensors: dict) -> dict:
-    """module path -> {"A": (r, in), "B": (out, r)}, refusing a key that is not a LoRA factor, a half pair,
-    or factors whose shapes do not make a product B A."""
-    pairs: dict = {}
-    for key, tensor in tensors.items():
-        match = re.fullmatch(rf"{re.escape(PREFIX)}(.+)\.lora_([AB])\.weight", key)
-        if match is None:
-            raise SurgeryError(f"{directory}: {key} is not a LoRA weight this swap can take (modules_to_save?)")
-        pairs.setdefault(match.group(1), {})[match.group(2)] = tensor
-    for path, pair in pairs.items():
-        for leaf in "AB":
-            if leaf not in pair:
-                raise AdapterError(f"{directory / WEIGHTS}: {PREFIX}{path}.lora_{leaf}.weight is missing "
-                                   f"(it has lora_{'BA'[leaf == 'B']} there)", hint="a LoRA site needs both factors")
-        a, b = pair["A"], pair["B"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or not (a.is_floating_point() and b.is_floating_point()):
-            raise AdapterError(f"{directory / WEIGHTS}: {path} has factors of shapes {tuple(a.shape)} and {tuple(b.shape)} "
-                               f"({a.dtype}, {b.dtype}); LoRA's are floating (r, in) and (out, r)")
-    return pairs
 
 
 def swapped_factors(sites: dict, directory) -> dict:
@@ -108,7 +78,7 @@ def swapped_factors(sites: dict, directory) -> dict:
     that writes only after this returns never writes half an adapter."""
     directory = Path(directory)
     config = _checked_config(directory)
-    new = _factor_pairs(directory, read_tensors(directory))
+    new = _reading().factor_pairs(read_tensors(directory), directory, directory / WEIGHTS)
     extra = sorted(set(new) - set(sites))
     if extra:
         raise SurgeryError(f"{directory}: the adapter adapts {extra[0]}, where this program has no LoRA site",
@@ -123,7 +93,7 @@ def swapped_factors(sites: dict, directory) -> dict:
             if r > rank:
                 raise SurgeryError(
                     f"{directory}: the adapter has rank {r} at {path}; this program was compiled with rank {rank} there",
-                    hint=f"compile with lora(r={r}) (or higher) on that site to swap this adapter in",
+                    hint=f"compile with {low_rank_method()}(r={r}) (or higher) on that site to swap this adapter in",
                 )
             if a.shape[1] != in_features or b.shape[0] != out_features:
                 raise SurgeryError(f"{directory}: {path} has shapes {tuple(a.shape)}, {tuple(b.shape)}; "
@@ -134,41 +104,6 @@ def swapped_factors(sites: dict, directory) -> dict:
     return out
 
 
-def program_sites(text, program) -> dict:
-    """adapter -> path -> (rank, scale, in, out) from a program's ``extra/surgeon.json``, checked to be
-    what export writes (program.py:lora_sites): an object of objects of [int, finite number, int, int]."""
-    where = f"{program}: extra/{PROGRAM_METADATA}"
-    hint = "this file was not written by surgeon's export(fold=False), or was changed since"
-    try:
-        found = json.loads(text)
-    except (ValueError, RecursionError) as exc:  # RecursionError: nested past the decoder's depth bound
-        raise SurgeryError(f"{where} is not valid JSON ({exc})", hint=hint) from None
-    if not isinstance(found, dict) or not all(isinstance(k, str) and isinstance(v, dict) for k, v in found.items()):
-        raise SurgeryError(f"{where} is not an object of adapters, each an object of its LoRA sites", hint=hint)
-
-    def count(x):
-        return type(x) is int and x > 0
-
-    for adapter, sites in found.items():
-        for path, site in sites.items():
-            if not (isinstance(site, list) and len(site) == 4 and count(site[0]) and count(site[2]) and count(site[3])
-                    and type(site[1]) in (int, float) and math.isfinite(site[1]) and site[1] != 0):
-                raise SurgeryError(f"{where}: {adapter!r} site {path!r} is {str(site)[:80]}, not "
-                                   "[rank, scale, in, out] (positive ints, a finite non-zero scale)", hint=hint)
-    return {adapter: {p: tuple(v) for p, v in sites.items()} for adapter, sites in found.items()}
-
-
-def _output(out) -> Path:
-    """``out`` ready to be written (its folder made, as export does), checked before any work is done."""
-    from surgeon.atomic import output_folder
-
-    out = Path(out)
-    if out.is_dir():
-        raise SurgeryError(f"cannot write the program to {out}: it is a folder", hint="give a file name ending in .pt2")
-    output_folder(out.parent)
-    return out
-
-
 def swap_program_adapter(program, directory, name: str = "default", out=None):
     """Swap a LoRA adapter into a saved program (a ``.pt2`` path, exported with ``fold=False``).
 
@@ -176,10 +111,7 @@ def swap_program_adapter(program, directory, name: str = "default", out=None):
     is loaded through surgeon's checks (checkpoints/program_archive.py); every site, key and shape is
     checked before the first tensor is written, and ``out`` is replaced atomically.
     """
-    from surgeon.atomic import save_exported
-    from surgeon.checkpoints.program_archive import open_program
-
-    out = _output(out) if out is not None else None
+    out = program_path(out) if out is not None else None
     loaded, extra = open_program(program)
     if PROGRAM_METADATA not in extra:
         raise SurgeryError(f"{program} was not saved by surgeon with its adapters kept",
@@ -187,10 +119,10 @@ def swap_program_adapter(program, directory, name: str = "default", out=None):
     sites = program_sites(extra[PROGRAM_METADATA], program).get(name, {})
     if not sites:
         raise SurgeryError(f"{program} has no LoRA sites of an adapter named {name!r}")
-    prefix = "surgeon_" + re.sub(r"\W", lambda m: f"_{ord(m.group()):x}_", name) + "__"
+    prefix = attribute_prefix(name)  # the adapter's parameters in the graph: <site>.surgeon_<adapter>__<name>
     writes = []
     for path, (a, b) in swapped_factors(sites, directory).items():
-        for leaf, value in (("lora_A", a), ("lora_B", b)):
+        for leaf, value in zip(_reading().FACTOR_NAMES, (a, b)):
             key = f"{path}.{prefix}{leaf}"
             tensor = loaded.state_dict.get(key)
             if tensor is None or tuple(tensor.shape) != tuple(value.shape):

@@ -1,58 +1,55 @@
 """A merged Hugging Face checkpoint: every adapter folded into the base weights.
 
-``save_merged(folded, dir)`` writes what ``save_pretrained`` writes (config,
-``model.safetensors``) with the folded weights: the state dict of the one
-verified fold (``compiled.fold(...).state_dict()``); ``from_pretrained`` loads
-it and gives the folded model's outputs. The checkpoint is written into a
-temporary folder beside ``dir``, which then takes ``dir``'s place whole: ``dir``
-holds exactly the new checkpoint. A write that fails (a full disk) is a SurgeryError,
-and ``dir`` stays as it was.
+:func:`write_merged_checkpoint` writes what ``save_pretrained`` writes (config,
+``model.safetensors``) with a merged state dict: the one verified fold's
+(``compiled.fold(...).state_dict()``, see surgeon/compiled/merged_model.py);
+``from_pretrained`` loads it and gives the folded model's outputs. The checkpoint
+is written into a temporary folder beside ``dir``, which then takes ``dir``'s
+place whole: ``dir`` holds exactly the new checkpoint. A write that fails (a
+full disk) is a SurgeryError, and ``dir`` stays as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import shutil
 import tempfile
 from pathlib import Path
 
+from surgeon.atomic import output_folder, replace_folder, writing
 from surgeon.diagnostics import SurgeryError
 
-from surgeon.compiled.distributed import refuse_sharded, writes_files
-
-from surgeon.atomic import output_folder, replace_folder, writing
-
-__all__ = ["save_merged"]
+__all__ = ["check_merged_checkpoint", "write_merged_checkpoint"]
 
 
-def save_merged(folded, directory) -> None:
-    """Write ``folded`` (a :class:`surgeon.compiled.folded.Folded`) as a Hugging Face checkpoint folder."""
-    compiled, quantized = folded._compiled, folded.quantized
-    refuse_sharded(compiled, "save_pretrained")
-    if not writes_files():  # in a process group, rank 0 writes
-        return
-    model = compiled.base_model
+def check_merged_checkpoint(model, changed: set, ties) -> None:
+    """Refuse, before any fold is computed, a merged checkpoint ``model`` cannot be saved as.
+
+    ``model``: the base model (a Hugging Face model has ``save_pretrained``); ``changed``: the names of the
+    weights the fold changes; ``ties``: groups of parameter names that share one tensor. A changed weight
+    tied to an unchanged one would be untied by the merge, which ``tie_word_embeddings`` would undo on load.
+    """
     if not hasattr(model, "save_pretrained"):
         raise SurgeryError(
             f"{type(model).__name__} is not a Hugging Face model: it has no save_pretrained",
             hint="use compiled.export(path) for a .pt2 program, or compiled.fold().state_dict()",
         )
-    # Adapters whose change the tied readers see too (trainable tokens) keep the tie; others would break it.
-    weights = folded.weights
-    changed = {
-        f"{path}.weight"
-        for name, path, adapter in compiled.sites()
-        if weights.get(name, 0.0) and not getattr(adapter, "follows_ties", False)
-    }
-    for group in compiled.captured.ties:
-        touched = changed & set(group)
+    for group in ties:
+        touched = set(changed) & set(group)
         if touched and getattr(model.config, "tie_word_embeddings", False):
             raise SurgeryError(
                 f"cannot save a merged checkpoint: {', '.join(sorted(touched))} is tied to "
                 f"{', '.join(sorted(set(group) - touched))} and folding would untie them",
                 hint="do not adapt a tied weight, or set config.tie_word_embeddings = False first",
             )
-    state = folded.state_dict()
+
+
+def write_merged_checkpoint(model, state: dict, directory, *, dequantized: bool) -> None:
+    """Write ``model``'s config with the merged ``state`` as a Hugging Face checkpoint folder, replacing ``directory``.
+
+    ``dequantized``: the merge of a bitsandbytes model holds full-precision weights (no quantization_config).
+    """
     directory = Path(directory)
     output_folder(directory.parent)
     if directory.exists() and not directory.is_dir():
@@ -60,7 +57,7 @@ def save_merged(folded, directory) -> None:
     with writing(directory):  # a full disk (safetensors' error, or an OSError) is a SurgeryError naming the folder
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
-            with _own_state_dict(model, quantized == "dequantize"):
+            with _own_state_dict(model, dequantized):
                 model.save_pretrained(staging, state_dict=state, safe_serialization=True)
             replace_folder(staging, directory)
         finally:
@@ -75,8 +72,6 @@ def _own_state_dict(model, dequantized: bool):
     if getattr(model.config, "quantization_config", None) is None:
         yield
         return
-    import copy
-
     config, quantizer, flags = model.config, getattr(model, "hf_quantizer", None), {}
     model.hf_quantizer = None
     if dequantized:

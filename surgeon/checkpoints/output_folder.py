@@ -22,17 +22,20 @@ alone). A file in OUT that surgeon did not write is refused, never replaced.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
 import signal
 import tempfile
 import threading
+from dataclasses import replace
 from pathlib import Path
 
-from surgeon.diagnostics import SurgeryError
+from surgeon.atomic import replace_folder, write_error, write_text
+from surgeon.diagnostics import SurgeryError, render
 
-__all__ = ["MARKER", "OutputFolder", "check_free_space", "output_bytes"]
+__all__ = ["MARKER", "OutputFolder", "check_free_space"]
 
 MARKER = ".surgeon-output.json"
 # What `surgeon compile` wrote before outputs carried the marker: plan.json and these names only.
@@ -119,11 +122,11 @@ class OutputFolder:
         the two renames of replace_folder's fallback left OUT missing and the earlier output aside: restore it."""
         parent, name = self.out.parent, self.out.name
         if not self.out.exists():
-            for aside in sorted(parent.glob(f".{glob_escape(name)}.old.*")):
+            for aside in sorted(parent.glob(f".{glob.escape(name)}.old.*")):
                 if (aside / name).is_dir():
                     os.replace(aside / name, self.out)
                     break
-        for stale in [*parent.glob(f".{glob_escape(name)}.surgeon-staging-*"), *parent.glob(f".{glob_escape(name)}.old.*")]:
+        for stale in [*parent.glob(f".{glob.escape(name)}.surgeon-staging-*"), *parent.glob(f".{glob.escape(name)}.old.*")]:
             shutil.rmtree(stale, ignore_errors=True)
 
     def _refuse_foreign(self) -> None:
@@ -151,8 +154,6 @@ class OutputFolder:
 
     def commit(self) -> None:
         """Record what the staging folder holds and put it in OUT's place. Ctrl-C waits until it is done."""
-        from surgeon.atomic import replace_folder, write_text
-
         record = {"written_by": "surgeon", "command": self.command, "files": sorted(_files(self.staging))}
         write_text(self.staging / MARKER, json.dumps(record, indent=2) + "\n")
         with _no_interrupt():
@@ -168,10 +169,6 @@ class OutputFolder:
             shutil.rmtree(staging, ignore_errors=True)
         self._release()
         if isinstance(error, SurgeryError) and staging is not None:  # name OUT, where the user looks, not staging
-            from dataclasses import replace
-
-            from surgeon.diagnostics import render
-
             error.diagnostics = [replace(d, message=d.message.replace(str(staging), str(self.out))) for d in error.diagnostics]
             error.args = (render(error.diagnostics),)
 
@@ -195,34 +192,11 @@ def check_free_space(folder: Path, needed: int, what: str) -> None:
                            hint="free some space, or give an -o on another disk")
 
 
-def output_bytes(compiled, fold: bool) -> int:
-    """About how many bytes ``surgeon compile`` writes: the adapter, twice (its tensors and PEFT's copy of the
-    plan), and the base weights once per file that holds them (program.pt2; with a fold merged/ and merged.pt2).
-    A lower bound: a checkpoint's headers and a dequantized fold's wider weights come on top."""
-    seen, weights, adapter = set(), 0, 0
-    model = compiled.base_model
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            weights += tensor.numel() * tensor.element_size()
-    for _, parameter in compiled.trainable_parameters():
-        adapter += parameter.numel() * parameter.element_size()
-    return 2 * adapter + weights * (3 if fold else 1)
-
-
-def glob_escape(name: str) -> str:
-    import glob
-
-    return glob.escape(name)
-
-
 def _files(folder: Path) -> list:
     return [p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir() or p.is_symlink()]
 
 
 def _cannot(path: Path, exc: OSError) -> SurgeryError:
-    from surgeon.atomic import write_error
-
     error = write_error(exc, path)
     return error if error is not None else SurgeryError(f"cannot write {path}: {exc}")
 

@@ -1,6 +1,7 @@
 """Every field of the PEFT configs surgeon reads, and what surgeon does with it (PEFT 0.21).
 
-Each field of a config's dataclass in PEFT is one of:
+Each method's PEFT format declares its table (``fields``, in its folder: surgeon/methods/lora/peft.py,
+...); this module checks a config against it. Each field of a config's dataclass in PEFT is one of:
 
 - read: surgeon turns it into rules; its value must have the type given here
   (a value of another type is refused, so that no config value reaches the
@@ -26,130 +27,22 @@ import math
 import unicodedata
 import warnings
 
+from surgeon.methods import registered_methods
 from surgeon.methods.peft_format import AdapterError, PeftFidelityWarning
 
-__all__ = ["PEFT_FIELDS", "INERT_KINDS", "check_peft_fields", "control_character"]
+__all__ = ["PEFT_FIELDS", "INERT_KINDS", "peft_fields", "check_peft_fields", "control_character"]
 
-# Bookkeeping every PeftConfig has: nothing of the adapter's computation.
-_COMMON = ("task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode")
-# PEFT corrects fan_in_fan_out per module (GPT-2's Conv1D or a Linear), as surgeon reads each site's kind;
-# an init setting only says how a fresh adapter starts: a loaded adapter's weights replace it.
-_AUTO = ("fan_in_fan_out",)
 
-# Which modules an adapter takes, as every method but IA3 and trainable tokens says it.
-_TARGETING = dict(target_modules="targets", modules_to_save="names", layers_to_transform="layers", layers_pattern="patterns")
+def peft_fields() -> dict:
+    """peft_type -> its fields (read / inert / refused / warned), as each method's PEFT format declares them
+    (one format per peft_type names them: DoRA shares LoRA's)."""
+    formats = (method.peft_format() for method in registered_methods())
+    return {f.peft_type: f.fields for f in formats if f is not None and f.reads}
 
-_LORA_FAMILY = dict(_TARGETING, r="int", exclude_modules="targets", rank_pattern="int_map", alpha_pattern="number_map")
 
-PEFT_FIELDS = {
-    "LORA": dict(
-        read=dict(
-            _LORA_FAMILY,
-            lora_alpha="number",
-            lora_dropout="number",
-            use_rslora="bool",
-            init_lora_weights="init",
-            use_dora="bool",
-            lora_bias="bool",
-        ),
-        # megatron_core and qalora_group_size act only with megatron_config and use_qalora (refused);
-        # runtime_config is PEFT's runtime state, which PEFT itself drops from a file it reads.
-        inert=(*_COMMON, *_AUTO, "megatron_core", "qalora_group_size", "runtime_config"),
-        refused={
-            "bias": "none",  # training the base model's biases
-            "megatron_config": None,
-            "trainable_token_indices": None,
-            "loftq_config": {},
-            "eva_config": None,
-            "corda_config": None,
-            "lora_ga_config": None,
-            "velora_config": None,
-            "alora_invocation_tokens": None,
-            "use_qalora": False,
-            "monteclora_config": None,
-            "layer_replication": None,
-            "target_parameters": None,
-            "use_bdlora": None,
-            "arrow_config": None,
-            "kasa_config": None,
-            "ensure_weight_tying": False,
-        },
-    ),
-    "LOHA": dict(
-        read=dict(_LORA_FAMILY, alpha="number", rank_dropout="number", module_dropout="number"),
-        inert=(*_COMMON, "init_weights"),
-        refused={"use_effective_conv2d": False},
-    ),
-    "LOKR": dict(
-        read=dict(
-            _LORA_FAMILY,
-            alpha="number",
-            rank_dropout="number",
-            module_dropout="number",
-            decompose_both="bool",
-            decompose_factor="int",
-            rank_dropout_scale="bool",
-        ),
-        inert=(*_COMMON, "init_weights"),
-        refused={"use_effective_conv2d": False},
-    ),
-    "IA3": dict(
-        read=dict(target_modules="targets", exclude_modules="targets", feedforward_modules="targets", modules_to_save="names"),
-        inert=(*_COMMON, *_AUTO, "init_ia3_weights"),
-        refused={},
-    ),
-    "OFT": dict(
-        read=dict(
-            _TARGETING,
-            exclude_modules="targets",
-            r="int",
-            oft_block_size="int",
-            coft="bool",
-            eps="number",
-            block_share="bool",
-            use_cayley_neumann="bool",
-            num_cayley_neumann_terms="int",
-        ),
-        # PEFT's OFT leaves GPT-2's Conv1D alone whatever fan_in_fan_out says (see oft_weights.py)
-        inert=(*_COMMON, *_AUTO, "init_weights"),
-        refused={"bias": "none"},
-        warned={"module_dropout": 0.0},
-    ),
-    "VERA": dict(
-        read=dict(
-            _TARGETING,
-            r="int",
-            projection_prng_key="int",
-            save_projection="bool",
-            vera_dropout="number",
-            d_initial="number",
-        ),
-        inert=(*_COMMON, *_AUTO, "init_weights"),
-        refused={"bias": "none"},
-    ),
-    "TRAINABLE_TOKENS": dict(
-        read=dict(target_modules="targets", token_indices="indices"),
-        inert=(*_COMMON, "init_weights"),
-        refused={},
-    ),
-}
-
+PEFT_FIELDS = peft_fields()
 # The type of each inert field, as PEFT writes it (null is accepted for every one): passed over, never read.
-INERT_KINDS = {
-    "task_type": "text",
-    "peft_type": "text",
-    "auto_mapping": "map",
-    "peft_version": "text",
-    "base_model_name_or_path": "text",
-    "revision": "text",
-    "inference_mode": "bool",
-    "fan_in_fan_out": "bool",
-    "megatron_core": "text",
-    "qalora_group_size": "int",
-    "runtime_config": "map",
-    "init_weights": "init",
-    "init_ia3_weights": "bool",
-}
+INERT_KINDS = {name: kind for fields in PEFT_FIELDS.values() for name, kind in fields["inert"].items()}
 
 _EMPTY = (None, False, {}, [], "")
 
@@ -225,7 +118,7 @@ def check_peft_fields(config: dict, warn: bool = True) -> None:
 
     ``warn=False``: check only (the reader checks a folder's configs first; reading them warns)."""
     peft_type = config.get("peft_type")
-    fields = PEFT_FIELDS.get(peft_type)
+    fields = peft_fields().get(peft_type)  # the registry now: a method registered later counts
     if fields is None:
         return
     read, refused, warned = fields["read"], fields["refused"], fields.get("warned", {})
@@ -242,8 +135,9 @@ def check_peft_fields(config: dict, warn: bool = True) -> None:
                     hint="module names and patterns never hold control characters or line breaks",
                 )
         elif key in fields["inert"]:
-            if value is not None and not _is(INERT_KINDS[key], value):
-                raise AdapterError(f"{peft_type}'s {key} must be {_WORDS[INERT_KINDS[key]]}, not {_shown(value)}",
+            kind = fields["inert"][key]
+            if value is not None and not _is(kind, value):
+                raise AdapterError(f"{peft_type}'s {key} must be {_WORDS[kind]}, not {_shown(value)}",
                                    hint="adapter_config.json is not as PEFT writes it")
         elif key in refused:
             if not _unset(value, refused[key]):

@@ -18,14 +18,16 @@ import json
 import os
 from pathlib import Path
 
-from surgeon.grammar import DEFAULT_ADAPTER
-from surgeon.grammar.names import checked_name
-from surgeon.methods._registry import method_names
-from surgeon.methods.adapter import adapter_class, peft_reader
+import torch
+from safetensors import SafetensorError, safe_open
 
 from surgeon.atomic import write_text
-from surgeon.checkpoints.peft_fields import check_peft_fields, control_character
+from surgeon.grammar import DEFAULT_ADAPTER
+from surgeon.grammar.names import checked_name
+from surgeon.methods import method_for, method_names, peft_reader, registered_methods
 from surgeon.methods.peft_format import AdapterError
+
+from surgeon.checkpoints.peft_fields import check_peft_fields, control_character
 
 __all__ = [
     "CONFIG",
@@ -122,7 +124,7 @@ def read_peft_config(folder) -> dict:
     if peft_type == MIXTURE:
         return _mixture_config(path, config)
     if peft_reader(peft_type) is None:
-        known = sorted({adapter_class(m).peft_type for m in method_names()} - {""})
+        known = sorted({form.peft_type for form in (m.peft_format() for m in registered_methods()) if form is not None})
         raise AdapterError(f"{path}: surgeon loads {', '.join(known)} adapters; this one is {peft_type[:60]!r}")
     required = ("peft_type", *peft_reader(peft_type).peft_required)
     missing = [k for k in required if k not in config]
@@ -167,7 +169,8 @@ def configs(folder: Path) -> list:
         part_config = read_peft_config(part)
         if part_config["peft_type"] == MIXTURE:
             raise AdapterError(f"{part / CONFIG}: a mixture's part cannot be a mixture")
-        if part_config["peft_type"] != adapter_class(method).peft_type:
+        held = method_for(method).peft_format()
+        if held is None or part_config["peft_type"] != held.peft_type:
             raise AdapterError(f"{part / CONFIG}: the mixture's {method} part holds a {part_config['peft_type']} adapter")
         found.append((part, part_config))
     return found
@@ -189,9 +192,6 @@ def adapter_folders(directory) -> list:
 
 def read_tensors(folder: Path) -> dict:
     """Every tensor of ``folder``'s weights file, each checked to be floating point."""
-    import torch
-    from safetensors import SafetensorError, safe_open
-
     weights_path = folder / WEIGHTS
     if not weights_path.is_file():
         hint = "surgeon reads only safetensors, never pickles" if (folder / "adapter_model.bin").exists() else None

@@ -1,14 +1,14 @@
-"""Loading an adapter folder into a compiled model: everything checked before anything changes.
+"""Reading an adapter folder for a load: its rules and tensors, and the check that they fit, before anything changes.
 
-A load reads the folder's configs and tensors (peft_folder.py) and its rules
-(peft_rules.py), then stages the adapter (staging.py): first on the meta
-device, which says which tensors of which shapes the adapter holds without
-allocating them, so the file is checked against that (no missing or extra
-keys, every shape equal) before any memory is spent on an adapter the file
-cannot fill (``r=10**9`` costs nothing); then for real, filled from the file;
-and only then is it swapped into the model, in one step. A load that fails,
-for whatever reason, leaves the model exactly as it was: the same adapters,
-the same parameters, the same outputs (a replaced adapter keeps its weights).
+A load (surgeon/compiled/checkpointing.py) reads the folder's configs and tensors
+(peft_folder.py) and its rules (peft_rules.py) with :func:`read_adapter`, then
+stages the adapter aside: first on the meta device, which says which tensors of
+which shapes the adapter holds without allocating them, so the file is checked
+against that with :func:`fitted_state` (no missing or extra keys, every shape
+equal) before any memory is spent on an adapter the file cannot fill
+(``r=10**9`` costs nothing); then for real, filled from the file; and only then
+is it swapped into the model, in one step. A load that fails, for whatever
+reason, leaves the model exactly as it was.
 """
 
 from __future__ import annotations
@@ -17,16 +17,14 @@ from pathlib import Path
 
 import torch
 
-from surgeon.grammar import SurgeryError
-from surgeon.grammar.names import checked_name
+from surgeon.grammar import rules as ir
 from surgeon.methods.adapter import adapter_class
-
-from surgeon.checkpoints.peft_folder import CONFIG, WEIGHTS, adapter_folders, configs, read_tensors
 from surgeon.methods.peft_format import PREFIX, AdapterError
-from surgeon.checkpoints.peft_rules import adapter_rule_set, part_rules
-from surgeon.checkpoints.staging import commit_adapter, rolled_back, stage_adapter
 
-__all__ = ["load_adapter", "expected_state"]
+from surgeon.checkpoints.peft_folder import WEIGHTS, configs, read_tensors
+from surgeon.checkpoints.peft_rules import adapter_rule_set, part_rules
+
+__all__ = ["expected_state", "read_adapter", "fitted_state"]
 
 
 def expected_state(plan, module_of, trained_of, adapter: str, method: str | None = None, trained: bool = True,
@@ -52,80 +50,32 @@ def expected_state(plan, module_of, trained_of, adapter: str, method: str | None
     return expected
 
 
-def _staged_state(staged) -> dict:
-    from surgeon.compiled.adapter_state import site_key
+def read_adapter(folder: Path, name: str) -> tuple[ir.RuleSet, dict, Path]:
+    """(checked rules of adapter ``name``, PEFT key -> tensor, the weights file) of one adapter folder.
 
-    return expected_state(staged.plan, staged.module, lambda path: staged.trained[site_key(path)], staged.name)
-
-
-def load_adapter(compiled, directory, name: str | None = None) -> str:
-    """Load a PEFT-format adapter (surgeon's or PEFT's) as adapter ``name``; returns the name.
-
-    A folder holding several adapters (subfolders) loads them all under their own names, as one
-    step: if one fails, the model gets back what it had before the first.
+    A folder of surgeon's gives its exact rules (its record); any other, its PEFT config as PEFT reads it.
     """
-    if name is not None:
-        checked_name(name, where="load_adapter")
-    folders = adapter_folders(directory)
-    if len(folders) > 1 and name is None:
-        with rolled_back(compiled):
-            for adapter, folder in folders:
-                _load_one(compiled, folder, adapter)
-        return ", ".join(a for a, _ in folders)
-    return _load_one(compiled, folders[0][1], name or folders[0][0])
-
-
-def _load_one(compiled, folder: Path, name: str) -> str:
     tensors, found = {}, []
     for part, config in configs(folder):
         part_tensors = read_tensors(part)
         tensors.update(part_tensors)
-        found.append(part_rules(part, config, keys=part_tensors))  # surgeon's own folder: its exact rules
-    rules = adapter_rule_set(name, folder, found)
-    source = folder / WEIGHTS
-    try:
-        shapes = stage_adapter(compiled, name, rules, device="meta")
-    except (NotImplementedError, RuntimeError, SurgeryError):
-        # a site that cannot be built without the weight's values (PiSSA starts from its SVD): checked once built;
-        # a real planning error is raised again by the build below
-        shapes = None
-    if shapes is not None:
-        _check(compiled, shapes, tensors, source)
-    try:
-        staged = stage_adapter(compiled, name, rules)
-    except (RuntimeError, MemoryError) as exc:  # e.g. out of memory: nothing was changed
-        raise AdapterError(f"{folder / CONFIG}: cannot build adapter '{name}': {str(exc)[:200]}") from None
-    expected = _check(compiled, staged, tensors, source)
-    with torch.no_grad():
-        for key, param in expected.items():  # the new modules first: none is the model's yet
-            if not _shared(staged, key):
-                param.copy_(tensors[key].to(param.dtype))
-        commit_adapter(compiled, staged)
-        for key, param in expected.items():  # copies other adapters train too, once the adapter is in
-            if _shared(staged, key):
-                param.copy_(tensors[key].to(param.dtype))
-    return name
+        found.append(part_rules(part, config, keys=part_tensors))
+    return adapter_rule_set(name, folder, found), tensors, folder / WEIGHTS
 
 
-def _shared(staged, key: str) -> bool:
-    """Is ``key`` a parameter of a trainable copy the model already has (shared with other adapters)?"""
-    return any(key.startswith(f"{PREFIX}{k.replace('__', '.')}.") for k in staged.shared)
+def fitted_state(expected: dict, tensors: dict, adapted, base_weight, source: Path) -> dict:
+    """``expected`` (PEFT key -> the tensor it loads into), once ``tensors`` fit it exactly; else an AdapterError.
 
-
-def _check(compiled, staged, tensors: dict, source: Path) -> dict:
-    """The staged adapter's expected tensors (key -> tensor), once ``tensors`` fit them exactly; else an AdapterError.
-
+    ``adapted``: the paths of the adapter's sites; ``base_weight(path)``: the base model's weight there.
     ``tensors`` loses the copies of base embeddings that PEFT also saves (checked to be the base model's own).
     """
-    expected = _staged_state(staged)
-    adapted = [site.path for site in staged.plan.sites if site.adapter == staged.name]
     for path in adapted:
         # PEFT also saves the whole base embedding when one is adapted (save_embedding_layers):
         # accept it when it is the base model's own, refuse a resized or changed one.
         key = f"{PREFIX}{path}.base_layer.weight"
         if key not in tensors:
             continue
-        base = compiled.base_model.get_submodule(path).weight.detach()
+        base = base_weight(path).detach()
         if tuple(tensors[key].shape) != tuple(base.shape) or not torch.equal(tensors[key].to(base.dtype), base):
             raise AdapterError(
                 f"{source} carries a changed copy of {path}.weight (a resized vocabulary?), which surgeon does not load",

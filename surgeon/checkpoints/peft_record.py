@@ -1,13 +1,8 @@
-"""Surgeon's record of an adapter's rules, kept beside PEFT's config, and what PEFT's config loses.
+"""Surgeon's record of an adapter's rules, kept beside PEFT's config, which holds less.
 
-PEFT's ``adapter_config.json`` holds some settings once per adapter (LoRA's
-``lora_dropout``, ``lora_bias``, ``use_rslora``, ``init_lora_weights``), so
-rules that give sites different values cannot be written there. Saving warns
-(:class:`PeftFidelityWarning`, naming the sites and what PEFT gets instead)
-where PEFT would compute or train a site otherwise than the rules (a per-site
-dropout; a bias of B on some sites only). A per-site rslora flag is not warned
-about (``alpha_pattern`` keeps the site's scale, which is all the flag changes),
-nor init (it says how a fresh adapter starts; saved weights replace it). The
+PEFT's ``adapter_config.json`` holds some settings once per adapter, so rules
+that give sites different values cannot be written there (saving warns where
+PEFT would read them otherwise: peft_fidelity.py). The
 exact per-site settings always go into the metadata of
 ``adapter_model.safetensors`` (a string map PEFT does not read), key
 ``surgeon_sites``, as JSON::
@@ -30,18 +25,21 @@ read from its PEFT config, as PEFT reads it.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
 import warnings
 
-from surgeon.grammar import rules as ir
+from safetensors import SafetensorError, safe_open
 
-from surgeon.checkpoints.peft_fields import control_character
+from surgeon.grammar import rules as ir
+from surgeon.grammar.check import check_rules
+from surgeon.methods import get_method, method_for, method_names
 from surgeon.methods.peft_format import PREFIX, PeftFidelityWarning, path_globs
 
-__all__ = ["RECORD_KEY", "record", "read_metadata", "recorded_rules", "fidelity_warning"]
+from surgeon.checkpoints.peft_fields import control_character
+
+__all__ = ["RECORD_KEY", "record", "saved_sites", "read_metadata", "recorded_rules"]
 
 RECORD_KEY = "surgeon_sites"
 _VERSION = 1
@@ -54,25 +52,21 @@ def _digest(config: dict) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
 
 
-def _saved_sites(compiled, adapter: str, method: str | None) -> list:
-    """(path, method, config as saved) of the adapter's sites (of one method), in plan order."""
-    from surgeon.methods.adapter import adapter_class
-
+def saved_sites(plan, adapter: str, method: str | None) -> list:
+    """(path, method, config as saved) of the adapter's sites in ``plan`` (of one method), in plan order."""
     by_method: dict = {}
-    for site in compiled.plan.sites:
+    for site in plan.sites:
         if site.adapter == adapter and method in (None, site.method):
             by_method.setdefault(site.method, []).append(site)
     configs = {}
     for name, sites in by_method.items():
-        for site, config in zip(sites, adapter_class(name).peft_saved_configs(sites)):
+        for site, config in zip(sites, method_for(name).peft_format().peft_saved_configs(sites)):
             configs[site.path] = (name, config)
-    return [(s.path, *configs[s.path]) for s in compiled.plan.sites if s.path in configs and s.adapter == adapter]
+    return [(s.path, *configs[s.path]) for s in plan.sites if s.path in configs and s.adapter == adapter]
 
 
 def _arguments(method: str, config) -> dict:
     """The config's arguments that differ from the method's defaults, as JSON values."""
-    from surgeon.methods import get_method
-
     out = {}
     for param in get_method(method).params:
         value = getattr(config, param.name)
@@ -84,10 +78,10 @@ def _arguments(method: str, config) -> dict:
     return out
 
 
-def record(compiled, adapter: str, method: str | None, config: dict, trained: list) -> str:
-    """The metadata value for one PEFT adapter file (one adapter, or one method's part of a mixture)."""
+def record(plan, adapter: str, method: str | None, config: dict, trained: list) -> str:
+    """The metadata value for one PEFT adapter file (one adapter of ``plan``, or one method's part of a mixture)."""
     sites = [
-        {"path": path, "method": name, "config": _arguments(name, cfg)} for path, name, cfg in _saved_sites(compiled, adapter, method)
+        {"path": path, "method": name, "config": _arguments(name, cfg)} for path, name, cfg in saved_sites(plan, adapter, method)
     ]
     body = {"format_version": _VERSION, "peft_config_sha256": _digest(config), "sites": sites, "trained": list(trained)}
     return json.dumps(body)  # the arguments in the signature's order, as a person writes them
@@ -108,10 +102,6 @@ def _value(value):
 
 def _rules(body: dict, config: dict) -> tuple:
     """Checked rules (objects) from a parsed record: one rule per group of sites with equal settings."""
-    from surgeon.grammar.check import check_rules
-    from surgeon.methods import method_names
-    from surgeon.methods.adapter import adapter_class
-
     if not isinstance(body, dict) or type(body.get("format_version")) is not int or body["format_version"] != _VERSION:
         raise _Invalid(f"its format_version is not {_VERSION}")
     if control_character(body) is not None:  # no module path or value holds one; it could not be printed as rules
@@ -126,7 +116,8 @@ def _rules(body: dict, config: dict) -> tuple:
         method = entry.get("method")
         if method not in method_names():
             raise _Invalid(f"it names the method {method!r}")
-        if adapter_class(method).peft_type != config["peft_type"] or (method == "dora") != bool(config.get("use_dora")):
+        held = method_for(method).peft_format()
+        if held is None or not held.holds(config):  # methods sharing a peft_type are told apart by the config
             raise _Invalid(f"it gives {entry['path']} the method {method}, which a {config['peft_type']} file does not hold")
         arguments = tuple(ir.Argument(str(k), _value(v)) for k, v in entry["config"].items())
         groups.setdefault((method, arguments), []).append(entry["path"])
@@ -166,8 +157,6 @@ def _check_weights(body: dict, keys) -> None:
 
 def read_metadata(weights_path) -> tuple:
     """(safetensors metadata or None, tensor names) of a weights file; (None, []) when it cannot be read."""
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(weights_path), "pt") as f:
             return f.metadata(), list(f.keys())
@@ -196,63 +185,3 @@ def recorded_rules(weights_path, config: dict, metadata: dict | None, keys) -> t
             stacklevel=3,
         )
         return None
-
-
-def _differences(saved, read) -> list:
-    """What a site's config read back from PEFT's config changes (names and values), its scale compared as a number.
-
-    ``init`` is not compared: it only says how a fresh adapter starts, and the saved weights replace it.
-    """
-    names = [f.name for f in dataclasses.fields(saved) if f.name not in ("init", "loftq_iter")]
-    changes = []
-    if "alpha" in names and hasattr(saved, "scale"):
-        # PEFT keeps a site's scale in alpha_pattern (under the adapter's rslora flag): the same computation
-        names = [n for n in names if n not in ("alpha", "rslora")]
-        if not math.isclose(saved.scale, read.scale, rel_tol=1e-9):
-            changes.append(f"scale {read.scale:g} instead of {saved.scale:g}")
-    for name in names:
-        if getattr(saved, name) != getattr(read, name):
-            changes.append(f"{name}={ir.format_value(getattr(read, name))} instead of {ir.format_value(getattr(saved, name))}")
-    return changes
-
-
-def fidelity_warning(compiled, adapter: str, method: str | None, config: dict) -> str | None:
-    """The warning for a PEFT config that PEFT reads otherwise than the rules (None when it reads them exactly).
-
-    The config is read back as surgeon reads a PEFT adapter (peft_rules.py's :func:`peft_rules`,
-    planned on the same model) and compared site by site with the rules.
-    """
-    from surgeon.grammar import SurgeryError
-    from surgeon.grammar.check import checked_rule_set
-    from surgeon.planning.plan import build_plan
-
-    from surgeon.checkpoints.peft_rules import peft_rules
-
-    try:
-        rules = checked_rule_set(ir.RuleSet((ir.Adapter(ir.DEFAULT_ADAPTER, peft_rules(config)),)))
-        read = build_plan(rules, compiled.captured)
-    except SurgeryError as error:
-        return f"adapter '{adapter}': surgeon cannot read back its own PEFT config ({error}); PEFT may read it otherwise"
-    read_sites = {s.path: s for s in read.sites}
-    found: dict = {}
-    saved = _saved_sites(compiled, adapter, method)
-    for path, name, cfg in saved:
-        other = read_sites.get(path)
-        if other is None:
-            change = "no adapter"
-        elif other.method != name:
-            change = f"{other.method} instead of {name}"
-        else:
-            change = ", ".join(_differences(cfg, other.config))
-        if change:
-            found.setdefault(change, []).append(path)
-    for path in sorted(set(read_sites) - {p for p, _, _ in saved}):
-        found.setdefault(f"an adapter ({read_sites[path].method}) the rules do not give", []).append(path)
-    if not found:
-        return None
-    what = "; ".join(f"{change} on {', '.join(path_globs(paths))}" for change, paths in found.items())
-    return (
-        f"adapter '{adapter}': PEFT's adapter_config.json holds some settings once per adapter, so PEFT reads "
-        f"{sum(map(len, found.values()))} sites otherwise than the rules: {what}. surgeon keeps the exact rules in "
-        "the metadata of adapter_model.safetensors and reloads them from there; PEFT and other readers get the config's"
-    )

@@ -1,6 +1,6 @@
 """Rules from adapter folders: built as objects from typed config values, checked as objects, printed last.
 
-A PEFT config is read by its method's ``rules_from_peft`` (surgeon/methods/*_weights.py)
+A PEFT config is read by its method's ``rules_from_peft`` (its PeftFormat: surgeon/methods/<name>/peft.py)
 into ``ir.Rule`` objects, after peft_fields.py has type-checked every field;
 surgeon's record in the weights' metadata is read into objects too
 (peft_record.py). The rules are checked with ``checked_rule_set``, exactly as

@@ -1,74 +1,69 @@
-"""Deployable programs: ``torch.export.save`` of the compiled model's evaluation graph.
+"""Deployable programs as files: a ``.pt2`` (``torch.export.save``) written atomically, and read back checked.
 
-``fold=True`` (the default) saves the merged graph, the base model's op
-sequence with folded weights; ``fold=False`` keeps the adapter branches. Both
-keep dynamic batch and sequence dimensions. Loading one checks it first
-(program_archive.py, program_graph.py), as a ``.pt2`` may come from anyone.
+A program exported with its adapters kept (``export(fold=False)``) carries one
+extra file, ``extra/surgeon.json``: for each adapter, its low-rank sites (those
+whose update is exactly ``s B A``) as ``{path: [rank, scale, in, out]}``, what a
+hot swap (hot_swap.py) needs to write another adapter's factors into the
+program's tensors. Loading checks the whole archive first (program_archive.py,
+program_graph.py), as a ``.pt2`` may come from anyone.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
-from surgeon.compiled.distributed import refuse_sharded, writes_files
+from surgeon.atomic import output_folder, save_exported
 from surgeon.diagnostics import SurgeryError
 
-from surgeon.atomic import output_folder, save_exported
+from surgeon.checkpoints.program_archive import open_program
 
-__all__ = ["export_program_file", "load_program"]
+__all__ = ["PROGRAM_METADATA", "program_path", "write_program", "program_sites", "load_program"]
+
+PROGRAM_METADATA = "surgeon.json"  # extra file of a saved program: each adapter's low-rank sites, ranks and scales
 
 
-def export_program_file(compiled, path, *, fold: bool = True, args: tuple = (), kwargs: dict | None = None,
-                        quantized: str = "dequantize", folded=None) -> None:
-    """``folded``: the fold to save (a :class:`surgeon.compiled.folded.Folded`; default: ``compiled.fold(...)`` now)."""
-    import torch
-
-    from surgeon.capture.export import dynamic_shapes, widen_inputs
-
-    refuse_sharded(compiled, "export")
-    if not writes_files():  # in a process group, rank 0 writes
-        return
+def program_path(path) -> Path:
+    """``path`` ready to be written (its folder made), refused when it is a folder: checked before any work."""
     path = Path(path)
     if path.is_dir():
         raise SurgeryError(f"cannot write the program to {path}: it is a folder", hint="give a file name ending in .pt2")
     output_folder(path.parent)
-    args = args or compiled.example_args
-    kwargs = compiled._with_defaults(dict(kwargs) if kwargs is not None else dict(compiled.example_kwargs))
-    # Unfolded: the fused ops where kernels run (GPU, kernels="triton"); on the CPU plain aten ops, which any torch loads.
-    if not fold and compiled.folded_in_place:
-        raise SurgeryError("cannot export the unfolded program: the adapters are folded into the base weights (fold(inplace=True))",
-                           hint="unfold() first, or export(fold=True)")
-    if fold and folded is None:
-        folded = compiled.fold(args=args, kwargs=kwargs, quantized=quantized)
-    graph = (folded.graph(*args, **kwargs) if fold
-             else compiled.graph(*args, training=False, lowered=compiled._lowering() is True, **kwargs))
-    args, kwargs = widen_inputs(args, kwargs, compiled.hugging_face)
-    with torch.no_grad():
-        program = torch.export.export(
-            graph, args, kwargs, dynamic_shapes=dynamic_shapes(args, kwargs, compiled.hugging_face), strict=False
-        )
-    extra = {} if fold else {"surgeon.json": json.dumps(lora_sites(compiled))}  # what a hot swap needs to know
-    save_exported(program, path, extra_files=extra)  # a failed write (a full disk) is an error, not an abort
+    return path
 
 
-def lora_sites(compiled) -> dict:
-    """adapter -> path -> (rank, scale, in, out) of its plain LoRA sites."""
-    found: dict = {}
-    for adapter, path, module in compiled.sites():
-        plain = not getattr(module, "residual", False) and module.lora_B_bias is None if module.method == "lora" else False
-        if module.method == "lora" and module.kind in ("linear", "hf_conv1d") and plain:
-            found.setdefault(adapter, {})[path] = (module.config.r, module.scale, module.in_features, module.out_features)
-    return found
+def write_program(program, path, low_rank_sites: dict | None = None) -> None:
+    """Save the ExportedProgram ``program`` to ``path`` atomically (a failed write, a full disk, is a SurgeryError).
+
+    ``low_rank_sites``: adapter -> path -> (rank, scale, in, out), kept as ``extra/surgeon.json`` for a hot swap.
+    """
+    extra = {} if low_rank_sites is None else {PROGRAM_METADATA: json.dumps(low_rank_sites)}
+    save_exported(program, path, extra_files=extra)
 
 
-def register_ops() -> None:
-    """Import the ops a program may call (torch.export.load resolves them by name): the kernels of a
-    lowered program, the quantized linears of a bitsandbytes model's."""
-    import importlib
+def program_sites(text, program) -> dict:
+    """adapter -> path -> (rank, scale, in, out) from a program's ``extra/surgeon.json``, checked to be
+    what :func:`write_program` writes: an object of objects of [int, finite number, int, int]."""
+    where = f"{program}: extra/{PROGRAM_METADATA}"
+    hint = "this file was not written by surgeon's export(fold=False), or was changed since"
+    try:
+        found = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested past the decoder's depth bound
+        raise SurgeryError(f"{where} is not valid JSON ({exc})", hint=hint) from None
+    if not isinstance(found, dict) or not all(isinstance(k, str) and isinstance(v, dict) for k, v in found.items()):
+        raise SurgeryError(f"{where} is not an object of adapters, each an object of its low-rank sites", hint=hint)
 
-    for module in ("surgeon.kernels.lora_linear", "surgeon.kernels.routed_lora", "surgeon.kernels.dora", "surgeon.kernels.quantized"):
-        importlib.import_module(module)
+    def count(x):
+        return type(x) is int and x > 0
+
+    for adapter, sites in found.items():
+        for path, site in sites.items():
+            if not (isinstance(site, list) and len(site) == 4 and count(site[0]) and count(site[2]) and count(site[3])
+                    and type(site[1]) in (int, float) and math.isfinite(site[1]) and site[1] != 0):
+                raise SurgeryError(f"{where}: {adapter!r} site {path!r} is {str(site)[:80]}, not "
+                                   "[rank, scale, in, out] (positive ints, a finite non-zero scale)", hint=hint)
+    return {adapter: {p: tuple(v) for p, v in sites.items()} for adapter, sites in found.items()}
 
 
 def load_program(path):
@@ -78,6 +73,4 @@ def load_program(path):
     from anyone loads without running code of its own; anything else is a
     SurgeryError naming the file.
     """
-    from surgeon.checkpoints.program_archive import open_program
-
     return open_program(path)[0]

@@ -35,13 +35,19 @@ checked is what loads (a rename over the path meanwhile changes nothing).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
+import logging
 import re
 import zipfile
 from pathlib import Path, PurePosixPath
 
+import torch
+
+import surgeon.kernels.quantized  # noqa: F401 (registers the quantized linears a bitsandbytes model's program calls)
 from surgeon.diagnostics import SurgeryError
+from surgeon.passes.lower import kernel_modules
 
 from surgeon.checkpoints.program_graph import check_graph
 
@@ -131,7 +137,6 @@ def _payloads(archive, members, config_name: str, folder: str, prefix: str, path
 
 
 def _check_sample_inputs(archive, members, path) -> None:
-    import torch
 
     data = archive.read(members[SAMPLE_INPUTS])
     if not data:  # torch reads an empty member as "no sample inputs"
@@ -176,8 +181,6 @@ def check_archive(file, path) -> dict:
 @contextlib.contextmanager
 def _torch_log():
     """Collect (and keep off the console) the exceptions torch.export.load logs before it raises."""
-    import logging
-
     logger, caught = logging.getLogger("torch.export"), []
 
     class Catch(logging.Handler):
@@ -200,16 +203,15 @@ def open_program(path):
 
     Any error, from the path to torch's own deserializer, is a :class:`ProgramArchiveError` naming the file.
     """
-    import torch
-
-    from surgeon.checkpoints.program import register_ops
-
     path = Path(path)
     if not path.exists():
         raise ProgramArchiveError(f"{path}: no such file", hint="give the path of a .pt2 file written by export()")
     if path.is_dir():
         raise ProgramArchiveError(f"{path} is a folder, not a .pt2 file", hint="give the path of the .pt2 file itself")
-    register_ops()  # the graph check resolves each operator, as torch.export.load does
+    # The fused ops a lowered program may call, registered before the graph check and torch resolve them by
+    # name: the modules the methods' lowering patterns name (a table, so a new method's kernel comes with it).
+    for module in kernel_modules():
+        importlib.import_module(module)
     try:
         file = open(path, "rb")
     except OSError as exc:

@@ -31,8 +31,15 @@ generated guard code (``_unlift.py:_get_input_guards_for_graph``).
 from __future__ import annotations
 
 import ast
+import importlib
+import importlib.util
 import json
+import math
+import operator
 import re
+
+import torch
+from torch._export.serde.serialize import _SYM_OPS
 
 from surgeon.diagnostics import SurgeryError
 
@@ -156,11 +163,6 @@ def check_guard(text, where: str) -> None:
 
 def _resolved(text: str):
     """What ``deserialize_operator`` makes of ``text`` (the same getattr walk; None if it stops early)."""
-    import math
-    import operator
-
-    import torch
-
     parts = text.split(".")
     roots = {"torch": torch, "_operator": operator, "math": math}
     if parts[0] not in roots or not all(_WORD.fullmatch(p) for p in parts[1:]):
@@ -182,9 +184,6 @@ def _resolved(text: str):
 
 def check_target(text, where: str) -> None:
     """Refuse a node target that is not an operator (torch would call whatever ``torch.<...>`` it names)."""
-    import torch
-    from torch._export.serde.serialize import _SYM_OPS
-
     target = _resolved(text) if isinstance(text, str) else None
     ok = isinstance(target, (torch._ops.OpOverload, torch._ops.HigherOrderOperator))
     try:
@@ -221,9 +220,6 @@ def _check_spec(text, where: str) -> None:
 def _import_output_class(kind: str) -> None:
     """Register a transformers output class with pytree (transformers does so when its module is first imported,
     which a fresh process has not done): only modules inside the installed transformers package."""
-    import importlib
-    import importlib.util
-
     module = kind.rpartition(".")[0]
     if not re.fullmatch(r"transformers(\.[a-z0-9_]+)+", module):
         return

@@ -26,9 +26,17 @@ What this file adds is what the graphs need to stay right under them.
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
+
+from surgeon.diagnostics import SurgeryError
+
+if torch.distributed.is_available():
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import fully_shard as torch_fully_shard
+    from torch.distributed.tensor import DTensor
+else:  # a torch built without distributed: nothing is ever sharded
+    FSDPModule = DTensor = torch_fully_shard = None
 
 __all__ = ["fully_shard", "writes_files", "gathered", "is_sharded", "check_sharding", "bindings", "rebind", "refuse_sharded"]
 
@@ -44,38 +52,19 @@ def writes_files() -> bool:
 
 def gathered(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a sharded ``DTensor`` (every rank must call this); other tensors as they are."""
-    if _initialized():
-        from torch.distributed.tensor import DTensor
-
-        if isinstance(tensor, DTensor):
-            return tensor.full_tensor()
+    if _initialized() and isinstance(tensor, DTensor):
+        return tensor.full_tensor()
     return tensor
 
 
-_FSDP_MODULE: list = []  # [FSDPModule or None], looked up once: is_sharded runs on every forward
-
-
-def _fsdp_module_class():  # a plain memo, not lru_cache, which Dynamo warns about when it traces forward
-    if not _FSDP_MODULE:
-        found = None
-        if torch.distributed.is_available():
-            from torch.distributed.fsdp import FSDPModule as found
-        _FSDP_MODULE.append(found)
-    return _FSDP_MODULE[0]
-
-
 def is_sharded(module: nn.Module) -> bool:
-    """Was ``fully_shard`` (FSDP2) applied to ``module``?"""
-    fsdp = _fsdp_module_class()
-    return fsdp is not None and isinstance(module, fsdp)
+    """Was ``fully_shard`` (FSDP2) applied to ``module``? (Asked on every forward.)"""
+    return FSDPModule is not None and isinstance(module, FSDPModule)
 
 
 def check_sharding(model: nn.Module) -> None:
     """Refuse ``fully_shard`` groups inside a compiled model: their gathering hooks would never run."""
-    from surgeon.diagnostics import SurgeryError
-
-    fsdp = _fsdp_module_class()
-    inner = [name for name, m in model.named_modules() if m is not model and fsdp is not None and isinstance(m, fsdp)]
+    inner = [name for name, m in model.named_modules() if m is not model and is_sharded(m)]
     if inner:
         raise SurgeryError(
             f"fully_shard was applied to {inner[0]!r} inside the compiled model"
@@ -87,10 +76,6 @@ def check_sharding(model: nn.Module) -> None:
 
 def fully_shard(compiled: nn.Module, **options) -> nn.Module:
     """``torch.distributed.fsdp.fully_shard(compiled, **options)``, after checking what FSDP2 would refuse later."""
-    from torch.distributed.fsdp import fully_shard as torch_fully_shard
-
-    from surgeon.diagnostics import SurgeryError
-
     check_sharding(compiled)
     dtypes = {}
     for name, param in compiled.named_parameters():
@@ -136,10 +121,6 @@ def refuse_sharded(model: nn.Module, what: str) -> None:
     """A clear error for operations that need whole weights on a model whose weights are sharded."""
     if not _initialized():
         return
-    from torch.distributed.tensor import DTensor
-
-    from surgeon.diagnostics import SurgeryError
-
     if any(isinstance(p, DTensor) for p in model.parameters()):
         raise SurgeryError(
             f"{what} needs whole weights, and this model's are sharded by FSDP",

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from torch import nn
 
+from surgeon.kernels.quantized import exact_4bit_matmuls
+
 __all__ = ["attach"]
 
 
 def attach(compiled, model: nn.Module) -> list:
     """Hook ``compiled``'s adapters into ``model``; returns handles (``.remove()`` detaches)."""
-    from surgeon.kernels.quantized import exact_4bit_matmuls
-
     handles = [_Handles(exact_4bit_matmuls(model))]  # first: it refuses a rewritten 4-bit layer before any hook
     for name, path, adapter in compiled.sites():
         hook = _gated_hook(adapter.hook(), compiled.adapter_gates, compiled.adapter_names.index(name))

@@ -1,10 +1,10 @@
 """Weighted merging of adapters: the math of PEFT's ``add_weighted_adapter``, as pure tensor functions.
 
-One *site* (one adapted linear map, weight (out, in)) carries one LoRA per
+One *site* (one adapted linear map, weight (out, in)) carries one low-rank update (a LoRA) per
 source adapter i: ``A_i`` (r_i, in), ``B_i`` (out, r_i) and its scale
 ``s_i`` (alpha_i / r_i, or alpha_i / sqrt(r_i) with rsLoRA), so that its
 update is ``dW_i = s_i B_i A_i``. Given user weights ``w_i`` (any sign),
-:func:`merge_lora_site` returns one LoRA ``(A, B, s)`` whose update is
+:func:`merge_low_rank_site` returns one LoRA ``(A, B, s)`` whose update is
 ``s B A``. The scaling is always folded into the factors and ``s = 1.0``, as
 PEFT does by giving the merged adapter ``lora_alpha = r``.
 
@@ -47,7 +47,7 @@ Task merges T of tensors ``t_i`` with weights ``v_i`` (PEFT's merge_utils):
 
 dare's draws come from the global torch RNG, ``torch.bernoulli`` once per
 tensor, in PEFT's order: for the factor-wise types A_1..A_n then B_1..B_n; for
-the svd types dW_1..dW_n. Calling :func:`merge_lora_site` site after site, in
+the svd types dW_1..dW_n. Calling :func:`merge_low_rank_site` site after site, in
 the model's module order, from the same seed as PEFT's merge loop reproduces
 PEFT's masks (PEFT first draws initial weights for the new adapter; see the
 tests for how to line the two up).
@@ -70,8 +70,8 @@ __all__ = [
     "MAJORITY_SIGN_METHODS",
     "Combination",
     "check_merge_args",
-    "lora_delta",
-    "merge_lora_site",
+    "low_rank_delta",
+    "merge_low_rank_site",
 ]
 
 MAJORITY_SIGN_METHODS = ("total", "frequency")
@@ -203,7 +203,7 @@ def _svd(kind: str):
     """PEFT's svd merge: D = T({s_i B_i A_i}, {w_i}), truncated to rank k by a full SVD (and clamped)."""
 
     def merge(factors, weights, opts):
-        deltas = [lora_delta(A, B, scale) for A, B, scale in factors]
+        deltas = [low_rank_delta(A, B, scale) for A, B, scale in factors]
         delta = _task_merge(kind, deltas, list(weights), opts)
         k = opts["svd_rank"] or max(A.shape[0] for A, _, _ in factors)
         kept = min(k, *delta.shape)
@@ -237,8 +237,8 @@ del _kind, _params
 # --------------------------------------------------------------------------- public API
 
 
-def lora_delta(A: torch.Tensor, B: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """The update of one LoRA, s * (B @ A), of shape (out, in) (computed in PEFT's order)."""
+def low_rank_delta(A: torch.Tensor, B: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """The update of one low-rank adapter, s * (B @ A), of shape (out, in) (computed in PEFT's order)."""
     return (B @ A) * scale
 
 
@@ -327,7 +327,7 @@ def _check_factors(factors, spec: Combination):
     return checked
 
 
-def merge_lora_site(
+def merge_low_rank_site(
     factors: Factors,
     weights: Sequence[float],
     combination: str,

@@ -1,13 +1,14 @@
 """Pieces of PEFT's adapter format shared by the methods (each method maps its own config).
 
-A method's SiteAdapter says how its sites are written in PEFT's
-``adapter_config.json`` (``peft_type`` and ``peft_config(sites)``) and how a
-PEFT config of that type reads back as rules (``rules_from_peft``);
-this module holds what the LoRA family shares: one rank and alpha per adapter
-plus ``rank_pattern``/``alpha_pattern`` for sites that differ, and the
-selectors that match what PEFT's ``target_modules`` entries match.
+A method's PEFT format (a :class:`PeftFormat` subclass in its folder, torch-free) says how its sites are
+written in PEFT's ``adapter_config.json`` (``peft_type`` and ``peft_config(sites)``), how a PEFT config of
+that type reads back as rules (``rules_from_peft``), and what each field of PEFT's config is to surgeon
+(``fields``, which surgeon/checkpoints/peft_fields.py checks); the tensors are its SiteAdapter's
+``peft_state``. This module holds what the methods share: the bookkeeping fields, the targeting fields, one
+rank and alpha per adapter plus ``rank_pattern``/``alpha_pattern`` for sites that differ (LoRA, LoHa,
+LoKr), and the selectors that match what PEFT's ``target_modules`` entries match.
 
-Rules are built as IR objects (surgeon/grammar/rules.py), never as text: a
+Rules are built as IR objects (grammar/rules.py), never as text: a
 config value becomes a typed value of a rule (a selector's pattern, an
 argument), so no value can add rules or change a rule's shape; text is only
 ever printed from the objects.
@@ -36,23 +37,32 @@ from surgeon.grammar.rules import (
     TypeTest,
 )
 
+from surgeon.methods._registry import peft_formats
+
 __all__ = [
     "PREFIX",
     "AdapterError",
     "PeftFidelityWarning",
+    "PeftFormat",
+    "COMMON_INERT",
+    "AUTO_INERT",
+    "TARGETING_FIELDS",
+    "RANK_PATTERN_FIELDS",
     "path_globs",
     "peft_names",
     "peft_literal",
     "peft_where",
     "peft_targets",
     "refuse",
-    "lora_family_config",
-    "lora_family_rules",
+    "rank_pattern_config",
+    "rank_pattern_rules",
     "call_rule",
     "both",
     "ALL_LINEAR",
     "NOT_HEAD",
     "common",
+    "one_per_adapter",
+    "dropout_arguments",
 ]
 
 PREFIX = "base_model.model."
@@ -64,6 +74,83 @@ class AdapterError(SurgeryError):
 
 class PeftFidelityWarning(UserWarning):
     """A PEFT file that says less than the rules: PEFT (or surgeon reading it alone) gets other settings."""
+
+
+# The fields of a method's PEFT config, each as one of (surgeon/checkpoints/peft_fields.py checks them):
+# read: turned into rules, of the type given (a word of peft_fields._is); inert: passed over (it cannot
+# change what a loaded adapter computes), of the type given or null; refused: PEFT's default -> refused
+# unless it has that value; warned: PEFT's default -> read without it, saying so.
+
+# Bookkeeping every PeftConfig has: nothing of the adapter's computation.
+COMMON_INERT = dict(task_type="text", peft_type="text", auto_mapping="map", peft_version="text",
+                    base_model_name_or_path="text", revision="text", inference_mode="bool")
+# PEFT corrects fan_in_fan_out per module (GPT-2's Conv1D or a Linear), as surgeon reads each site's kind.
+AUTO_INERT = dict(fan_in_fan_out="bool")
+# Which modules an adapter takes, as most methods say it.
+TARGETING_FIELDS = dict(target_modules="targets", modules_to_save="names", layers_to_transform="layers",
+                        layers_pattern="patterns")
+# ... and the rank of the methods that hold one rank per adapter plus per-site patterns.
+RANK_PATTERN_FIELDS = dict(TARGETING_FIELDS, r="int", exclude_modules="targets", rank_pattern="int_map",
+                           alpha_pattern="number_map")
+
+
+class PeftFormat:
+    """One method in PEFT's adapter_config.json, both ways (torch-free: the tensors are the SiteAdapter's).
+
+    A subclass per method, in its folder, registered as ``register_method(..., peft=".peft:Name")``.
+    Methods may share a ``peft_type`` (PEFT writes DoRA as LoRA with ``use_dora``): ``holds(config)``
+    says which one a config holds, and one of them, ``reads``, gives the type's ``fields``.
+    """
+
+    method: str = ""  # the method's name (its config's method_name)
+    peft_type: str = ""  # PEFT's peft_type for an adapter of this method alone
+    peft_required: tuple = ()  # fields a PEFT config of that type must have
+    fields: dict = {}  # {"read": {field: type}, "inert": {field: type}, "refused": {field: default}, "warned": {...}}
+    reads: bool = True  # the format of its peft_type that readers name (the others share its fields)
+
+    @classmethod
+    def holds(cls, config: dict) -> bool:
+        """Does a PEFT config hold this method's sites (not another method sharing its peft_type)?"""
+        return config.get("peft_type") == cls.peft_type
+
+    # A format whose method holds plain products s B A (``Method.low_rank``) also says how a hot swap reads
+    # a saved adapter of it (plain data: the config dict, the tensors); the others leave these unset.
+    low_rank_reading = None  # a module with site_scale, swap_refusal, factor_pairs and FACTOR_NAMES
+
+    @classmethod
+    def described(cls) -> str:
+        """The PEFT type in words, for the docs ("LORA", "LORA with use_dora")."""
+        return cls.peft_type
+
+    @classmethod
+    def peft_config(cls, sites) -> dict:  # pragma: no cover - every format overrides it
+        """The method's fields of PEFT's adapter_config.json for these plan sites."""
+        raise NotImplementedError
+
+    @classmethod
+    def peft_saved_configs(cls, sites) -> list:
+        """The config of each plan site as its saved tensors hold it (surgeon's record of the rules).
+
+        A method that saves a converted form (LoRA's PiSSA as rank 2r) gives the
+        config that reloads that form; the others give each site's own.
+        """
+        return [site.config for site in sites]
+
+    @classmethod
+    def rules_from_peft(cls, config: dict) -> list:
+        """Rules (``ir.Rule`` objects, never text) targeting what a PEFT config of this ``peft_type`` targets,
+        read by the format of that type that holds the config.
+
+        ``config`` has been type-checked (peft_fields.py); its values become typed
+        values of the rules, so no config value can add a rule.
+        """
+        holder = next((f for f in peft_formats(cls.peft_type) if f.holds(config)), cls)
+        return holder.read_rules(config)
+
+    @classmethod
+    def read_rules(cls, config: dict) -> list:  # pragma: no cover
+        """:meth:`rules_from_peft` for a config this format holds."""
+        raise NotImplementedError
 
 
 def common(values):
@@ -125,7 +212,7 @@ def peft_literal(pattern: str) -> str | None:
     return text if re.escape(text) == pattern else None
 
 
-def lora_family_config(sites, scale_of=None, rank_of=None) -> dict:
+def rank_pattern_config(sites, scale_of=None, rank_of=None) -> dict:
     """``r``, ``alpha``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora`` and ``target_modules`` for sites.
 
     The most common rank, rslora flag and alpha are the adapter's; sites that
@@ -193,7 +280,7 @@ def call_rule(selectors: tuple, method: str, arguments, where=None) -> Rule:
     return Rule(tuple(selectors), Apply(call), where)
 
 
-def lora_family_rules(config: dict, method: str, alpha_key: str = "lora_alpha", extra=()) -> list:
+def rank_pattern_rules(config: dict, method: str, alpha_key: str, extra=()) -> list:
     """Rules (IR) giving every site PEFT's rank and alpha (rank_pattern/alpha_pattern included).
 
     Later rules win, so each pattern's sites get their own rank and alpha. ``extra``: the method's
@@ -240,3 +327,22 @@ def refuse(config: dict, *fields: str) -> None:
     for field in fields:
         if config.get(field):
             raise AdapterError(f"{config['peft_type']}'s {field} is not supported yet (it is {config[field]!r})")
+
+
+def one_per_adapter(sites, *names) -> dict:
+    """Config fields PEFT holds once per adapter: the sites must agree on them."""
+    values = {}
+    for name in names:
+        seen = {getattr(s.config, name) for s in sites}
+        if len(seen) > 1:
+            raise AdapterError(
+                f"adapter '{sites[0].adapter}' gives its sites different {name} values, which PEFT holds once per adapter",
+                hint="give each setting its own adapter block to save them in PEFT's format",
+            )
+        values[name] = seen.pop()
+    return values
+
+
+def dropout_arguments(config: dict, *names) -> list:
+    """``[("rank_dropout", 0.1), ...]``: the set fields of a PEFT config, as rule arguments."""
+    return [(name, config[name]) for name in names if config.get(name)]

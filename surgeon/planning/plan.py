@@ -18,13 +18,16 @@ parameter, so ``trainable_percent`` reads as PEFT's ``print_trainable_parameters
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from surgeon.diagnostics import Diagnostic, PlanError
 from surgeon.grammar import rules as ir
-from surgeon.diagnostics import PlanError
 
-from surgeon.capture.sites import Captured
+from surgeon.capture.captured import Captured
+from surgeon.methods import method_for, registered_methods, signatures
+from surgeon.methods.adapter import SiteContext, SiteProblem
 from surgeon.planning.select import resolve
 
 __all__ = ["PlannedSite", "TrainedModule", "RuleReport", "Plan", "build_plan", "PLAN_SCHEMA_VERSION"]
@@ -199,14 +202,11 @@ class Plan:
 
 def build_plan(rule_set: ir.RuleSet, captured: Captured, methods: dict | None = None, checkpoint_dtype: str = "float32") -> Plan:
     """Resolve ``rule_set`` on ``captured``; raise PlanError listing every error."""
-    from surgeon.methods import signatures
-    from surgeon.methods.adapter import SiteProblem
-
     methods = signatures() if methods is None else methods
     resolution = resolve(rule_set, captured.modules, captured.sites, methods)
     if resolution.errors:
         raise PlanError(resolution.diagnostics)
-    model = captured.model.module
+    model = captured.opened.module
     sites, trained, reports = [], [], []
     problems, chosen_by = [], {}  # (RuleMatch, SiteProblem); (adapter, path) -> the RuleMatch that won it
     for match in resolution.matches:
@@ -235,15 +235,16 @@ def build_plan(rule_set: ir.RuleSet, captured: Captured, methods: dict | None = 
                         rule_line=line,
                         tied_with=site.tied_with,
                         quantization=site.quantization,
-                        unroutable=_unroutable(site.kind, _site_class(method)),
+                        unroutable=_unroutable(site.kind, method_for(method).adapter_class()),
                     )
                 )
                 chosen_by[(match.adapter, path)] = match
             elif match.action == "train":
                 if info.quantization:
                     problems.append((match, SiteProblem(
-                        "quantized-train", f"cannot train {path} of {captured.model.name} in full: its weight is quantized "
-                        f"({info.quantization})", "adapt it with lora instead, or load the model unquantized")))
+                        "quantized-train", f"cannot train {path} of {captured.opened.name} in full: its weight is quantized "
+                        f"({info.quantization})", f"adapt it with {' or '.join(_quantized_methods())} instead, or load the "
+                        "model unquantized")))
                 module = model.get_submodule(path)
                 own = {id(p): p for p in module.parameters()}.values()
                 trained.append(TrainedModule(path=path, adapter=match.adapter, module_type=info.type_name,
@@ -260,7 +261,7 @@ def build_plan(rule_set: ir.RuleSet, captured: Captured, methods: dict | None = 
         errors = _located(problems, rule_set)
         raise PlanError(sorted(errors + list(resolution.diagnostics), key=lambda d: (d.span.line, d.span.column) if d.span else (0, 0)))
     return Plan(
-        model=captured.model.name,
+        model=captured.opened.name,
         model_class=type(model).__name__,
         rules_path=rule_set.path,
         adapters=rule_set.adapter_names,
@@ -275,27 +276,14 @@ def build_plan(rule_set: ir.RuleSet, captured: Captured, methods: dict | None = 
 
 
 def _arguments(config) -> dict:
-    import dataclasses
-
     values = dataclasses.asdict(config)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
-# Methods that adapt a bitsandbytes-quantized linear: they read only its input and output in the
-# graph, and fold by dequantizing (kernels/quantized.py). Inits that read the weight are listed.
-QUANTIZED_METHODS = {"lora": ("kaiming", "gaussian", "zeros", "loftq")}
-
-
-def _site_class(method: str):
-    """The method's SiteAdapter class, or None for a method registered without one (it can be planned, not built)."""
-    from surgeon.methods.adapter import adapter_class
-
-    try:
-        return adapter_class(method)
-    except ModuleNotFoundError as exc:
-        if exc.name != f"surgeon.methods.{method}_weights":
-            raise
-        return None
+def _quantized_methods() -> dict:
+    """name -> SiteAdapter class of the methods that adapt a bitsandbytes-quantized linear."""
+    classes = {method.name: method.adapter_class() for method in registered_methods()}
+    return {name: cls for name, cls in classes.items() if cls is not None and cls.adapts_quantized}
 
 
 def _unroutable(kind: str, cls) -> str | None:
@@ -305,31 +293,38 @@ def _unroutable(kind: str, cls) -> str | None:
 
 
 def _site_problems(sites: list, captured: Captured) -> list:
-    """(site, SiteProblem) for everything compile would refuse about these planned sites."""
-    from surgeon.methods.adapter import SiteContext, SiteProblem
-
-    model = captured.model.module
+    """(site, SiteProblem) for everything compile would refuse about these planned sites: each method's own
+    ``validate_site``, a quantized base its method cannot adapt, a site of several weights (MultiheadAttention)
+    its method has no adapter for, and a weight two adapters would replace."""
+    opened = captured.opened
+    model = opened.module
     peers: dict = {}
     for site in sites:
         peers.setdefault((site.adapter, site.method), []).append(site)
     replaced: dict = {}  # one weight tensor (all its names) -> the first site whose method replaces it
+    usage = None  # how the methods that adapt quantized linears are used there (hints), found when needed
     found = []
     for site in sites:
-        found += [(site, p) for p in _quantized_problems(site, captured.model)]
-        source = captured.sites[site.path]
-        if getattr(source, "parts", ()):  # MultiheadAttention: its own adapter class, its own checks
-            from surgeon.methods.mha_weights import mha_problems
-
-            found += [(site, p) for p in mha_problems(site)]
+        method, source = method_for(site.method), captured.sites[site.path]
+        parts = getattr(source, "parts", ())
+        cls = method.multi_weight_class() if parts else method.adapter_class()
+        if parts and cls is None:
+            found.append((site, _no_multi_weight(site)))
             continue
-        cls = _site_class(site.method)
-        if cls is None:
+        if cls is None:  # registered without a SiteAdapter: it can be planned, not built
             continue
+        if site.quantization is not None and usage is None:
+            usage = ", ".join(c.quantized_usage() for c in _quantized_methods().values())
+        if site.quantization is not None and not cls.adapts_quantized:
+            found.append((site, SiteProblem(
+                "quantized-site", f"{site.method} cannot adapt {site.path} of {opened.name}: its weight is quantized "
+                f"({site.quantization})", f"on quantized linears use {usage}, or load the model unquantized")))
         try:  # the tensor compile hands the constructor (capture.site_weight)
             weight = model.get_parameter(source.weight)
         except AttributeError:  # a bitsandbytes weight, named by its stand-in buffer
             weight = getattr(model.get_submodule(site.path), "weight", None)
-        context = SiteContext(peers=tuple(peers[(site.adapter, site.method)]), weight=weight)
+        context = SiteContext(peers=tuple(peers[(site.adapter, site.method)]), weight=weight, model=opened.name,
+                              full_precision=opened.full_precision is not None, quantized_methods=usage or "")
         found += [(site, p) for p in cls.validate_site(site, context)]
         if cls.replaces_weight:  # the insert pass can swap a tensor's readers over once
             first = replaced.setdefault(tuple(sorted({source.weight, *site.tied_with})), site)
@@ -337,45 +332,23 @@ def _site_problems(sites: list, captured: Captured) -> list:
                 found.append((site, SiteProblem(
                     "weight-replaced-twice", f"{site.method} of adapter '{site.adapter}' on {site.path} would replace a weight "
                     f"that {first.method} of adapter '{first.adapter}' already replaces ({first.path}, line {first.rule_line})",
-                    "one adapter may replace a weight tensor (tied weights are one tensor): list all the token ids in one "
-                    "trainable_tokens rule")))
+                    "one adapter may replace a weight tensor (tied weights are one tensor)"
+                    + (f": {cls.replaces_weight_hint}" if cls.replaces_weight_hint else ""))))
     return found
 
 
-def _quantized_problems(site: PlannedSite, opened) -> list:
-    from surgeon.methods.adapter import SiteProblem
-
-    inits = QUANTIZED_METHODS.get(site.method)
-    init = getattr(site.config, "init", None)
-    found = []
-    if getattr(site.config, "loftq_iter", 1) != 1 and init != "loftq":
-        found.append(SiteProblem("loftq-iter", f"loftq_iter={site.config.loftq_iter} on {site.path} does nothing without "
-                                 "init=\"loftq\"", "write lora(init=\"loftq\", loftq_iter=N)"))
-    if site.quantization is None and init == "loftq":
-        found.append(SiteProblem("loftq-unquantized", f"lora(init=\"loftq\") on {site.path} of {opened.name}: its weight is not "
-                                 "quantized", "LoftQ starts an adapter from the quantization error of a bitsandbytes-quantized "
-                                 "base (e.g. demo:llama-nf4)"))
-    if site.quantization is None:
-        return found
-    if inits is None or (init is not None and init not in inits):
-        what = f"{site.method}(init={init!r})" if inits is not None else site.method
-        found.append(SiteProblem("quantized-site", f"{what} cannot adapt {site.path} of {opened.name}: its weight is quantized "
-                                 f"({site.quantization})", f"on quantized linears use {', '.join(QUANTIZED_METHODS)} "
-                                 f"(init {', '.join(QUANTIZED_METHODS['lora'])}), or load the model unquantized"))
-    elif init == "loftq" and opened.full_precision is None:
-        found.append(SiteProblem("loftq-full-precision", f"lora(init=\"loftq\") on {site.path} needs the unquantized weights of "
-                                 f"{opened.name}, and none were given", "LoftQ starts from W - Q(W): surgeon.compile(model, rules, "
-                                 "full_precision=<the unquantized model, state dict or folder>)"))
-    if getattr(site.config, "bias", False):
-        found.append(SiteProblem("quantized-site", f"lora(bias=true) on {site.path} of {opened.name}: a bias of B cannot be folded "
-                                 f"into a quantized linear ({site.quantization})", "use lora(bias=false) on quantized linears"))
-    return found
+def _no_multi_weight(site) -> SiteProblem:
+    """A site whose calls read several weights (a MultiheadAttention's projections), for a method without an adapter
+    for such sites."""
+    able = [m.name for m in registered_methods() if m.multi_weight is not None]
+    what = f"{site.path} ({site.module_type})"
+    return SiteProblem("mha-method", f"{site.method} cannot adapt {what}: its projections run inside "
+                       f"F.multi_head_attention_forward, where surgeon adapts them with {' and '.join(able)} only (as PEFT does)",
+                       f"use {' or '.join(able)} on {site.module_type} modules, or exclude them from this rule")
 
 
 def _located(problems: list, rule_set) -> list:
     """One diagnostic per rule and code, at the rule, counting the other modules it concerns."""
-    from surgeon.diagnostics import Diagnostic
-
     groups: dict = {}
     for match, problem in problems:
         groups.setdefault((match.adapter, match.index, problem.code), []).append((match, problem))

@@ -1,10 +1,15 @@
 """The pass manager: order, linting, named failures, user passes at named points."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
 import surgeon
-from surgeon.passes import PassError, PassResult, Pipeline, adapter_nodes, run_passes
+from surgeon.methods import lowering_patterns
+from surgeon.passes import POINTS, STAGES, PassError, PassResult, Pipeline, adapter_nodes, describe_stages, run_passes
+from surgeon.passes.lower import describe_patterns, kernel_modules, patterns_for
 
 
 def _tiny_graph():
@@ -88,9 +93,6 @@ def test_user_passes_run_at_their_points_in_compile_and_fold():
 
 
 def test_the_example_user_pass_logs_every_site(capsys):
-    import importlib.util
-    from pathlib import Path
-
     path = Path(__file__).resolve().parents[2] / "examples" / "passes" / "log_adapted_sites.py"
     spec = importlib.util.spec_from_file_location("log_adapted_sites", path)
     module = importlib.util.module_from_spec(spec)
@@ -100,3 +102,52 @@ def test_the_example_user_pass_logs_every_site(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["default", "transformer.h.0.attn.c_attn", "A", "(3,", "64)", "B", "(192,", "3)"]
     assert len(lines) == 4
+
+
+def test_the_stages_are_data_and_the_points_follow_from_them():
+    assert [s.name for s in STAGES] == ["insert", "lower", "fold"]
+    assert POINTS == ("before_insert", "after_insert", "before_lower", "after_lower", "before_fold", "after_fold")
+    text = describe_stages()
+    assert [line.split(":")[0].strip() for line in text.splitlines()] == [
+        "before_insert", "insert", "after_insert", "before_lower", "lower", "after_lower", "before_fold", "fold", "after_fold"]
+
+
+def test_stages_run_in_their_order_between_their_points():
+    def name(label):
+        def pass_(gm):
+            return PassResult(gm, False)
+
+        pass_.__name__ = label
+        return pass_
+
+    pipeline = Pipeline.with_points({"lower": [name("lower")], "insert": [name("insert")]},
+                                    {"after_lower": name("mine"), "before_fold": [name("not here")]})
+    assert str(pipeline) == "insert: insert\nlower: lower\nafter_lower: mine"
+    with pytest.raises(PassError, match="unknown pipeline stage: verify"):
+        Pipeline.with_points({"verify": []}, None)
+
+
+def test_lowering_is_a_table_each_method_contributes_to():
+    gated, fallback, routed = patterns_for(), patterns_for(fallback=True), patterns_for(routed=True)
+    assert set(gated) | set(routed) == set(lowering_patterns()) and not set(gated) & set(routed)
+    assert set(fallback) == {p for p in gated if p.fallback_pays} and fallback
+    assert {p.method for p in lowering_patterns()} == {"lora", "dora"}  # what the built-in methods offer
+    assert len(describe_patterns().splitlines()) == len(lowering_patterns())
+    for module in kernel_modules():  # what a saved program needs imported
+        assert importlib.util.find_spec(module) is not None
+
+
+def test_user_passes_run_before_and_after_lowering():
+    calls = []
+
+    def before_lower(gm):
+        calls.append(("before_lower", len(adapter_nodes(gm, role="fused"))))
+
+    def after_lower(gm):
+        calls.append(("after_lower", len(adapter_nodes(gm, role="fused"))))
+
+    compiled = surgeon.compile("demo:llama", 'match "*.q_proj" apply lora(r=2)', kernels="auto",
+                               passes={"before_lower": before_lower, "after_lower": [after_lower]}).eval()
+    compiled(**compiled.example_kwargs)
+    if compiled.lowers():
+        assert calls == [("before_lower", 0), ("after_lower", 4)]

@@ -181,7 +181,7 @@ def test_a_failed_save_leaves_the_previous_adapter_intact(llama, tmp_path, monke
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("safetensors.torch.save_file", crash)
+    monkeypatch.setattr("surgeon.checkpoints.peft.save_file", crash)
     with pytest.raises(OSError):
         llama.save_adapter(folder)
     assert (folder / "adapter_model.safetensors").read_bytes() == before

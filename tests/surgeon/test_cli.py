@@ -82,6 +82,19 @@ def test_console_script_runs_without_importing_torch():
     assert "Traceback" not in done.stderr
 
 
+def test_every_command_has_a_function_in_a_command_module():
+    """The dispatcher loads each command's module by name (so that `check` stays torch-free): the names hold."""
+    import argparse
+    import importlib
+
+    from surgeon.cli import COMMANDS, _parser
+
+    subcommands = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subcommands.choices) == set(COMMANDS)
+    for module, function in COMMANDS.values():
+        assert module.startswith("surgeon.cli_") and callable(getattr(importlib.import_module(module), function))
+
+
 def test_inspect_json_lists_modules_with_sites(capsys):
     assert main(["inspect", "demo:gpt2", "--match", "*.h.0.attn.*", "--format", "json"]) == 0
     data = json.loads(capsys.readouterr().out)

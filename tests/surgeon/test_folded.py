@@ -1,4 +1,4 @@
-"""The fold contract (surgeon/compiled/folded.py, surgeon/compiled/folding.py): a folded model is called like the base model,
+"""The fold contract (surgeon/compiled/merged_model.py, surgeon/compiled/checked_fold.py): a folded model is called like the base model,
 an in-place fold leaves the compiled model computing what it did, trained modules are written into the model
 as PEFT's merge_and_unload writes them, every merged artifact comes from the one verified fold, and
 torch.compile(fullgraph=True) works on a compiled model's first call."""

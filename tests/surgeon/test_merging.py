@@ -5,7 +5,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer, LoraModel
 
-from surgeon.compiled.merge_math import COMBINATIONS, check_merge_args, lora_delta, merge_lora_site
+from surgeon.compiled.merge_math import COMBINATIONS, check_merge_args, low_rank_delta, merge_low_rank_site
 
 # Three adapters with different scales: x r=4 s=8/4=2, y r=6 s=3/6=0.5, z r=4 rsLoRA s=4/sqrt(4)=2.
 # The merged config is copied from the first adapter, so x (not rsLoRA) always comes first.
@@ -79,7 +79,7 @@ def run_both(names, weights, combination, seed=123, **kwargs):
     torch.manual_seed(seed)
     model.add_weighted_adapter(names, weights, "m", combination_type=combination, **peft_kwargs)
     torch.manual_seed(seed)
-    merged = [(p, m, merge_lora_site(factors_of(m, names), weights, combination, **kwargs)) for p, m in sites(model)]
+    merged = [(p, m, merge_low_rank_site(factors_of(m, names), weights, combination, **kwargs)) for p, m in sites(model)]
     return model, merged
 
 
@@ -117,7 +117,7 @@ def test_matches_peft(combination, names, weights, kwargs, quiet_inject):
         # The same float ops in the same order: bitwise equal on CPU (torch 2.13); 1e-6 leaves room for other builds.
         torch.testing.assert_close(A, peft_A, rtol=0, atol=1e-6)
         torch.testing.assert_close(B, peft_B, rtol=0, atol=1e-6)
-        torch.testing.assert_close(lora_delta(A, B, scale), layer.get_delta_weight("m"), rtol=0, atol=1e-5)
+        torch.testing.assert_close(low_rank_delta(A, B, scale), layer.get_delta_weight("m"), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("combination", FACTORWISE_TYPES + SVD_TYPES + ["cat", "linear"])
@@ -128,16 +128,16 @@ def test_single_adapter_is_linear_as_peft(combination, quiet_inject):
     for path, layer, (A, B, _) in merged:
         torch.testing.assert_close(A, layer.lora_A["m"].weight, rtol=0, atol=0)
         torch.testing.assert_close(B, layer.lora_B["m"].weight, rtol=0, atol=0)
-        torch.testing.assert_close(lora_delta(A, B), 0.6 * layer.get_delta_weight("y"), rtol=0, atol=1e-6)
+        torch.testing.assert_close(low_rank_delta(A, B), 0.6 * layer.get_delta_weight("y"), rtol=0, atol=1e-6)
 
 
 def test_dare_draw_order_matters():
     """The seeded match above is not vacuous: another seed gives other masks, hence another merge."""
     factors = factors_of(sites(peft_model(["x", "z"]))[0][1], ["x", "z"])
     torch.manual_seed(0)
-    first = merge_lora_site(factors, [0.7, 0.3], "dare_ties", density=0.5)
+    first = merge_low_rank_site(factors, [0.7, 0.3], "dare_ties", density=0.5)
     torch.manual_seed(1)
-    second = merge_lora_site(factors, [0.7, 0.3], "dare_ties", density=0.5)
+    second = merge_low_rank_site(factors, [0.7, 0.3], "dare_ties", density=0.5)
     assert not torch.equal(first[0], second[0])
 
 
@@ -149,10 +149,10 @@ def test_linear_is_the_exact_weighted_sum():
     for _, layer in sites(peft_model(names)):
         factors = factors_of(layer, names)
         exact = sum(w * s * (B.double() @ A.double()) for (A, B, s), w in zip(factors, weights))
-        A, B, scale = merge_lora_site(factors, weights, "linear")
+        A, B, scale = merge_low_rank_site(factors, weights, "linear")
         assert scale == 1.0 and A.shape[0] == B.shape[1] == 14
-        torch.testing.assert_close(lora_delta(A, B, scale).double(), exact, rtol=0, atol=1e-5)
-        A64, B64, _ = merge_lora_site([(A.double(), B.double(), s) for A, B, s in factors], weights, "linear")
+        torch.testing.assert_close(low_rank_delta(A, B, scale).double(), exact, rtol=0, atol=1e-5)
+        A64, B64, _ = merge_low_rank_site([(A.double(), B.double(), s) for A, B, s in factors], weights, "linear")
         torch.testing.assert_close(B64 @ A64, exact, rtol=0, atol=1e-12)
 
 
@@ -170,7 +170,7 @@ def test_peft_linear_has_cross_terms():
         peft_delta = layer.get_delta_weight("m").double()
         torch.testing.assert_close(peft_delta, exact + cross, rtol=0, atol=1e-5)
         assert (peft_delta - exact).abs().max() > 0.1, path
-        A, B, _ = merge_lora_site(factors_of(layer, names), weights, "linear")
+        A, B, _ = merge_low_rank_site(factors_of(layer, names), weights, "linear")
         torch.testing.assert_close((B @ A).double(), exact, rtol=0, atol=1e-5)
 
 
@@ -198,8 +198,8 @@ HAND = [
 @pytest.mark.parametrize("combination,sign,expected", HAND)
 def test_hand_checked_task_merges(combination, sign, expected):
     factors = [(torch.eye(2), M1, 1.0), (torch.eye(2), M2, 1.0)]
-    A, B, scale = merge_lora_site(factors, [0.5, 0.25], combination, density=0.75, majority_sign=sign, svd_rank=2)
-    torch.testing.assert_close(lora_delta(A, B, scale), torch.tensor(expected), rtol=0, atol=1e-6)
+    A, B, scale = merge_low_rank_site(factors, [0.5, 0.25], combination, density=0.75, majority_sign=sign, svd_rank=2)
+    torch.testing.assert_close(low_rank_delta(A, B, scale), torch.tensor(expected), rtol=0, atol=1e-6)
 
 
 def test_hand_checked_factorwise_magnitude_prune():
@@ -210,14 +210,14 @@ def test_hand_checked_factorwise_magnitude_prune():
         (torch.tensor([[3.0, 1.0]]), torch.tensor([[0.5], [1.0]]), 1.0),
         (torch.tensor([[1.0, -2.0]]), torch.tensor([[5.0], [0.0]]), 1.0),
     ]
-    A, B, _ = merge_lora_site(factors, [4.0, 1.0], "magnitude_prune", density=0.5)
+    A, B, _ = merge_low_rank_site(factors, [4.0, 1.0], "magnitude_prune", density=0.5)
     torch.testing.assert_close(A, torch.tensor([[6.0, -2.0]]))
     torch.testing.assert_close(B, torch.tensor([[5.0], [2.0]]))
 
 
 def test_svd_rank_above_the_matrix_rank_pads_with_zeros():
     factors = [(torch.eye(2), M1, 1.0), (torch.eye(2), M2, 1.0)]
-    A, B, _ = merge_lora_site(factors, [0.5, 0.25], "svd", svd_rank=5)
+    A, B, _ = merge_low_rank_site(factors, [0.5, 0.25], "svd", svd_rank=5)
     assert A.shape == (5, 2) and B.shape == (2, 5) and not A[2:].any() and not B[:, 2:].any()
     torch.testing.assert_close(B @ A, 0.5 * M1 + 0.25 * M2)
 
@@ -262,4 +262,4 @@ ERRORS = [
 def test_bad_arguments_raise_value_error(kwargs, message):
     kwargs = {"factors": [R4, R4], "weights": [0.5, 0.5], **kwargs}
     with pytest.raises(ValueError, match=message):
-        merge_lora_site(kwargs.pop("factors"), kwargs.pop("weights"), kwargs.pop("combination"), **kwargs)
+        merge_low_rank_site(kwargs.pop("factors"), kwargs.pop("weights"), kwargs.pop("combination"), **kwargs)

@@ -237,7 +237,7 @@ def test_what_peft_cannot_do_on_mha_is_refused_at_its_rule(rules, code):
 
 def test_mha_problems_name_each_refusal():
     from surgeon.methods.lora import LoraConfig as SurgeonLora
-    from surgeon.methods.mha_weights import mha_problems
+    from surgeon.methods.lora.mha import mha_problems
 
     class Site:  # what mha_problems reads of a plan site
         path, method = "attn", "lora"
@@ -271,6 +271,6 @@ def test_the_capture_cache_keeps_an_mha_site(tmp_path, monkeypatch):
     monkeypatch.delenv("SURGEON_CAPTURE_CACHE", raising=False)
     captured = surgeon.capture_model(tiny(), example_inputs=(X,))  # a plain module is never cached by capture itself
     store_capture("mha-key", captured)
-    sites, roles = load_capture("mha-key", captured.model.module)
+    sites, roles = load_capture("mha-key", captured.opened.module)
     assert sites == captured.sites and sites["attn"].parts == captured.sites["attn"].parts
     assert roles["attn"] == captured.modules["attn"].role

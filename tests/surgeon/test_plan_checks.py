@@ -89,7 +89,7 @@ def test_loftq_needs_the_unquantized_weights():
     assert (found.code, found.span.line) == ("loftq-full-precision", 1)
     assert found.message == 'lora(init="loftq") on 0 needs the unquantized weights of Sequential, and none were given'
     assert "surgeon.compile(model, rules, full_precision=" in found.hint
-    captured.model.full_precision = {"0.weight": torch.zeros(16, 16)}.__getitem__  # what compile(full_precision=) sets
+    captured.opened.full_precision = {"0.weight": torch.zeros(16, 16)}.__getitem__  # what compile(full_precision=) sets
     assert [s.params["init"] for s in build_plan(parse(rules), captured).sites] == ["loftq"]
 
 

@@ -175,7 +175,7 @@ def test_folds_merge_in_full_precision_or_requantize_with_the_error_reported(com
 
 
 def test_loftq_brings_the_4bit_model_closer_to_full_precision(compiled_cases):
-    """LoftQ (surgeon/methods/loftq.py) against the plain 4-bit model, both measured against the float32 model they
+    """LoftQ (surgeon/methods/lora/loftq.py) against the plain 4-bit model, both measured against the float32 model they
     were quantized from; more iterations re-quantize the base and shrink the error further."""
     from surgeon.capture.demos import build_demo
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import surgeon
-from surgeon.capture.sites import capture
+from surgeon.capture.captured import capture
 from surgeon.cli import main
 from surgeon.grammar import ModelError
 from surgeon.capture.models import hugging_face_inputs, open_model

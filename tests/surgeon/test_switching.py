@@ -169,7 +169,7 @@ def test_lowered_graphs_equal_the_plain_graphs_in_training_routed_and_gated(many
     many.train()
     try:
         for extra in ({"adapter_ids": ids}, {}):
-            kwargs = many._with_defaults({**batch, **extra})
+            kwargs = many.with_defaults({**batch, **extra})
             graphs = [many.graph(training=True, lowered=flag, **batch, **extra) for flag in (True, False)]
             fused = {n.target for n in graphs[0].graph.nodes} & {torch.ops.surgeon.routed_lora_linear.default, torch.ops.surgeon.dora_linear.default}
             assert fused == ({torch.ops.surgeon.routed_lora_linear.default} if extra else {torch.ops.surgeon.dora_linear.default})

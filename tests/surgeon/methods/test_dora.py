@@ -59,7 +59,7 @@ def test_lowered_dora_sites_call_the_fused_op_and_equal_the_graph_branch(compile
     compiled = compiled_dora("llama")
     _randomize(compiled, seed=5)
     batch = {"input_ids": torch.arange(14).reshape(2, 7) * 5 + 3, "attention_mask": torch.ones(2, 7, dtype=torch.long)}
-    kwargs = compiled._with_defaults(dict(batch))
+    kwargs = compiled.with_defaults(dict(batch))
     params = [p for _, _, module in compiled.sites() for p in module.parameters()]
     lowered, plain = (compiled.graph(training=True, lowered=flag, **batch) for flag in (True, False))
     assert sum(n.target is torch.ops.surgeon.dora_linear.default for n in lowered.graph.nodes) == 6  # q, v of layers 1-3

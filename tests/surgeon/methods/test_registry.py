@@ -1,14 +1,34 @@
 """The method registry: signatures read from config dataclasses, one place per method."""
 
+import ast
 import dataclasses
+import re
+from pathlib import Path
 
 import pytest
 
 from surgeon.grammar import SurgeryError, parse
+from surgeon.grammar.rules import Argument, MethodCall
 from surgeon.grammar.signature import param, signature_of
 from surgeon.grammar.vocabulary import MODULE_TYPES
-from surgeon.methods import LoraConfig, get_method, method_names, register_method
+from surgeon.methods import (
+    LoraConfig,
+    adapter_class,
+    get_method,
+    low_rank_call,
+    low_rank_method,
+    method_for,
+    method_names,
+    peft_format_of,
+    peft_reader,
+    register_method,
+    registered_methods,
+)
+from surgeon.methods.adapter import SiteAdapter
+from surgeon.methods.peft_format import PeftFormat
 from ._checks import check_diagnostic_codes
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_lora_signature_matches_its_config():
@@ -77,3 +97,51 @@ def test_every_method_argument_is_checked_by_the_language():
             ('match "x" apply lokr(r=4, factor=0)', "out-of-range"),
         )
     )
+
+
+def test_one_record_per_method_keyed_by_its_config_class():
+    record = method_for("lora")
+    assert method_for(LoraConfig) is record is method_for(LoraConfig(r=2))
+    assert record.signature is get_method("lora") and record.sites == get_method("lora").sites
+    assert [m.name for m in registered_methods()] == method_names()
+
+
+def test_every_method_folder_declares_its_torch_side_and_its_peft_format():
+    for method in registered_methods():
+        cls, form = method.adapter_class(), method.peft_format()
+        assert issubclass(cls, SiteAdapter) and cls is adapter_class(method.name), method.name
+        assert cls.method == method.name == form.method, method.name
+        assert issubclass(form, PeftFormat) and form is peft_format_of(method.name) and cls.peft_type == form.peft_type
+        assert cls.__module__.startswith(f"surgeon.methods.{method.name}."), "a method's torch side lives in its folder"
+        assert all(p.method == method.name for p in method.lowering_patterns())
+
+
+def test_one_method_holds_a_plain_low_rank_product():
+    assert low_rank_method() == "lora"
+    assert low_rank_call(6) == MethodCall("lora", (Argument("r", 6), Argument("alpha", 6)))
+
+
+def test_a_peft_type_two_methods_share_is_read_by_the_one_holding_the_config():
+    reader = peft_reader("LORA")
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+    assert {r.action.method.name for r in reader.rules_from_peft(config)} == {"lora"}
+    assert {r.action.method.name for r in reader.rules_from_peft(dict(config, use_dora=True))} == {"dora"}
+
+
+def test_no_module_outside_a_method_folder_names_a_method():
+    """The shared modules of the methods, planning and the passes read declarations; only a method's folder
+    names it (string constants other than docstrings)."""
+    root = ROOT
+    words = re.compile(r"\b(" + "|".join(method_names()) + r")(_\w+)?\b", re.I)
+    files = [*(root / "passes").rglob("*.py"), *(root / "surgeon" / "planning").rglob("*.py"),
+             *(root / "surgeon" / "methods").glob("*.py"), root / "surgeon" / "checkpoints" / "peft_fields.py"]
+    found = []
+    for path in files:
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and node.body
+                      and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+        found += [f"{path.relative_to(root)}:{node.lineno}: {node.value!r}" for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+                  and words.search(node.value)]
+    assert not found, "\n".join(found)

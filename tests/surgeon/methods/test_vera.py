@@ -11,7 +11,8 @@ from peft import get_peft_model
 from surgeon.capture.demos import build_demo
 from surgeon.grammar import SurgeryError, parse
 from surgeon.methods.vera import VeraConfig
-from surgeon.methods.vera_weights import SHARED_KEYS, VeraWeights
+from surgeon.methods.vera.peft import VeraPeft
+from surgeon.methods.vera.site import SHARED_KEYS, VeraWeights
 
 from .._peft_reference import inputs
 from ._checks import (
@@ -165,13 +166,13 @@ def test_vera_sites_of_one_adapter_must_agree_and_share_the_largest_shapes():
 def test_vera_reads_pefts_config():
     base = {"peft_type": "VERA", "r": 16, "target_modules": ["q_proj", "v_proj"]}
     # rules_from_peft builds rule objects (never text): compared as they print
-    assert list(map(str, VeraWeights.rules_from_peft(base))) == ['match "{q_proj,v_proj}", "*.{q_proj,v_proj}" apply vera(r=16)']
+    assert list(map(str, VeraPeft.rules_from_peft(base))) == ['match "{q_proj,v_proj}", "*.{q_proj,v_proj}" apply vera(r=16)']
     full = dict(base, d_initial=0.2, projection_prng_key=7, vera_dropout=0.1, save_projection=False, layers_to_transform=[0, 2])
-    (line,) = map(str, VeraWeights.rules_from_peft(full))
+    (line,) = map(str, VeraPeft.rules_from_peft(full))
     assert line.endswith("where layer in [0, 2] apply vera(r=16, d_initial=0.2, projection_prng_key=7, dropout=0.1, save_projection=false)")
     assert parse(line).rules[0].action.method.config == VeraConfig(r=16, d_initial=0.2, projection_prng_key=7, dropout=0.1, save_projection=False)
     with pytest.raises(SurgeryError, match="bias"):
-        VeraWeights.rules_from_peft(dict(base, bias="vera_only"))
+        VeraPeft.rules_from_peft(dict(base, bias="vera_only"))
 
 
 def test_every_vera_argument_is_checked_by_the_language():
