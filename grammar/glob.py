@@ -7,8 +7,7 @@ may nest (``"*.{self_attn.{q,v},mlp.up}_proj"``); a backslash makes the next
 character literal.
 
 Why no regex: a backtracking engine (Python's ``re``) tries every way of splitting
-a path among the stars, so ten stars against one 40-character path took 14 s and
-each star multiplies that; ``{a,a}{a,a}...`` does the same with no star. Here a glob
+a path among the stars, so the time grows exponentially with the number of stars; ``{a,a}{a,a}...`` does the same with no star. Here a glob
 compiles to a position automaton (one state per character of the glob, no empty
 moves: Glushkov's construction), run as a DFA that is built on demand: a path costs
 one dictionary look-up per character once its states are known, and a state is

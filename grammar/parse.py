@@ -75,7 +75,7 @@ _ORDER = [
 ]
 
 _MAX_ERRORS = 50  # syntax errors reported before the rest of the file is left unparsed
-_PIECE_CHARS = 16_384  # a piece parses in about 50 ms
+_PIECE_CHARS = 16_384  # small enough that a piece parses quickly, large enough to hold any real rule
 _SHOWN_CHARS = 1000  # of a source line under a diagnostic; a longer line is cut there
 
 

@@ -7,8 +7,8 @@ module path runs for hours. Matching here runs on the ``regex`` package (a depen
 transformers), whose engine accepts ``re``'s syntax, lookarounds included, defuses most
 exponential patterns by itself and stops any match after ``REGEX_TIMEOUT`` seconds. A linear-time
 engine (RE2, as ``google-re2``, which installs here) was weighed and not taken: it refuses lookaheads
-and backreferences, which PEFT's patterns use, and its Python binding costs more per match (3.4 us
-against 2 us for ``regex`` with a timeout, on a module path).
+and backreferences, which PEFT's patterns use, and its Python binding costs more per match than
+``regex`` with a timeout.
 
 The language is Python's ``re`` syntax: a pattern is validated by ``re`` (its messages and offsets
 are the ones users know), nests groups at most ``MAX_DEPTH`` deep (``re`` recurses once a level),

@@ -44,7 +44,6 @@ __all__ = ["merge_dtype", "fold_weighted", "fold_adapters", "verify_fold", "outp
 
 # Roles of the nodes that stand in for a value of the base graph (the site's output, input or
 # weight), each with the value it replaces as its first argument.
-JOINTS = roles.JOINTS
 
 # (rtol, atol relative to the output's largest magnitude) by dtype of the outputs.
 TOLERANCES = {"float32": (1e-4, 1e-5), "float64": (1e-9, 1e-10), "bfloat16": (2e-2, 2e-2), "float16": (5e-3, 5e-3)}
@@ -87,7 +86,7 @@ def fold_adapters(insertions, *, weights: dict | None = None, quantized: str = "
         if not by_site:
             return PassResult(gm, False)
         for node in list(gm.graph.nodes):  # each branch's joint takes its first argument's place again
-            if roles.role_of(node) in JOINTS:
+            if roles.role_of(node) in roles.JOINTS:
                 node.replace_all_uses_with(node.args[0])
         site_nodes, single = SiteNodes(gm), _single_readers(gm)
         with torch.no_grad():

@@ -30,7 +30,7 @@ import warnings
 from surgeon.methods import registered_methods
 from surgeon.methods.peft_format import AdapterError, PeftFidelityWarning
 
-__all__ = ["PEFT_FIELDS", "INERT_KINDS", "peft_fields", "check_peft_fields", "control_character"]
+__all__ = ["peft_fields", "check_peft_fields", "control_character"]
 
 
 def peft_fields() -> dict:
@@ -39,10 +39,6 @@ def peft_fields() -> dict:
     formats = (method.peft_format() for method in registered_methods())
     return {f.peft_type: f.fields for f in formats if f is not None and f.reads}
 
-
-PEFT_FIELDS = peft_fields()
-# The type of each inert field, as PEFT writes it (null is accepted for every one): passed over, never read.
-INERT_KINDS = {name: kind for fields in PEFT_FIELDS.values() for name, kind in fields["inert"].items()}
 
 _EMPTY = (None, False, {}, [], "")
 

@@ -106,7 +106,7 @@ class Method:
         module, _, name = where.partition(":")
         package = self.config_class.__module__.rpartition(".")[0]
         # By name, on first use: the torch side stays unimported while the language reads the registry.
-        return getattr(importlib.import_module(module, package=package if module.startswith(".") else None), name)
+        return getattr(importlib.import_module(module, package=package), name)
 
 
 _BY_NAME: dict[str, Method] = {}
@@ -120,6 +120,10 @@ def register_method(name: str, *, sites: Iterable[str], adapter: str | None = No
     unknown = [s for s in sites if s not in SITE_KINDS]
     if unknown:
         raise ValueError(f"unknown site kinds {unknown}; known: {SITE_KINDS}")
+
+    absolute = [p for p in (adapter, multi_weight, peft, lowering) if p is not None and not p.startswith(".")]
+    if absolute:  # a method's parts live in its folder; an absolute name could point up a floor unseen
+        raise ValueError(f"method {name!r}: {absolute[0]!r} must be a path relative to the method's folder (\".site:X\")")
 
     def decorate(config_class: type) -> type:
         if name in _BY_NAME:

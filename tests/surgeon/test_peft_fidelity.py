@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 import surgeon
 from surgeon.checkpoints.peft import AdapterError, PeftFidelityWarning, rules_from_peft, rules_from_peft_folder
-from surgeon.checkpoints.peft_fields import PEFT_FIELDS
+from surgeon.checkpoints.peft_fields import peft_fields
 from surgeon.methods.peft_format import path_globs
 from surgeon.checkpoints.peft_record import RECORD_KEY
 from surgeon.cli import main
@@ -205,8 +205,8 @@ def test_every_field_of_pefts_configs_is_read_inert_or_refused():
     from surgeon.methods import method_names
     from surgeon.methods.adapter import adapter_class
 
-    assert set(PEFT_FIELDS) == {adapter_class(m).peft_type for m in method_names()} - {""} == set(PEFT_CLASSES)
-    for peft_type, fields in PEFT_FIELDS.items():
+    assert set(peft_fields()) == {adapter_class(m).peft_type for m in method_names()} - {""} == set(PEFT_CLASSES)
+    for peft_type, fields in peft_fields().items():
         groups = [set(fields["read"]), set(fields["inert"]), set(fields["refused"]), set(fields.get("warned", {}))]
         assert sum(map(len, groups)) == len(set().union(*groups)), peft_type  # no field in two groups
         assert set().union(*groups) == set(_defaults(peft_type)), peft_type  # a field PEFT adds fails here
@@ -221,7 +221,7 @@ def _non_default(default):
     return "all" if default == "none" else {"x": 1}
 
 
-REFUSED = [(t, f) for t, fields in PEFT_FIELDS.items() for f in fields["refused"]]
+REFUSED = [(t, f) for t, fields in peft_fields().items() for f in fields["refused"]]
 
 
 @pytest.mark.parametrize("peft_type, field", REFUSED, ids=[f"{t}-{f}" for t, f in REFUSED])

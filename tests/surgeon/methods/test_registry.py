@@ -145,3 +145,9 @@ def test_no_module_outside_a_method_folder_names_a_method():
                   if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
                   and words.search(node.value)]
     assert not found, "\n".join(found)
+
+
+def test_a_method_names_its_parts_relative_to_its_folder():
+    """An absolute "module:name" could point up a floor where tests/test_floors.py cannot see it."""
+    with pytest.raises(ValueError, match="relative to the method's folder"):
+        register_method("upward", sites=("linear",), adapter="surgeon.compiled.model:Compiled")
