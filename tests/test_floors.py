@@ -44,7 +44,7 @@ BEGIN, END = "<!-- floors: begin (python tests/test_floors.py --write) -->", "<!
 
 # (floor, name, module prefixes): a module is on the floor of its longest prefix (a package prefix covers its modules).
 FLOORS = (
-    (0, "errors/io", ("surgeon.diagnostics", "surgeon.atomic", "surgeon._version")),
+    (0, "errors/io/runtime", ("surgeon.diagnostics", "surgeon.atomic", "surgeon._version", "surgeon.runtime")),
     (1, "grammar", ("surgeon.grammar",)),
     (2, "kernels", ("surgeon.kernels",)),
     (3, "methods", ("surgeon.methods",)),

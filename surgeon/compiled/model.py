@@ -40,7 +40,7 @@ from surgeon.passes.fold import FoldError
 from surgeon.passes.insert import ROUTING_INPUT, Gates
 from surgeon.planning.plan import Plan
 
-from surgeon.compiled import building, checkpointing, eager, low_rank, staging
+from surgeon.compiled import building, checkpointing, eager, generation, low_rank, staging
 from surgeon.compiled.adapted_graph import BINDINGS, adapted_graph, exported, unadapted_graph
 from surgeon.compiled.checked_fold import check_quantized_merge, checked_fold, write_in_place
 from surgeon.compiled.distributed import check_sharding, is_sharded, rebind, refuse_sharded
@@ -375,7 +375,16 @@ class Compiled(nn.Module):
         refuse_sharded(self, "merged_state_dict")
         return self.fold(adapters=adapters, quantized=quantized).state_dict()
 
-    # --- eager hooks and files ----------------------------------------------------------------
+    def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, eos_token_id=None,
+                 pad_token_id: int | None = None, adapter_ids=None, generator=None, on_tokens=None):
+        """Prompt plus new tokens, as transformers' ``generate``, on adapted static-cache graphs (generation.py)."""
+        return generation.generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                   temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+                                   pad_token_id=pad_token_id, adapter_ids=adapter_ids, generator=generator,
+                                   on_tokens=on_tokens)
+
+    # --- generation, eager hooks and files ----------------------------------------------------------------
 
     def attach(self, model: nn.Module | None = None) -> list:
         """Make an eager model (default: the base model) run with these adapters (see surgeon/compiled/eager.py)."""
