@@ -22,6 +22,7 @@ from surgeon.runtime.decoding import decode
 
 from surgeon.compiled.adapted_graph import adapted_graph, unadapted_graph
 from surgeon.compiled.gates import checked_ids
+from surgeon.compiled.lowering import Lowering
 
 __all__ = ["generate", "decoder_graph", "LENGTH_STEP"]
 
@@ -35,9 +36,9 @@ def _cache_length(config, needed: int) -> int:
     return min(rounded, limit) if limit else rounded
 
 
-def decoder_graph(compiled, batch: int, length: int, routed: bool):
+def decoder_graph(compiled, batch: int, length: int, routed: bool, lowering=None):
     """The adapted (or, folded in place, plain) graph of ``compiled``'s decoder step for this cache (made once)."""
-    lowering = compiled.lowering()
+    lowering = compiled.lowering() if lowering is None else lowering
     key = ("generate", batch, length, routed, lowering, compiled.folded_in_place)
     graphs = compiled._graphs
     if key not in graphs:
@@ -85,11 +86,27 @@ def _checked_prompt(compiled, input_ids, attention_mask, max_new_tokens: int):
     return input_ids, attention_mask
 
 
-def generate(compiled, input_ids, attention_mask=None, *, max_new_tokens: int, do_sample: bool = False,
+def generate(compiled, input_ids, attention_mask=None, *, folded=None, **options) -> torch.Tensor:
+    """Prompt plus new tokens [B, T + n], as transformers' ``generate`` returns them (see Compiled.generate);
+    ``folded``: a Folded of ``compiled``, whose merged weights generate instead (its fold pass on the step's graph)."""
+    return _generate(compiled, input_ids, attention_mask, folded=folded, **options)
+
+
+def _folded_graph(folded, batch: int, length: int):
+    compiled = folded._compiled
+    key = ("generate", batch, length)
+    if key not in folded._graphs:  # folding reads the plain branches
+        unfolded = decoder_graph(compiled, batch, length, routed=False, lowering=Lowering.NONE)
+        gm = folded.fold_graph(unfolded)
+        gm.meta[STEP] = unfolded.meta[STEP]
+        folded._graphs[key] = gm
+    return folded._graphs[key]
+
+
+def _generate(compiled, input_ids, attention_mask=None, *, max_new_tokens: int, do_sample: bool = False,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, eos_token_id=None,
              pad_token_id: int | None = None, adapter_ids=None, generator: torch.Generator | None = None,
-             on_tokens=None) -> torch.Tensor:
-    """Prompt plus new tokens [B, T + n], as transformers' ``generate`` returns them (see Compiled.generate)."""
+             on_tokens=None, folded=None) -> torch.Tensor:
     input_ids, attention_mask = _checked_prompt(compiled, input_ids, attention_mask, max_new_tokens)
     if do_sample and not (temperature > 0):
         raise SurgeryError(f"temperature must be positive, not {temperature!r}")
@@ -107,7 +124,11 @@ def generate(compiled, input_ids, attention_mask=None, *, max_new_tokens: int, d
     if pad_token_id is None and generation is not None:
         pad_token_id = generation.pad_token_id
     length = _cache_length(compiled.base_model.config, input_ids.shape[1] + max_new_tokens)
-    gm = decoder_graph(compiled, input_ids.shape[0], length, bool(routing))
+    if folded is not None and routing:
+        raise SurgeryError("a folded model has no adapters to route: adapter_ids needs the compiled model",
+                           hint="compiled.generate(..., adapter_ids=...), or fold(adapters={...}) the mix you want")
+    gm = (decoder_graph(compiled, input_ids.shape[0], length, bool(routing)) if folded is None or folded.identity
+          else _folded_graph(folded, input_ids.shape[0], length))
     gm.meta[STEP].reset()
 
     def step(ids, mask, positions, cache_position):

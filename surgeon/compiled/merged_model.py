@@ -31,6 +31,7 @@ from surgeon.passes.fold_quantized import merged_quantized_state
 
 from surgeon.compiled.checkpointing import export_program
 from surgeon.compiled.distributed import refuse_sharded, writes_files
+from surgeon.compiled.generation import generate
 from surgeon.compiled.trained_modules import fold_trained_modules
 
 __all__ = ["Folded"]
@@ -81,6 +82,11 @@ class Folded(nn.Module):
         unfolded = compiled.graph(*args, training=False, lowered=False, **kwargs)  # folding reads the plain branches
         if self.identity:
             return unfolded  # the base graph of a model folded in place: its weights are the merged ones
+        return self.fold_graph(unfolded)
+
+    def fold_graph(self, unfolded):
+        """A copy of the compiled model's unlowered evaluation graph ``unfolded`` with the adapters folded in."""
+        compiled = self._compiled
         if self._graphs and compiled.site_signature() != self._sites:
             raise FoldError("the compiled model's adapters changed after this fold: its sites are not the folded ones",
                             hint="fold() again for a model of the new adapters")
@@ -95,6 +101,10 @@ class Folded(nn.Module):
         """Call the merged model like the base model (a graph per call signature, made on first use)."""
         kwargs = self._compiled.with_defaults(kwargs)
         return self.graph(*args, **kwargs)(*args, **kwargs)
+
+    def generate(self, input_ids, attention_mask=None, **options):
+        """Generate with the merged weights, as :meth:`Compiled.generate` (no ``adapter_ids``: nothing to route)."""
+        return generate(self._compiled, input_ids, attention_mask, folded=self, **options)
 
     def train(self, mode: bool = True):
         if mode:

@@ -345,6 +345,8 @@ def test_slow_regexes_that_each_stay_within_their_bound_cannot_add_up_past_the_p
     # A budget of several rules' matching (one takes about 0.2 s on an idle core, several times that on a loaded
     # one), so that it is the sum that runs out, however busy the machine.
     monkeypatch.setattr(surgeon.planning.select_regex, "REGEX_BUDGET", 3.0)
+    # and a bound per regex well above one rule's matching, so that a slow machine does not trip it first
+    monkeypatch.setattr(surgeon.planning.select_regex, "REGEX_TIMEOUT", 2.5)
     with pytest.raises(PlanError) as caught:
         surgeon.plan("demo:llama", surgeon.parse(text, path="slow.surgery"))
     (d,) = caught.value.diagnostics

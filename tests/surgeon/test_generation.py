@@ -159,3 +159,14 @@ def test_the_runtime_imports_torch_only():
             "'surgeon.compiled', 'surgeon.checkpoints', 'surgeon.api'))]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_folded_generation_equals_the_merged_peft_model(tmp_path):
+    base, compiled = _compiled("llama")
+    merged = _peft(base, compiled, tmp_path).merge_and_unload()
+    ids, mask = _prompt()
+    got = compiled.fold().generate(ids, mask, max_new_tokens=8, pad_token_id=0, eos_token_id=-1)
+    expected = merged.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                               eos_token_id=-1)
+    assert torch.equal(got, expected)
+    assert torch.equal(got, compiled.generate(ids, mask, max_new_tokens=8, pad_token_id=0, eos_token_id=-1))
